@@ -1,0 +1,223 @@
+"""The replay set: a small, fixed set of general texts replayed while training on every task.
+
+The paper replays the first 1,000 texts of a SlimPajama chunk, tokenised without special tokens and cut to
+563 tokens (GeRe, arXiv 2508.04676, Sec. 4.1). Sources here:
+
+- a JSONL file (one object per line, the text under ``text_field``);
+- a JSON file holding a list of such objects;
+- a plain text file or a folder of ``.txt`` files (paragraphs separated by blank lines);
+- a Hugging Face dataset, written ``hf:<name>[:<config>]`` (``split`` and ``data_files`` as in
+  ``datasets.load_dataset``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from gere.errors import GeReError
+
+SELECTIONS = ("first", "random")
+
+
+@dataclass(frozen=True)
+class ReplaySet:
+    """Selected replay texts with stable ids (the source's id field, else ``<source name>:<position>``)."""
+
+    ids: tuple[str, ...]
+    texts: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def content_hash(self) -> str:
+        """sha256 over (id, text) pairs in order: names the exact selected set."""
+        h = hashlib.sha256()
+        for sample_id, text in zip(self.ids, self.texts):
+            for part in (sample_id, text):
+                data = part.encode("utf-8")
+                h.update(len(data).to_bytes(8, "little"))
+                h.update(data)
+        return h.hexdigest()
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise GeReError(
+            f"{path}: byte {err.start} is not valid UTF-8; re-encode the file as UTF-8 "
+            f"(for example `iconv -f latin1 -t utf-8 {path.name}`)"
+        ) from None
+
+
+def _records_from_jsonl(path: Path, text_field: str, id_field: str | None) -> list[tuple[str, str]]:
+    records = []
+    for number, line in enumerate(_decode(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise GeReError(
+                f"{path}, line {number}: not valid JSON ({err.msg}); fix or remove that line"
+            ) from None
+        records.append(
+            _record(obj, text_field, id_field, f"{path}, line {number}", f"{path.stem}:{len(records)}")
+        )
+    return records
+
+
+def _record(
+    obj: object, text_field: str, id_field: str | None, where: str, default_id: str
+) -> tuple[str, str]:
+    if not isinstance(obj, dict) or text_field not in obj:
+        keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise GeReError(
+            f"{where}: no field {text_field!r} (found {keys}); pass the right name with --replay-text-field"
+        )
+    text = obj[text_field]
+    if not isinstance(text, str):
+        raise GeReError(f"{where}: field {text_field!r} holds {type(text).__name__}, not text")
+    sample_id = str(obj[id_field]) if id_field and id_field in obj else default_id
+    return sample_id, text
+
+
+def _records_from_text(path: Path) -> list[tuple[str, str]]:
+    paragraphs = [p.strip() for p in _decode(path).replace("\r\n", "\n").split("\n\n")]
+    return [(f"{path.stem}:{i}", p) for i, p in enumerate(p for p in paragraphs if p)]
+
+
+def load_replay_records(
+    source: str | Path,
+    *,
+    text_field: str = "text",
+    id_field: str | None = "id",
+    split: str = "train",
+    data_files: str | list[str] | None = None,
+) -> list[tuple[str, str]]:
+    """Read (id, text) pairs from a file, folder or ``hf:`` dataset, in source order."""
+    source_str = str(source)
+    if source_str.startswith("hf:"):
+        return _records_from_hub(source_str[3:], text_field, id_field, split, data_files)
+    path = Path(source_str).expanduser()
+    if not path.exists():
+        raise GeReError(
+            f"replay source {path} does not exist; pass a JSONL/JSON/text file, a folder of .txt files, "
+            "or a Hugging Face dataset as hf:<name>[:<config>]"
+        )
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise GeReError(f"folder {path} holds no .txt files to read as replay texts")
+        return [r for f in files for r in _records_from_text(f)]
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _records_from_jsonl(path, text_field, id_field)
+    if suffix == ".json":
+        try:
+            data = json.loads(_decode(path))
+        except json.JSONDecodeError as err:
+            raise GeReError(f"{path}: not valid JSON at line {err.lineno} ({err.msg})") from None
+        if not isinstance(data, list):
+            raise GeReError(f"{path}: expected a JSON list of objects with a {text_field!r} field")
+        return [
+            _record(o, text_field, id_field, f"{path}, item {i}", f"{path.stem}:{i}")
+            for i, o in enumerate(data)
+        ]
+    return _records_from_text(path)
+
+
+def _records_from_hub(
+    spec: str, text_field: str, id_field: str | None, split: str, data_files: str | list[str] | None
+) -> list[tuple[str, str]]:
+    import datasets
+
+    name, _, config = spec.partition(":")
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split, data_files=data_files)
+    except Exception as err:  # network, missing dataset, bad config: all user-fixable
+        raise GeReError(
+            f"could not load the Hugging Face dataset {name!r} (config {config or None!r}, split {split!r}): {err}; "
+            "check the name, or download it and pass a local JSONL file instead"
+        ) from None
+    if text_field not in ds.column_names:
+        raise GeReError(
+            f"dataset {name!r} has no column {text_field!r} (columns: {ds.column_names}); "
+            "pass the right one with --replay-text-field"
+        )
+    ids = (
+        ds[id_field] if id_field and id_field in ds.column_names else [f"{name}:{i}" for i in range(len(ds))]
+    )
+    return [(str(i), t) for i, t in zip(ids, ds[text_field])]
+
+
+def select_replay_set(
+    records: list[tuple[str, str]], num_samples: int, selection: str = "first", seed: int = 0
+) -> ReplaySet:
+    """Choose ``num_samples`` records: the first N (as the paper does) or a seeded random N (kept in source
+    order). Empty or whitespace-only texts are an error, as are duplicate ids."""
+    if selection not in SELECTIONS:
+        raise GeReError(f"replay selection {selection!r} is not one of {', '.join(SELECTIONS)}")
+    if num_samples < 1:
+        raise GeReError(
+            f"number of replay samples is {num_samples}; it must be at least 1 (--num-replay-samples)"
+        )
+    if not records:
+        raise GeReError("the replay source holds no texts; point --replay-source at general text")
+    if selection == "first":
+        chosen = records[:num_samples]
+    else:
+        positions = sorted(random.Random(seed).sample(range(len(records)), min(num_samples, len(records))))
+        chosen = [records[i] for i in positions]
+    for sample_id, text in chosen:
+        if not text.strip():
+            raise GeReError(
+                f"replay text {sample_id!r} is empty or whitespace only; remove it from the source"
+            )
+    ids = [i for i, _ in chosen]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise GeReError(
+            f"replay id {dup!r} appears more than once; ids must be unique (or drop the id field)"
+        )
+    return ReplaySet(tuple(ids), tuple(t for _, t in chosen))
+
+
+def tokenize_replay_set(replay_set: ReplaySet, tokenizer, max_length: int = 563) -> list[list[int]]:
+    """Token ids of each text, without special tokens, cut to ``max_length``. A text of fewer than two
+    tokens has nothing to predict and is an error."""
+    if max_length < 2:
+        raise GeReError(f"replay max length is {max_length}; it must be at least 2 (--replay-max-length)")
+    encoded = tokenizer(
+        list(replay_set.texts), add_special_tokens=False, truncation=True, max_length=max_length
+    )
+    token_lists = [list(map(int, ids)) for ids in encoded["input_ids"]]
+    for sample_id, ids in zip(replay_set.ids, token_lists):
+        if len(ids) < 2:
+            raise GeReError(
+                f"replay text {sample_id!r} is {len(ids)} token(s) long; texts need at least 2 tokens, remove it"
+            )
+    return token_lists
+
+
+def load_replay_set(
+    source: str | Path,
+    num_samples: int,
+    *,
+    selection: str = "first",
+    seed: int = 0,
+    text_field: str = "text",
+    id_field: str | None = "id",
+    split: str = "train",
+    data_files: str | list[str] | None = None,
+) -> ReplaySet:
+    """Read a source and select the replay set in one call."""
+    records = load_replay_records(
+        source, text_field=text_field, id_field=id_field, split=split, data_files=data_files
+    )
+    return select_replay_set(records, num_samples, selection, seed)

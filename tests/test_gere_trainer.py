@@ -1,0 +1,207 @@
+import json
+
+import pytest
+import torch
+from tiny import replay_texts, tiny_llama, tiny_tokenizer
+from transformers import DataCollatorForSeq2Seq, TrainingArguments
+
+from gere.errors import GeReError
+from gere.gere_config import GeReConfig
+from gere.gere_trainer import GeReTrainer
+
+peft = pytest.importorskip("peft")
+
+
+def task_dataset(tok, n=12):
+    rows = []
+    for i in range(n):
+        prompt = tok(f"review the movie was {'good' if i % 2 else 'bad'} answer :")["input_ids"]
+        target = tok(" good" if i % 2 else " bad")["input_ids"] + [tok.eos_token_id]
+        rows.append(
+            {
+                "input_ids": prompt + target,
+                "attention_mask": [1] * (len(prompt) + len(target)),
+                "labels": [-100] * len(prompt) + target,
+            }
+        )
+    return rows
+
+
+def replay_file(tmp_path, n=10):
+    path = tmp_path / "general.jsonl"
+    path.write_text(
+        "".join(json.dumps({"id": f"g{i}", "text": t}) + "\n" for i, t in enumerate(replay_texts(n)))
+    )
+    return path
+
+
+def make_trainer(tmp_path, model, tok, config, steps=3, bs=4, ga=1, **kwargs):
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=bs,
+        gradient_accumulation_steps=ga,
+        max_steps=steps,
+        learning_rate=5e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    return GeReTrainer(
+        model=model,
+        args=args,
+        train_dataset=task_dataset(tok),
+        processing_class=tok,
+        data_collator=DataCollatorForSeq2Seq(tok, padding=True),
+        gere_config=config,
+        **kwargs,
+    )
+
+
+def trainable_snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def changed(before, model):
+    return any(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+EXPECTED_PARTS = {
+    "ce": {"task_ce", "replay_ce"},
+    "tm": {"task_ce", "replay_margin", "margin_weight"},
+    "ce+tm": {"task_ce", "replay_ce", "replay_margin", "margin_weight"},
+    "kl": {"task_ce", "replay_kl", "kl_weight"},
+    "l1": {"task_ce", "replay_l1", "l1_weight"},
+    "l2": {"task_ce", "replay_l2", "l2_weight"},
+}
+
+
+@pytest.mark.parametrize("objective", list(EXPECTED_PARTS))
+def test_full_finetuning_each_objective_logs_parts_and_trains(tmp_path, objective):
+    tok, model = tiny_tokenizer(), tiny_llama()
+    config = GeReConfig(
+        replay_source=str(replay_file(tmp_path)),
+        num_replay_samples=8,
+        objective=objective,
+        replay_max_length=16,
+        replay_batch_size=2,
+        kl_topk=8,
+        margin_weight="1",
+    )
+    trainer = make_trainer(tmp_path, model, tok, config)
+    before = trainable_snapshot(model)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 3
+    for entry in logged:
+        assert EXPECTED_PARTS[objective] <= set(entry), entry
+    assert changed(before, model)
+    assert (tmp_path / "out" / "gere_store" / "manifest.json").exists()
+
+
+def test_margin_is_zero_at_first_step_and_grows(tmp_path):
+    tok, model = tiny_tokenizer(), tiny_llama()
+    config = GeReConfig(
+        replay_source=str(replay_file(tmp_path)),
+        num_replay_samples=8,
+        objective="ce+tm",
+        replay_max_length=16,
+        replay_batch_size=4,
+        margin_weight="0",
+    )
+    trainer = make_trainer(tmp_path, model, tok, config, steps=6)
+    trainer.train()
+    margins = [h["replay_margin"] for h in trainer.state.log_history if "replay_margin" in h]
+    assert margins[0] < 1e-5  # the first step sees the unchanged model
+    assert max(margins[1:]) > 1e-4  # with weight 0 nothing holds the states back
+
+
+def test_batch_interpolation_with_reference_argument_names(tmp_path):
+    tok, model = tiny_tokenizer(), tiny_llama()
+    trainer = make_trainer(
+        tmp_path,
+        model,
+        tok,
+        GeReConfig(num_replay_samples=8, replay_max_length=16),
+        steps=4,
+        bs=2,
+        ga=2,
+        gere_hidden_state_saving_dir=str(tmp_path / "store"),
+        reuse_gere_hidden_state=True,
+        num_interpolate_per_batch=1,
+        w_strategy="100",
+        gere_data_file=str(replay_file(tmp_path)),
+    )
+    assert trainer.gere.margin_weight == "100" and trainer.gere.num_interpolate_per_batch == 1
+    seen = []
+    original = trainer._replay_losses
+
+    def spy(model, indices):
+        seen.append(list(indices))
+        return original(model, indices)
+
+    trainer._replay_losses = spy
+    trainer.train()
+    # 4 steps x (global batch 4 = 2 x 2): one replay sample per global batch.
+    assert sum(len(s) for s in seen) == 4
+    weights = [h["margin_weight"] for h in trainer.state.log_history if "margin_weight" in h]
+    assert weights and all(w == 100.0 for w in weights)
+    assert (tmp_path / "store" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("reference", ["store", "online"])
+def test_lora_trains_adapter_only(tmp_path, reference):
+    tok, base = tiny_tokenizer(), tiny_llama()
+    model = peft.get_peft_model(
+        base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    )
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    config = GeReConfig(
+        replay_source=str(replay_file(tmp_path)),
+        num_replay_samples=8,
+        objective="ce+tm",
+        replay_max_length=16,
+        reference=reference,
+    )
+    trainer = make_trainer(tmp_path, model, tok, config)
+    before = trainable_snapshot(model)
+    trainer.train()
+    assert changed(before, model)
+    assert all(torch.equal(frozen[n], p) for n, p in model.named_parameters() if not p.requires_grad)
+    logged = [h for h in trainer.state.log_history if "replay_margin" in h]
+    assert len(logged) == 3
+    assert (tmp_path / "out" / "gere_store").exists() == (reference == "store")
+
+
+def test_online_mode_needs_peft(tmp_path):
+    tok, model = tiny_tokenizer(), tiny_llama()
+    config = GeReConfig(replay_source=str(replay_file(tmp_path)), num_replay_samples=8, reference="online")
+    with pytest.raises(GeReError, match="peft"):
+        make_trainer(tmp_path, model, tok, config).train()
+
+
+def test_missing_replay_source_is_a_clear_error(tmp_path):
+    tok, model = tiny_tokenizer(), tiny_llama()
+    with pytest.raises(GeReError, match="replay-source"):
+        make_trainer(tmp_path, model, tok, GeReConfig()).train()
+
+
+def test_nan_loss_stops_with_step_and_parts(tmp_path):
+    tok, model = tiny_tokenizer(), tiny_llama()
+    config = GeReConfig(replay_source=str(replay_file(tmp_path)), num_replay_samples=8, replay_max_length=16)
+    trainer = make_trainer(tmp_path, model, tok, config)
+    with torch.no_grad():
+        model.lm_head.weight[3, 0] = float("nan")
+    with pytest.raises(GeReError, match=r"step 1 \(parts: .*task_ce"):
+        trainer.train()
+
+
+def test_objective_none_is_plain_training(tmp_path):
+    tok, model = tiny_tokenizer(), tiny_llama()
+    trainer = make_trainer(tmp_path, model, tok, GeReConfig(objective="none"))
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert all("task_ce" in h and "replay_ce" not in h for h in logged)
+    assert not (tmp_path / "out" / "gere_store").exists()

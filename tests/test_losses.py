@@ -1,0 +1,187 @@
+import pytest
+import torch
+from torch.testing import assert_close
+
+from gere.errors import GeReError
+from gere.losses import (
+    causal_lm_ce,
+    coded_margin_loss,
+    feature_loss,
+    margin_loss,
+    parse_margin_weight,
+    parse_objective,
+    threshold_codes,
+    thresholds,
+    topk_kl_loss,
+)
+from gere.store import pack_codes, unpack_codes
+
+
+def slow_margin(hidden, reference, mean, std, mask, k=1.0, reduction="nonzero"):
+    """Element by element, straight from the paper's definition."""
+    low, high = mean - k * std, mean + k * std
+    total, nonzero, real = 0.0, 0, 0
+    B, T, H = hidden.shape
+    for b in range(B):
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            for d in range(H):
+                real += 1
+                h, r, lo, hi = (
+                    float(hidden[b, t, d]),
+                    float(reference[b, t, d]),
+                    float(low[d]),
+                    float(high[d]),
+                )
+                if r <= lo:
+                    loss = max(h - lo, 0.0)
+                elif r >= hi:
+                    loss = max(hi - h, 0.0)
+                else:
+                    loss = max(h - hi, 0.0) + max(lo - h, 0.0)
+                total += loss
+                nonzero += loss != 0
+    if reduction == "nonzero":
+        return total / max(nonzero, 1)
+    if reduction == "mean":
+        return total / max(real, 1)
+    return total
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
+    reference = torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
+    mean = torch.randn(6, generator=g, dtype=torch.float64) * 0.1
+    std = torch.rand(6, generator=g, dtype=torch.float64) + 0.5
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    return hidden, reference, mean, std, mask
+
+
+@pytest.mark.parametrize("reduction", ["nonzero", "mean", "sum"])
+@pytest.mark.parametrize("k", [0.5, 1.0])
+def test_margin_loss_matches_slow_reference(batch, reduction, k):
+    hidden, reference, mean, std, mask = batch
+    got = margin_loss(hidden, reference, mean, std, mask, k=k, reduction=reduction)
+    want = slow_margin(hidden, reference, mean, std, mask, k=k, reduction=reduction)
+    assert want > 0
+    assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
+def test_margin_loss_gradient_matches_autograd_of_slow_formula(batch):
+    hidden, reference, mean, std, mask = batch
+    h1 = hidden.clone().float().requires_grad_(True)
+    margin_loss(h1, reference, mean, std, mask).backward()
+    # Plain autograd of the elementwise hinge, reduced by the (constant) number of non-zero elements.
+    h2 = hidden.clone().float().requires_grad_(True)
+    low, high = (t.float() for t in thresholds(mean, std, 1.0))
+    ref = reference.float()
+    neg, pos = ref <= low, ref >= high
+    neu = ~neg & ~pos
+    per = (
+        neg * torch.relu(h2 - low)
+        + pos * torch.relu(high - h2)
+        + neu * (torch.relu(h2 - high) + torch.relu(low - h2))
+    )
+    per = per * mask.unsqueeze(-1)
+    (per.sum() / (per != 0).sum()).backward()
+    assert_close(h1.grad, h2.grad)
+    assert h1.grad.abs().sum() > 0
+    assert (h1.grad[1, 3:] == 0).all()  # padding gets no gradient
+
+
+def test_all_masked_gives_zero_and_zero_grad(batch):
+    hidden, reference, mean, std, _ = batch
+    h = hidden.clone().requires_grad_(True)
+    loss = margin_loss(h, reference, mean, std, torch.zeros(2, 5))
+    loss.backward()
+    assert float(loss) == 0.0
+    assert (h.grad == 0).all()
+
+
+def test_unchanged_states_give_zero_loss(batch):
+    hidden, _, mean, std, mask = batch
+    assert float(margin_loss(hidden, hidden, mean, std, mask)) == 0.0
+
+
+def test_packed_label_path_agrees(batch):
+    hidden, reference, mean, std, mask = batch
+    low, high = thresholds(mean, std, 1.0)
+    codes = threshold_codes(reference, low, high)
+    flat = codes.reshape(-1, 6).numpy()
+    roundtrip = unpack_codes(pack_codes(flat), 6).reshape(codes.shape)
+    assert torch.equal(roundtrip, codes)
+    assert_close(
+        coded_margin_loss(hidden, roundtrip, low, high, mask), margin_loss(hidden, reference, mean, std, mask)
+    )
+
+
+def test_chunked_forward_matches_unchunked(batch, monkeypatch):
+    import gere.losses as losses
+
+    hidden, reference, mean, std, mask = batch
+    whole = margin_loss(hidden, reference, mean, std, mask)
+    monkeypatch.setattr(losses, "CHUNK_ROWS", 3)
+    assert_close(margin_loss(hidden, reference, mean, std, mask), whole)
+
+
+def test_zero_variance_dimension_keeps_finite_loss():
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 0.0]]])
+    reference = torch.ones(1, 2, 2)
+    loss = margin_loss(hidden, reference, torch.ones(2), torch.zeros(2))
+    assert torch.isfinite(loss)
+    # low = high = 1: every reference element is labelled negative (band (-inf, 1]); 2 and 3 are above it.
+    assert_close(loss, torch.tensor((1.0 + 2.0) / 2))
+
+
+def test_codes_tie_goes_to_negative():
+    codes = threshold_codes(torch.tensor([1.0, 0.5, 2.0]), torch.tensor(1.0), torch.tensor(1.0))
+    assert codes.tolist() == [0, 0, 2]
+
+
+def test_causal_lm_ce_against_manual():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 4, 7, generator=g)
+    labels = torch.tensor([[3, 1, -100, 2], [5, -100, 6, 0]])
+    terms = []
+    for b in range(2):
+        for t in range(3):
+            y = int(labels[b, t + 1])
+            if y != -100:
+                terms.append(-torch.log_softmax(logits[b, t], -1)[y])
+    assert_close(causal_lm_ce(logits, labels), torch.stack(terms).mean())
+    assert float(causal_lm_ce(logits, torch.full((2, 4), -100))) == 0.0
+
+
+def test_feature_losses():
+    h = torch.tensor([[[1.0, 2.0], [5.0, 5.0]]])
+    r = torch.tensor([[[0.0, 4.0], [0.0, 0.0]]])
+    mask = torch.tensor([[1, 0]])
+    assert_close(feature_loss(h, r, mask, "l1"), torch.tensor(1.5))
+    assert_close(feature_loss(h, r, mask, "l2"), torch.tensor(2.5))
+
+
+def test_topk_kl_full_vocab_equals_kl_div():
+    g = torch.Generator().manual_seed(2)
+    logits, ref = torch.randn(1, 3, 5, generator=g), torch.randn(1, 3, 5, generator=g)
+    values, indices = ref.topk(5, dim=-1)
+    t = 2.0
+    p = torch.log_softmax(ref / t, -1)
+    q = torch.log_softmax(logits / t, -1)
+    want = (p.exp() * (p - q)).sum(-1).mean()
+    assert_close(topk_kl_loss(logits, values, indices, None, t), want)
+    assert float(topk_kl_loss(ref, values, indices, None, t)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_parsers_reject_bad_values():
+    assert parse_objective("ce+tm") == ("ce", "tm")
+    assert parse_objective("none") == ()
+    for bad in ("ce+foo", "tm+tm"):
+        with pytest.raises(GeReError, match="objective"):
+            parse_objective(bad)
+    assert parse_margin_weight("100") == 100.0
+    assert parse_margin_weight("dy") == "dy"
+    with pytest.raises(GeReError, match="margin weight"):
+        parse_margin_weight("lots")

@@ -1,0 +1,171 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from tiny import replay_texts, tiny_llama, tiny_tokenizer
+
+from gere.errors import GeReError
+from gere.losses import coded_margin_loss, threshold_codes
+from gere.replay_set import ReplaySet, tokenize_replay_set
+from gere.store import (
+    ExtractionStopped,
+    StoreSpec,
+    extract_store,
+    length_sorted_batches,
+    open_store,
+    pack_codes,
+    replay_statistics,
+    unpack_codes,
+)
+
+
+def make_set(n=10, seed=0):
+    return ReplaySet(tuple(f"r{i}" for i in range(n)), tuple(replay_texts(n, seed)))
+
+
+@pytest.fixture
+def parts():
+    return tiny_llama(), tiny_tokenizer(), make_set()
+
+
+def one_by_one_states(model, tokenizer, replay_set, max_length, layer=-1):
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for ids in tokenize_replay_set(replay_set, tokenizer, max_length):
+            hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[layer]
+            out.append(hs[0])
+    return out
+
+
+def test_store_matches_unbatched_forward(parts, tmp_path):
+    model, tok, rs = parts
+    store = extract_store(
+        model, tok, rs, tmp_path / "s", StoreSpec(max_length=16, batch_size=4), progress=False
+    )
+    layer = store.layers[0]
+    assert layer == model.config.num_hidden_layers
+    states = one_by_one_states(model, tok, rs, 16)
+    flat = torch.cat(states).double().numpy()
+    mean, std = store.mean_std(layer)
+    np.testing.assert_allclose(mean.numpy(), flat.mean(0), atol=1e-6)
+    np.testing.assert_allclose(std.numpy(), flat.std(0), atol=1e-6)
+    low, high = store.thresholds(layer)
+    mismatches = 0
+    for i, s in enumerate(states):
+        assert store.tokens(i) == tokenize_replay_set(rs, tok, 16)[i]
+        mismatches += int((store.codes(i, layer) != threshold_codes(s, low, high)).sum())
+    # Batched and one-by-one forwards may differ in the last float bit right at a threshold.
+    assert mismatches <= 2
+    assert store.bits_per_element(layer) == 2.0
+
+
+def test_unchanged_model_has_zero_margin_on_replay_set(parts, tmp_path):
+    model, tok, rs = parts
+    store = extract_store(model, tok, rs, tmp_path / "s", StoreSpec(max_length=16), progress=False)
+    layer = store.layers[0]
+    low, high = store.thresholds(layer)
+    for i, h in enumerate(one_by_one_states(model, tok, rs, 16)):
+        loss = coded_margin_loss(h[None], store.codes(i, layer)[None], low, high)
+        assert float(loss) < 1e-5
+
+
+def test_reuse_and_refusals(parts, tmp_path):
+    model, tok, rs = parts
+    spec = StoreSpec(max_length=16)
+    first = extract_store(model, tok, rs, tmp_path / "s", spec, progress=False)
+    again = extract_store(model, tok, rs, tmp_path / "s", spec, progress=False)
+    assert again.manifest == first.manifest
+    other_model = tiny_llama(seed=1)
+    with pytest.raises(GeReError, match="different model.*regenerate-store"):
+        extract_store(other_model, tok, rs, tmp_path / "s", spec, progress=False)
+    with pytest.raises(GeReError, match="different replay set"):
+        extract_store(model, tok, make_set(seed=3), tmp_path / "s", spec, progress=False)
+    with pytest.raises(GeReError, match="different replay max length"):
+        extract_store(model, tok, rs, tmp_path / "s", StoreSpec(max_length=12), progress=False)
+    tok2 = tiny_tokenizer()
+    tok2.add_tokens(["zebra"])
+    with pytest.raises(GeReError, match="different tokenizer"):
+        extract_store(model, tok2, rs, tmp_path / "s", spec, progress=False)
+    rebuilt = extract_store(other_model, tok, rs, tmp_path / "s", spec, regenerate=True, progress=False)
+    assert rebuilt.manifest["model"] != first.manifest["model"]
+
+
+def test_interrupted_extraction_resumes_to_identical_files(parts, tmp_path):
+    model, tok, rs = parts
+    spec = StoreSpec(max_length=16, batch_size=3, features=True, topk=4)
+    extract_store(model, tok, rs, tmp_path / "whole", spec, progress=False)
+    with pytest.raises(ExtractionStopped):
+        extract_store(model, tok, rs, tmp_path / "cut", spec, progress=False, stop_after_batches=2)
+    assert not (tmp_path / "cut" / "manifest.json").exists()
+    assert len(json.loads((tmp_path / "cut" / "partial" / "progress.json").read_text())["done"]) == 2
+    extract_store(model, tok, rs, tmp_path / "cut", spec, progress=False)
+    whole = json.loads((tmp_path / "whole" / "manifest.json").read_text())
+    cut = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    assert whole["files"] == cut["files"]
+    for name in whole["files"]:
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "cut" / name).read_bytes()
+    assert not (tmp_path / "cut" / "partial").exists()
+
+
+def test_corrupted_file_is_refused(parts, tmp_path):
+    model, tok, rs = parts
+    extract_store(model, tok, rs, tmp_path / "s", StoreSpec(max_length=16), progress=False)
+    codes = next((tmp_path / "s").glob("tm_codes.*.npy"))
+    data = bytearray(codes.read_bytes())
+    data[-1] ^= 0xFF
+    codes.write_bytes(bytes(data))
+    with pytest.raises(GeReError, match="corrupted"):
+        open_store(tmp_path / "s")
+    codes.write_bytes(bytes(data[:-10]))
+    with pytest.raises(GeReError, match="truncated"):
+        open_store(tmp_path / "s")
+
+
+def test_features_and_topk_round_trip(parts, tmp_path):
+    model, tok, rs = parts
+    store = extract_store(
+        model,
+        tok,
+        rs,
+        tmp_path / "s",
+        StoreSpec(max_length=16, features=True, topk=3, feature_dtype="bfloat16"),
+        progress=False,
+    )
+    layer = store.layers[0]
+    states = one_by_one_states(model, tok, rs, 16)
+    torch.testing.assert_close(
+        store.features(0, layer).float(), states[0].bfloat16().float(), atol=0.05, rtol=0.02
+    )
+    values, indices = store.topk(0)
+    assert values.shape == (len(store.tokens(0)), 3) and indices.dtype == torch.int32
+
+
+def test_pack_round_trip_odd_width():
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 3, size=(7, 13), dtype=np.uint8)
+    packed = pack_codes(codes)
+    assert packed.shape == (7, 4)
+    assert np.array_equal(unpack_codes(packed, 13).numpy(), codes)
+
+
+def test_length_sorted_batches_cover_everything():
+    batches = length_sorted_batches([3, 9, 1, 9, 4], 2)
+    assert sorted(i for b in batches for i in b) == [0, 1, 2, 3, 4]
+    assert batches[0] == [1, 3]
+
+
+def test_online_statistics_equal_store_statistics(parts, tmp_path):
+    model, tok, rs = parts
+    spec = StoreSpec(max_length=16, batch_size=4)
+    store = extract_store(model, tok, rs, tmp_path / "s", spec, progress=False)
+    running = replay_statistics(model, tok, rs, spec, progress=False)
+    layer = store.layers[0]
+    np.testing.assert_allclose(running[layer].mean, store.mean_std(layer)[0].numpy(), rtol=1e-10)
+
+
+def test_context_too_short_is_refused(parts, tmp_path):
+    model, tok, rs = parts
+    with pytest.raises(GeReError, match="context"):
+        extract_store(model, tok, rs, tmp_path / "s", StoreSpec(max_length=100000), progress=False)

@@ -1,0 +1,57 @@
+"""Tiny real models and tokenizers built in code for the tests (never downloaded)."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+WORDS = (
+    "the a of and to in is was for on that with as by at from it an be this are which or his her they "
+    "river city king war music film book school water light house music game army ship island song "
+    "north south east west old new great small first last many long high early late good bad true false "
+    "yes no answer option review movie sum one two three four five six seven eight nine zero plus"
+).split()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    for ch in ".,:;?!0123456789":
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def tiny_llama(vocab_size: int = 128, hidden: int = 32, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+def replay_texts(n: int = 12, seed: int = 0) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    texts = []
+    for _ in range(n):
+        length = int(torch.randint(5, 20, (1,), generator=g))
+        picks = torch.randint(0, len(WORDS), (length,), generator=g).tolist()
+        texts.append(" ".join(WORDS[i] for i in picks) + " .")
+    return texts
