@@ -1,0 +1,147 @@
+"""Continual-learning metrics on an accuracy matrix (pure functions, no I/O).
+
+The accuracy matrix ``R`` has shape (T+1) x T for a sequence of T tasks:
+
+* row 0 is the base model before any training, row i (1..T) the model after training task i;
+* column j (0-based, in sequence order) is the accuracy on task j.
+
+So, with 0-based column j, row ``j + 1`` is "just after training task j" and row ``j`` is "just before".
+Accuracies are fractions in [0, 1]; every metric below is in the same units (differences of fractions),
+and so is the general score and F1 Avg. Multiply by 100 for the percentages papers print.
+
+GeRe (arXiv 2508.04676, Sec. 5) reports AP, BWT and forgetting of the task sequence, general ability,
+and F1 Avg, the harmonic mean of the final general score and AP, to weigh both kinds of forgetting.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from gere.errors import GeReError
+
+
+def check_matrix(matrix: Sequence[Sequence[float]]) -> list[list[float]]:
+    """Validate a (T+1) x T accuracy matrix and return it as a list of float lists."""
+    rows = [[float(v) for v in row] for row in matrix]
+    if len(rows) < 2:
+        raise GeReError(
+            f"the accuracy matrix has {len(rows)} row(s); it needs T+1 rows (the base model, then one per task)"
+        )
+    n_tasks = len(rows) - 1
+    for i, row in enumerate(rows):
+        if len(row) != n_tasks:
+            raise GeReError(
+                f"accuracy matrix row {i} has {len(row)} values but there are {n_tasks} tasks; give each row one "
+                "accuracy per task (shape (T+1) x T)"
+            )
+        if not all(math.isfinite(v) for v in row):
+            raise GeReError(
+                f"accuracy matrix row {i} holds a non-finite value {row}; evaluate every task per stage"
+            )
+    return rows
+
+
+def average_performance(matrix: Sequence[Sequence[float]], weights: Sequence[float] | None = None) -> float:
+    """AP = mean_j R[T][j], the final accuracy averaged over tasks (the headline number).
+
+    With `weights` (e.g. test sizes) it is ``sum_j w_j R[T][j] / sum_j w_j``, the accuracy over all test
+    samples pooled.
+    """
+    rows = check_matrix(matrix)
+    final = rows[-1]
+    if weights is None:
+        return sum(final) / len(final)
+    if len(weights) != len(final) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise GeReError(
+            f"weights {list(weights)} must be {len(final)} non-negative numbers with a positive sum"
+        )
+    return sum(w * a for w, a in zip(weights, final, strict=True)) / sum(weights)
+
+
+def backward_transfer(matrix: Sequence[Sequence[float]]) -> float | None:
+    """BWT = mean over j < T-1 of (R[T][j] - R[j+1][j]): final minus just-learned accuracy of each task
+    but the last. Negative means forgetting. None when T = 1."""
+    rows = check_matrix(matrix)
+    t = len(rows) - 1
+    if t < 2:
+        return None
+    return sum(rows[t][j] - rows[j + 1][j] for j in range(t - 1)) / (t - 1)
+
+
+def forward_transfer(matrix: Sequence[Sequence[float]]) -> float | None:
+    """FWT = mean over j >= 1 of (R[j][j] - R[0][j]): accuracy on task j just before training it minus
+    the base model's. None when T = 1."""
+    rows = check_matrix(matrix)
+    t = len(rows) - 1
+    if t < 2:
+        return None
+    return sum(rows[j][j] - rows[0][j] for j in range(1, t)) / (t - 1)
+
+
+def forgetting(matrix: Sequence[Sequence[float]]) -> float | None:
+    """Forgetting = mean over j < T-1 of (max_{i in j+1..T-1} R[i][j] - R[T][j]): how far each task but
+    the last fell from its best accuracy after it was learned (rows of the base model and of the final
+    stage excluded from the max). None when T = 1."""
+    rows = check_matrix(matrix)
+    t = len(rows) - 1
+    if t < 2:
+        return None
+    drops = [max(rows[i][j] for i in range(j + 1, t)) - rows[t][j] for j in range(t - 1)]
+    return sum(drops) / len(drops)
+
+
+def f1_average(general_score: float | None, ap: float | None) -> float | None:
+    """F1 Avg = 2 g a / (g + a), the harmonic mean of the final general score g and AP a (same units).
+
+    0 when either is 0; None when either is missing."""
+    if general_score is None or ap is None:
+        return None
+    if general_score <= 0 or ap <= 0:
+        return 0.0
+    return 2 * general_score * ap / (general_score + ap)
+
+
+def general_scores(general: Sequence[dict[str, Any]] | None) -> list[float | None]:
+    """The general score of each stage: its multiple-choice accuracy (`mc_accuracy`, 0-1) or None."""
+    return [entry.get("mc_accuracy") for entry in (general or [])]
+
+
+def compute_metrics(
+    matrix: Sequence[Sequence[float]],
+    test_sizes: Sequence[int] | None = None,
+    general: Sequence[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """All metrics of a run as a JSON-ready dict.
+
+    Args:
+        matrix: (T+1) x T accuracy matrix, fractions in [0, 1].
+        test_sizes: T test-set sizes, for the sample-weighted AP (None leaves it out).
+        general: per-stage general-ability entries ``{"stage", "mc_accuracy", "perplexity": {...}}``.
+
+    Returns ``{"units": "fraction", "num_tasks", "ap", "ap_weighted", "bwt", "fwt", "forgetting",
+    "final_accuracy" [T], "learned_accuracy" [T] (R[j+1][j]), "general_scores" [T+1 or 0],
+    "general_final", "f1_avg"}``; undefined values are None.
+    """
+    rows = check_matrix(matrix)
+    t = len(rows) - 1
+    if test_sizes is not None and len(test_sizes) != t:
+        raise GeReError(f"got {len(test_sizes)} test sizes for {t} tasks; give one test size per task")
+    ap = average_performance(rows)
+    scores = general_scores(general)
+    general_final = scores[-1] if scores else None
+    return {
+        "units": "fraction",
+        "num_tasks": t,
+        "ap": ap,
+        "ap_weighted": average_performance(rows, test_sizes) if test_sizes is not None else None,
+        "bwt": backward_transfer(rows),
+        "fwt": forward_transfer(rows),
+        "forgetting": forgetting(rows),
+        "final_accuracy": rows[t],
+        "learned_accuracy": [rows[j + 1][j] for j in range(t)],
+        "general_scores": scores,
+        "general_final": general_final,
+        "f1_avg": f1_average(general_final, ap),
+    }

@@ -1,0 +1,547 @@
+"""Classification tasks of a continual-learning sequence: specs, loading, prompts and training features.
+
+A task is a text classification problem answered with a *label word* (the verbalizer): the model reads
+a prompt in the format of the long-sequence continual-learning benchmark (Razdaibiedina et al. 2023,
+Progressive Prompts; Wang et al. 2023, O-LoRA), used by GeRe's experiments (arXiv 2508.04676, Sec. 5)::
+
+    {instruction} Option: {label_1}, {label_2}, ... \\n{input}\\nAnswer:
+
+and the training target is ``" " + label`` followed by the end-of-sequence token.
+
+Sources a `TaskSpec` can point at:
+
+* a local ``.json`` (a list of objects), ``.jsonl`` (one object per line) or ``.csv`` file; a single file
+  holds both splits, so a seeded test set of ``test_size`` rows (20% when unset) is held out of it;
+* a local folder with ``<train_split>.{json,jsonl,csv}`` and ``<test_split>.{json,jsonl,csv}``, plus an
+  optional ``task.json`` that may give ``name``, ``instruction``, ``labels`` and field settings;
+* a folder written by ``datasets.Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``;
+* ``hf:<dataset name>[:<config>]``, loaded with ``datasets.load_dataset(name, config, split=...)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from collections import defaultdict
+from dataclasses import MISSING, asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gere.errors import GeReError
+
+HF_PREFIX = "hf:"
+DATA_SUFFIXES = (".json", ".jsonl", ".csv")
+TASK_FILE = "task.json"
+# Fraction of a single-file source held out as the test split when `test_size` is unset.
+SINGLE_FILE_TEST_FRACTION = 0.2
+
+
+@dataclass
+class Example:
+    """One classification example: the raw input text and its label word."""
+
+    input: str
+    label: str
+
+
+@dataclass
+class TaskSpec:
+    """How to load one task and how to phrase it for the model."""
+
+    name: str = field(default="", metadata={"help": "Task name, e.g. 'mnli'; used in reports."})
+    instruction: str = field(default="", metadata={"help": "Instruction put at the start of each prompt."})
+    labels: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Label words (the verbalizer), in the order shown in prompts."},
+    )
+    source: str = field(
+        default="",
+        metadata={
+            "help": "Local .json/.jsonl/.csv file, a folder with train/test files, a save_to_disk folder, "
+            "or 'hf:<dataset>[:<config>]'."
+        },
+    )
+    input_field: str | list[str] = field(
+        default="input",
+        metadata={
+            "help": "Row field holding the input; a list of fields (joined with newlines) or a format string "
+            "such as '{premise} Question: {hypothesis}'."
+        },
+    )
+    label_field: str = field(default="label", metadata={"help": "Row field holding the label."})
+    label_map: dict[str, str] | None = field(
+        default=None,
+        metadata={"help": "Map from raw labels (e.g. 0, 1) to label words; keys compared as text."},
+    )
+    train_split: str = field(default="train", metadata={"help": "Name of the training split / file stem."})
+    test_split: str = field(default="test", metadata={"help": "Name of the test split / file stem."})
+    train_size: int | None = field(default=None, metadata={"help": "Training examples to keep (None = all)."})
+    test_size: int | None = field(default=None, metadata={"help": "Test examples to keep (None = all)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the subsampling."})
+    stratify: bool = field(
+        default=True,
+        metadata={"help": "Subsample class-balanced (round robin over labels) instead of uniformly."},
+    )
+
+    def __post_init__(self) -> None:
+        self._fill_from_task_file()
+        where = f"task {self.name!r}" if self.name else f"task with source {self.source!r}"
+        if not self.name:
+            raise GeReError(f"{where} has no name; set `name` (or give one in the folder's {TASK_FILE})")
+        if not self.instruction:
+            raise GeReError(f"{where} has no instruction; set `instruction` (or give one in {TASK_FILE})")
+        if not self.source:
+            raise GeReError(f"{where} has no source; set `source` to a file, a folder or 'hf:<dataset>'")
+        if isinstance(self.labels, str) or not all(isinstance(w, str) for w in self.labels):
+            raise GeReError(f"{where}: `labels` must be a list of label words, got {self.labels!r}")
+        self.labels = [w.strip() for w in self.labels]
+        if any(not w for w in self.labels):
+            raise GeReError(f"{where}: a label word is empty; give every label a non-empty word")
+        if len(self.labels) < 2:
+            raise GeReError(
+                f"{where} has {len(self.labels)} label word(s) {self.labels}; a classification task needs at "
+                "least two, so list every class in `labels`"
+            )
+        duplicates = sorted({w for w in self.labels if self.labels.count(w) > 1})
+        if duplicates:
+            raise GeReError(
+                f"{where} lists the label word(s) {duplicates} more than once; make each label unique"
+            )
+        if isinstance(self.input_field, list | tuple):
+            if not self.input_field or not all(isinstance(f, str) and f for f in self.input_field):
+                raise GeReError(
+                    f"{where}: `input_field` list must hold field names, got {self.input_field!r}"
+                )
+            self.input_field = list(self.input_field)
+        elif not isinstance(self.input_field, str) or not self.input_field:
+            raise GeReError(
+                f"{where}: `input_field` must be a field name, a list of names or a format string"
+            )
+        if self.label_map is not None:
+            self.label_map = {str(k): str(v).strip() for k, v in self.label_map.items()}
+            unknown = sorted({v for v in self.label_map.values() if v not in self.labels})
+            if unknown:
+                raise GeReError(
+                    f"{where}: `label_map` maps to {unknown}, which are not label words {self.labels}; "
+                    "map raw labels only onto listed label words"
+                )
+        for flag in ("train_size", "test_size"):
+            value = getattr(self, flag)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise GeReError(f"{where}: `{flag}` must be a positive integer or None (all), got {value!r}")
+
+    def _fill_from_task_file(self) -> None:
+        """Take name/instruction/labels (and unset field settings) from ``<source>/task.json``."""
+        if not self.source or self.source.startswith(HF_PREFIX):
+            return
+        task_file = Path(self.source) / TASK_FILE
+        if not task_file.is_file():
+            return
+        try:
+            meta = json.loads(task_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise GeReError(f"{task_file} is not valid JSON ({e}); fix the file or remove it") from e
+        if not isinstance(meta, dict):
+            raise GeReError(f"{task_file} must hold a JSON object with name/instruction/labels")
+        defaults = TaskSpec.__dataclass_fields__
+        for key, value in meta.items():
+            if key not in defaults or key == "source":
+                raise GeReError(
+                    f"{task_file} has the unknown key {key!r}; allowed keys: "
+                    f"{sorted(k for k in defaults if k != 'source')}"
+                )
+            current = getattr(self, key)
+            default = defaults[key].default
+            if default is MISSING:
+                default = defaults[key].default_factory()
+            if current == default:  # explicit arguments win over the file
+                setattr(self, key, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TaskData:
+    """A loaded task: its spec and the (subsampled) train and test examples."""
+
+    spec: TaskSpec
+    train: list[Example]
+    test: list[Example]
+
+
+# --------------------------------------------------------------------------------------------- reading rows
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Read a local .json (list of objects), .jsonl or .csv file into a list of row dicts."""
+    path = Path(path)
+    if not path.is_file():
+        raise GeReError(f"data file {path} does not exist; check the task's `source`")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise GeReError(
+                        f"{path}, line {lineno}: malformed JSON ({e.msg}); fix that line so each line is one "
+                        "JSON object"
+                    ) from e
+                if not isinstance(row, dict):
+                    raise GeReError(
+                        f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}"
+                    )
+                rows.append(row)
+        return rows
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise GeReError(f"{path}: malformed JSON at line {e.lineno} ({e.msg}); fix the file") from e
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise GeReError(
+                f"{path}: expected a JSON list of objects (or {{'data': [...]}}); rewrite it as such"
+            )
+        return data
+    if suffix == ".csv":
+        with open(path, encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
+    raise GeReError(f"{path}: unsupported file type {suffix!r}; use one of {list(DATA_SUFFIXES)}")
+
+
+def _split_file(folder: Path, split: str) -> Path | None:
+    for suffix in DATA_SUFFIXES:
+        candidate = folder / f"{split}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _parse_hf_source(source: str) -> tuple[str, str | None]:
+    rest = source[len(HF_PREFIX) :]
+    name, _, config = rest.partition(":")
+    if not name:
+        raise GeReError(
+            f"source {source!r} names no dataset; write 'hf:<dataset>' or 'hf:<dataset>:<config>'"
+        )
+    return name, (config or None)
+
+
+def _load_hf_split(source: str, split: str) -> tuple[list[dict[str, Any]], str]:
+    import datasets
+
+    name, config = _parse_hf_source(source)
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # datasets raises many types (network, missing config, missing split)
+        raise GeReError(
+            f"could not load split {split!r} of Hugging Face dataset {name!r} (config {config!r}): {e}; check the "
+            "name, config and split, or download the data and point `source` at local files"
+        ) from e
+    return [dict(row) for row in ds], f"{source} [{split}]"
+
+
+def _load_from_disk_split(folder: Path, split: str) -> tuple[list[dict[str, Any]], str]:
+    import datasets
+
+    loaded = datasets.load_from_disk(str(folder))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise GeReError(f"{folder} has splits {list(loaded)}, not {split!r}; set train_split/test_split")
+        loaded = loaded[split]
+    elif split != "train":
+        raise GeReError(f"{folder} holds a single dataset; it can only serve as the train split")
+    return [dict(row) for row in loaded], f"{folder} [{split}]"
+
+
+def load_split_rows(spec: TaskSpec) -> tuple[list[dict], str, list[dict], str]:
+    """Return (train rows, where they came from, test rows, where they came from) for `spec.source`."""
+    if spec.source.startswith(HF_PREFIX):
+        train, train_where = _load_hf_split(spec.source, spec.train_split)
+        test, test_where = _load_hf_split(spec.source, spec.test_split)
+        return train, train_where, test, test_where
+    path = Path(spec.source)
+    if path.is_file():
+        rows = read_rows(path)
+        # One file holds both splits: hold out a seeded test set so train and test never overlap.
+        order = list(range(len(rows)))
+        random.Random(spec.seed).shuffle(order)
+        n_test = spec.test_size or max(1, math.ceil(SINGLE_FILE_TEST_FRACTION * len(rows)))
+        if n_test >= len(rows):
+            raise GeReError(
+                f"{path} has {len(rows)} rows, too few to hold out {n_test} test rows; add rows, lower "
+                "`test_size`, or give separate train/test files in a folder"
+            )
+        test_idx, train_idx = sorted(order[:n_test]), sorted(order[n_test:])
+        # Keep the original row numbers in error messages: `where` names the file, rows carry an index.
+        train = [dict(rows[i], __row__=i + 1) for i in train_idx]
+        test = [dict(rows[i], __row__=i + 1) for i in test_idx]
+        return train, str(path), test, str(path)
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
+            train, tw = _load_from_disk_split(path, spec.train_split)
+            test, sw = _load_from_disk_split(path, spec.test_split)
+            return train, tw, test, sw
+        found = {}
+        for split in (spec.train_split, spec.test_split):
+            split_path = _split_file(path, split)
+            if split_path is None:
+                raise GeReError(
+                    f"folder {path} has no {split}.json/.jsonl/.csv; add it or set train_split/test_split to the "
+                    "file names it holds"
+                )
+            found[split] = split_path
+        train_path, test_path = found[spec.train_split], found[spec.test_split]
+        return read_rows(train_path), str(train_path), read_rows(test_path), str(test_path)
+    raise GeReError(
+        f"task {spec.name!r}: source {spec.source!r} is neither a file, a folder nor 'hf:<dataset>'; fix the path"
+    )
+
+
+# ------------------------------------------------------------------------------------------ rows -> examples
+
+
+def row_input(spec: TaskSpec, row: dict[str, Any], where: str) -> str:
+    """The input text of `row` according to `spec.input_field` (field, list of fields, or format string)."""
+    try:
+        if isinstance(spec.input_field, list):
+            return "\n".join(str(row[f]) for f in spec.input_field)
+        if "{" in spec.input_field:
+            return spec.input_field.format(**row)
+        return str(row[spec.input_field])
+    except KeyError as e:
+        raise GeReError(
+            f"{where}: no field {e.args[0]!r} (row has {sorted(k for k in row if k != '__row__')}); set "
+            "`input_field` to the field(s) holding the input"
+        ) from None
+
+
+def row_label(spec: TaskSpec, row: dict[str, Any], where: str) -> str:
+    """The label word of `row`: the raw label, mapped through `spec.label_map` when given."""
+    if spec.label_field not in row:
+        raise GeReError(
+            f"{where}: no field {spec.label_field!r} (row has {sorted(k for k in row if k != '__row__')}); set "
+            "`label_field` to the field holding the label"
+        )
+    raw = row[spec.label_field]
+    if spec.label_map is not None:
+        key = str(raw).strip()
+        if key not in spec.label_map:
+            raise GeReError(
+                f"{where}: label {raw!r} is not a key of `label_map` {sorted(spec.label_map)}; add it to label_map"
+            )
+        return spec.label_map[key]
+    label = str(raw).strip()
+    if label not in spec.labels:
+        raise GeReError(
+            f"{where}: label {raw!r} is not one of the label words {spec.labels}; fix the data, or add a "
+            "`label_map` from raw labels to label words"
+        )
+    return label
+
+
+def rows_to_examples(spec: TaskSpec, rows: list[dict[str, Any]], where: str) -> list[Example]:
+    examples = []
+    for i, row in enumerate(rows):
+        row_where = f"{where}, row {row.get('__row__', i + 1)}"
+        examples.append(Example(input=row_input(spec, row, row_where), label=row_label(spec, row, row_where)))
+    return examples
+
+
+def subsample(examples: list[Example], size: int | None, seed: int, stratify: bool = True) -> list[Example]:
+    """Seeded subsample of `size` examples (all when None or larger than the set).
+
+    Stratified mode shuffles each label's examples and takes them round robin over the labels, so the
+    classes are as balanced as their counts allow; the result is shuffled with the same seed.
+    """
+    if size is None or size >= len(examples):
+        return list(examples)
+    rng = random.Random(seed)
+    if not stratify:
+        return rng.sample(examples, size)
+    by_label: dict[str, list[Example]] = defaultdict(list)
+    for ex in examples:
+        by_label[ex.label].append(ex)
+    pools = [by_label[label] for label in sorted(by_label)]
+    for pool in pools:
+        rng.shuffle(pool)
+    chosen: list[Example] = []
+    depth = 0
+    while len(chosen) < size:
+        for pool in pools:
+            if depth < len(pool) and len(chosen) < size:
+                chosen.append(pool[depth])
+        depth += 1
+    rng.shuffle(chosen)
+    return chosen
+
+
+def load_task(spec: TaskSpec) -> TaskData:
+    """Load `spec`'s train and test examples, checking every label, then subsample with `spec.seed`."""
+    train_rows, train_where, test_rows, test_where = load_split_rows(spec)
+    train = rows_to_examples(spec, train_rows, train_where)
+    test = rows_to_examples(spec, test_rows, test_where)
+    if not train:
+        raise GeReError(f"task {spec.name!r}: {train_where} holds no examples; add training data")
+    if not test:
+        raise GeReError(f"task {spec.name!r}: {test_where} holds no examples; add test data")
+    return TaskData(
+        spec=spec,
+        train=subsample(train, spec.train_size, spec.seed, spec.stratify),
+        test=subsample(test, spec.test_size, spec.seed + 1, spec.stratify),
+    )
+
+
+# ------------------------------------------------------------------------------------ prompts and features
+
+
+def format_prompt(spec: TaskSpec, input: str) -> str:
+    """The benchmark prompt: ``f"{instruction} Option: {', '.join(labels)} \\n{input}\\nAnswer:"``."""
+    return f"{spec.instruction} Option: {', '.join(spec.labels)} \n{input}\nAnswer:"
+
+
+def format_target(label: str) -> str:
+    """The training target for `label`: a leading space, then the label word."""
+    return " " + label
+
+
+def encode_prompt_and_target(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
+    """Token ids of `prompt` (with the tokenizer's special prefix, e.g. BOS) and of `target` after it.
+
+    The target ids are taken from tokenizing ``prompt + target`` jointly, so a target that merges
+    differently at the boundary (SentencePiece's "▁" handling) gets the ids the model sees at generation
+    time; when the joint ids do not extend the prompt ids, the target is tokenized on its own.
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    joint = tokenizer(prompt + target, add_special_tokens=True)["input_ids"]
+    if len(joint) > len(prompt_ids) and joint[: len(prompt_ids)] == prompt_ids:
+        target_ids = joint[len(prompt_ids) :]
+    else:
+        target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    if not target_ids:
+        raise GeReError(f"the target {target!r} tokenizes to nothing; use a non-empty label word")
+    return list(prompt_ids), list(target_ids)
+
+
+def fit_prompt(spec: TaskSpec, input: str, tokenizer, budget: int) -> list[int]:
+    """Prompt ids for `input` using at most `budget` tokens.
+
+    When too long, tokens are dropped from the *left* of the input text (the instruction, the options and
+    the trailing ``Answer:`` are kept, and so is the end of the input, where questions usually sit). If the
+    prompt is still too long with an empty input, its ids are left-truncated.
+    """
+    if budget < 1:
+        raise GeReError(f"no room left for the prompt of task {spec.name!r}; raise max_length")
+    prompt_ids = tokenizer(format_prompt(spec, input), add_special_tokens=True)["input_ids"]
+    if len(prompt_ids) <= budget:
+        return list(prompt_ids)
+    input_ids = tokenizer(input, add_special_tokens=False)["input_ids"]
+    excess = len(prompt_ids) - budget
+    # Decoding and re-encoding can shift a token or two, so drop a little more until it fits.
+    for _ in range(8):
+        kept = input_ids[excess:] if excess < len(input_ids) else []
+        text = tokenizer.decode(kept, skip_special_tokens=True) if kept else ""
+        prompt_ids = tokenizer(format_prompt(spec, text), add_special_tokens=True)["input_ids"]
+        if len(prompt_ids) <= budget:
+            return list(prompt_ids)
+        if not kept:
+            break
+        excess += len(prompt_ids) - budget
+    return list(prompt_ids[-budget:])
+
+
+def build_train_features(spec: TaskSpec, examples: list[Example], tokenizer, max_length: int) -> list[dict]:
+    """Tokenize examples for causal-LM fine-tuning.
+
+    Each feature holds ``input_ids`` = prompt + target + EOS, ``attention_mask`` (all ones, unpadded) and
+    ``labels`` (-100 on prompt tokens, so the loss covers only the answer and EOS). Long prompts are
+    shortened by `fit_prompt`; the answer is never cut.
+    """
+    if tokenizer.eos_token_id is None:
+        raise GeReError("the tokenizer has no eos_token; set tokenizer.eos_token before building features")
+    features = []
+    for ex in examples:
+        _, target_ids = encode_prompt_and_target(
+            tokenizer, format_prompt(spec, ex.input), format_target(ex.label)
+        )
+        budget = max_length - len(target_ids) - 1
+        if budget < 1:
+            raise GeReError(
+                f"max_length={max_length} leaves no room for a prompt before the answer {ex.label!r} "
+                f"({len(target_ids)} tokens + EOS) of task {spec.name!r}; raise max_length"
+            )
+        prompt_ids = fit_prompt(spec, ex.input, tokenizer, budget)
+        answer = target_ids + [tokenizer.eos_token_id]
+        features.append(
+            {
+                "input_ids": prompt_ids + answer,
+                "attention_mask": [1] * (len(prompt_ids) + len(answer)),
+                "labels": [-100] * len(prompt_ids) + answer,
+            }
+        )
+    return features
+
+
+# ------------------------------------------------------------------------------------------ the CL benchmark
+
+
+def benchmark_path(name: str) -> Path:
+    path = Path(__file__).parent / "benchmarks" / f"{name}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in (Path(__file__).parent / "benchmarks").glob("*.yaml"))
+        raise GeReError(f"no benchmark named {name!r}; available: {available}")
+    return path
+
+
+def load_benchmark_definition(name: str = "cl15") -> dict[str, Any]:
+    """The parsed benchmark YAML: ``{"tasks": {name: {...}}, "orders": {int: [names]}, ...}``."""
+    import yaml
+
+    return yaml.safe_load(benchmark_path(name).read_text(encoding="utf-8"))
+
+
+def load_benchmark(
+    name: str = "cl15",
+    order: int = 4,
+    data_dir: str | Path = "data/cl15",
+    train_size: int | None = None,
+    test_size: int | None = None,
+    seed: int = 0,
+    **overrides: Any,
+) -> list[TaskSpec]:
+    """TaskSpecs of benchmark `name` in the given `order`, reading ``<data_dir>/<task>/{train,test}.json``.
+
+    `train_size` defaults to the benchmark's per-task size (about 1,000 examples per class); `overrides`
+    (e.g. ``input_field="sentence"``) apply to every task. See docs/benchmark_cl15.md for the layout.
+    """
+    definition = load_benchmark_definition(name)
+    orders = {int(k): v for k, v in definition["orders"].items()}
+    if order not in orders:
+        raise GeReError(f"benchmark {name!r} has orders {sorted(orders)}, not {order}; pick one of them")
+    data_dir = Path(data_dir)
+    specs = []
+    for task in orders[order]:
+        entry = dict(definition["tasks"][task])
+        per_class = entry.pop("train_per_class", None)
+        default_train = per_class * len(entry["labels"]) if per_class else None
+        kwargs = {**entry, **overrides}
+        specs.append(
+            TaskSpec(
+                name=task,
+                source=str(data_dir / task),
+                train_size=train_size if train_size is not None else default_train,
+                test_size=test_size,
+                seed=seed,
+                **kwargs,
+            )
+        )
+    return specs
