@@ -19,7 +19,7 @@ demo: install
 	$(BIN)/gere demo
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

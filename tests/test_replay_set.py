@@ -1,10 +1,11 @@
 import json
 
 import pytest
-from tiny import tiny_tokenizer
 
 from gere.errors import GeReError
 from gere.replay_set import load_replay_records, load_replay_set, select_replay_set, tokenize_replay_set
+
+from tiny import tiny_tokenizer
 
 
 def write_jsonl(path, rows):

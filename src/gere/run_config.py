@@ -1,0 +1,252 @@
+"""The configuration of a continual run (`gere run CONFIG.yaml`), as nested dataclasses.
+
+A YAML file maps onto `RunConfig`; unknown keys and values of the wrong type are refused with the key's
+dotted name. Flags override the file with ``--set section.key=value`` (the value is read as YAML).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gere.errors import GeReError
+from gere.gere_config import GeReConfig
+from gere.tasks import TaskSpec
+
+FINETUNING = ("full", "lora")
+EVAL_METHODS = ("label", "generate")
+
+
+@dataclass
+class LoraSettings:
+    r: int = field(default=8, metadata={"help": "LoRA rank."})
+    alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha."})
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "Module names that get adapters."},
+    )
+
+
+@dataclass
+class TrainingSettings:
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs per task (ignored when max_steps > 0)."})
+    max_steps: int = field(default=-1, metadata={"help": "Optimisation steps per task; -1 uses num_train_epochs."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Task batch size per device."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per step."})
+    max_length: int = field(default=256, metadata={"help": "Task samples are cut to this many tokens (answer kept)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    warmup_steps: float = field(default=0, metadata={"help": "Linear warm-up: steps (int) or share of the steps (<1)."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers scheduler name."})
+    optim: str = field(default="adamw_torch_fused", metadata={"help": "transformers optimizer name."})
+    logging_steps: int = field(default=1, metadata={"help": "Log the loss parts every this many steps."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (GPUs; slow on CPUs)."})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations to save memory."})
+
+
+@dataclass
+class EvalSettings:
+    method: str = field(default="label", metadata={"help": "'label' (log-likelihood of label words) or 'generate'."})
+    batch_size: int = field(default=16, metadata={"help": "Evaluation batch size."})
+    max_length: int = field(default=512, metadata={"help": "Prompts are cut to this many tokens."})
+    test_limit: int | None = field(default=None, metadata={"help": "Evaluate at most this many test samples per task."})
+    general_mc: str | None = field(
+        default=None, metadata={"help": "Multiple-choice general-ability set: local JSONL/JSON or hf:cais/mmlu:all."}
+    )
+    mc_shots: int = field(default=0, metadata={"help": "Few-shot examples per MC question (0 or 5 for MMLU)."})
+    mc_dev: str | None = field(default=None, metadata={"help": "Where the few-shot examples come from."})
+    mc_limit: int | None = field(default=None, metadata={"help": "Use at most this many MC questions."})
+    perplexity_sets: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "Held-out general texts for perplexity: {name: JSONL with 'text'}."}
+    )
+    perplexity_max_length: int = field(default=256, metadata={"help": "Perplexity texts are cut to this length."})
+    perplexity_limit: int | None = field(default=None, metadata={"help": "At most this many texts per set."})
+
+
+@dataclass
+class BenchmarkSettings:
+    name: str = field(default="cl15", metadata={"help": "Shipped benchmark definition."})
+    order: int = field(default=4, metadata={"help": "Task order (4, 5 or 6 for cl15)."})
+    data_dir: str = field(default="data/cl15", metadata={"help": "Folder with <task>/{train,test}.json."})
+    train_size: int | None = field(default=None, metadata={"help": "Training samples per task."})
+    test_size: int | None = field(default=None, metadata={"help": "Test samples per task."})
+
+
+@dataclass
+class RunConfig:
+    name: str = field(default="run", metadata={"help": "Run name, used in reports."})
+    output_dir: str = field(default="runs/run", metadata={"help": "Where checkpoints, results and reports go."})
+    model: str = field(default="", metadata={"help": "Hugging Face id, local folder, or .gguf file."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Cache for converted models (default ~/.cache/gere)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
+    seed: int = field(default=0, metadata={"help": "Seed of everything."})
+    finetuning: str = field(default="full", metadata={"help": "'full' or 'lora'."})
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    gere: GeReConfig = field(default_factory=GeReConfig)
+    tasks: list[TaskSpec] = field(default_factory=list, metadata={"help": "Tasks in training order."})
+    benchmark: BenchmarkSettings | None = field(default=None, metadata={"help": "A shipped task sequence instead."})
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    per_task: dict[str, dict] = field(
+        default_factory=dict, metadata={"help": "Training overrides per task name, e.g. {sst2: {max_steps: 50}}."}
+    )
+    evaluation: EvalSettings = field(default_factory=EvalSettings)
+    keep_checkpoints: int = field(default=1, metadata={"help": "Checkpoints kept (the newest); 0 keeps all."})
+
+    def __post_init__(self) -> None:
+        if self.finetuning not in FINETUNING:
+            raise GeReError(f"finetuning = {self.finetuning!r} must be one of {FINETUNING}")
+        if self.evaluation.method not in EVAL_METHODS:
+            raise GeReError(f"evaluation.method = {self.evaluation.method!r} must be one of {EVAL_METHODS}")
+        known = {f.name for f in fields(TrainingSettings)}
+        for task, overrides in self.per_task.items():
+            bad = set(overrides) - known
+            if bad:
+                raise GeReError(f"per_task.{task}: unknown key(s) {sorted(bad)}; allowed: {sorted(known)}")
+
+    def task_specs(self) -> list[TaskSpec]:
+        if self.tasks and self.benchmark:
+            raise GeReError("give either tasks or benchmark in the run config, not both")
+        if self.benchmark:
+            from gere.tasks import load_benchmark
+
+            b = self.benchmark
+            return load_benchmark(
+                b.name, order=b.order, data_dir=b.data_dir, train_size=b.train_size, test_size=b.test_size, seed=self.seed
+            )
+        if not self.tasks:
+            raise GeReError("the run config has no tasks: add a 'tasks' list or a 'benchmark' section")
+        return list(self.tasks)
+
+    def training_for(self, task: str) -> TrainingSettings:
+        return dataclasses.replace(self.training, **self.per_task.get(task, {}))
+
+    def to_dict(self) -> dict:
+        return to_plain(self)
+
+
+# ------------------------------------------------------------------------------------------ parsing
+
+
+def to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(x) for x in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, where)
+            except GeReError as err:
+                errors.append(str(err))
+        raise GeReError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise GeReError(f"{where}: expected a mapping of {tp.__name__} settings, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise GeReError(f"{where}: expected a list, got {type(value).__name__} ({value!r})")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise GeReError(f"{where}: expected a mapping, got {type(value).__name__} ({value!r})")
+        _, item = typing.get_args(tp) or (Any, Any)
+        return {str(k): _convert(v, item, f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads 1e-4 as a string
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise GeReError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} ({value!r})")
+
+
+def from_dict(cls, data: dict, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types by dotted name."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise GeReError(
+            f"unknown config key(s) {', '.join(prefix + str(k) for k in unknown)}; "
+            f"allowed here: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise GeReError(f"--set {dotted}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
+    """Read a YAML run config (or start from ``base``), apply ``key.path=value`` overrides, validate."""
+    data: dict = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise GeReError(f"run config {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise GeReError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise GeReError(f"{path}: the top level must be a mapping of settings")
+        data.update(loaded)
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise GeReError(f"--set {item!r}: write it as section.key=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    return from_dict(RunConfig, data)

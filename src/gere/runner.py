@@ -1,0 +1,379 @@
+"""Continual runs: train on tasks in order with GeRe replay, evaluate everything after every task.
+
+After the base model and after each task, every task of the sequence (seen and not yet seen) is evaluated,
+plus general ability (multiple choice and held-out perplexity), filling a (T+1) x T accuracy matrix. The
+one fixed replay set and its activation store are computed once, from the base model, before task 1.
+
+Files in the output folder:
+
+- ``config.yaml``: the resolved run config;
+- ``run_state.json``: finished stages with their evaluations and loss history (rewritten atomically after
+  every stage; a run resumes from it);
+- ``checkpoints/stage-<i>/``: weights (full fine-tuning) or adapter (LoRA) after task i, with the RNG
+  state; written to a temporary folder and renamed, so a crash never leaves a half checkpoint;
+- ``gere_store/``: the activation store (unless the config points elsewhere);
+- ``results.json``, ``report.md`` and plots when the run ends (see `gere.report`).
+
+A run killed at any point and started again with ``resume=True`` redoes only the unfinished stage, and on
+CPU with the same seed ends with the same metrics as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
+
+from gere.errors import GeReError
+from gere.evaluation import evaluate_multiple_choice, evaluate_task, load_multiple_choice, perplexity
+from gere.gere_trainer import GeReTrainer
+from gere.io_utils import atomic_write_json, atomic_write_text, safe_join
+from gere.modeling import load_model_and_tokenizer
+from gere.replay_set import load_replay_records, load_replay_set
+from gere.report import build_results, write_report
+from gere.run_config import RunConfig
+from gere.store import extract_store, open_store
+from gere.tasks import TaskData, build_train_features, load_task
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "run_state.json"
+CONFIG_FILE = "config.yaml"
+RUN_FILES = (STATE_FILE, CONFIG_FILE, "results.json", "report.md", "checkpoints", "stages")
+LOG_KEYS = ("loss", "task_ce", "replay_ce", "replay_margin", "margin_weight", "replay_kl", "replay_l1", "replay_l2")
+
+
+def config_digest(cfg: RunConfig) -> str:
+    """Identity of a run: everything but where it is written and how many checkpoints are kept."""
+    data = cfg.to_dict()
+    for key in ("output_dir", "keep_checkpoints", "cache_dir"):
+        data.pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def prepare_output_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[Path, dict | None]:
+    """Refuse a folder holding another run unless told; return the saved state when resuming."""
+    out = Path(cfg.output_dir)
+    state_path = out / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.exists() else None
+    occupied = state is not None or (out / "results.json").exists()
+    if occupied and overwrite:
+        for name in RUN_FILES:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        state = None
+    elif occupied and not resume:
+        raise GeReError(
+            f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it "
+            "(or choose another --output-dir)"
+        )
+    elif state is not None and state["config_digest"] != config_digest(cfg):
+        raise GeReError(
+            f"{out} holds a run with a different config; --resume needs the same config "
+            "(use --overwrite to start over, or another --output-dir)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return out, state
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+class Evaluator:
+    """Evaluates every task and general ability; built once per run."""
+
+    def __init__(self, cfg: RunConfig, tasks: list[TaskData]):
+        self.cfg, self.tasks = cfg, tasks
+        ev = cfg.evaluation
+        self.mc = load_multiple_choice(ev.general_mc, limit=ev.mc_limit) if ev.general_mc else None
+        self.mc_dev = load_multiple_choice(ev.mc_dev) if ev.mc_dev else None
+        self.ppl_sets = {}
+        for name, path in ev.perplexity_sets.items():
+            texts = [text for _, text in load_replay_records(path)]
+            self.ppl_sets[name] = texts[: ev.perplexity_limit] if ev.perplexity_limit else texts
+
+    def __call__(self, model, tokenizer, stage: str, progress: bool) -> dict[str, Any]:
+        ev = self.cfg.evaluation
+        accuracies = []
+        bar = tqdm(self.tasks, desc=f"evaluate {stage}", disable=not progress, leave=False)
+        for task in bar:
+            examples = task.test[: ev.test_limit] if ev.test_limit else task.test
+            result = evaluate_task(
+                model, tokenizer, task.spec, examples, method=ev.method, batch_size=ev.batch_size, max_length=ev.max_length
+            )
+            accuracies.append(result["accuracy"])
+        general: dict[str, Any] = {"stage": stage, "mc_accuracy": None, "mc_per_category": {}, "perplexity": {}}
+        if self.mc:
+            mc = evaluate_multiple_choice(
+                model, tokenizer, self.mc, shots=ev.mc_shots, dev_questions=self.mc_dev, batch_size=ev.batch_size
+            )
+            general["mc_accuracy"], general["mc_per_category"] = mc["accuracy"], mc["per_category"]
+        for name, texts in self.ppl_sets.items():
+            general["perplexity"][name] = perplexity(
+                model, tokenizer, texts, max_length=ev.perplexity_max_length, batch_size=ev.batch_size
+            )
+        return {"accuracies": accuracies, "general": general}
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def save_checkpoint(out: Path, stage: int, model, cfg: RunConfig) -> Path:
+    """Weights (or the adapter) after ``stage``, plus torch's RNG state; temp folder, then rename."""
+    final = out / "checkpoints" / f"stage-{stage}"
+    tmp = out / "checkpoints" / f".stage-{stage}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    if cfg.finetuning == "lora":
+        from peft import get_peft_model_state_dict
+
+        tensors = get_peft_model_state_dict(model)
+    else:
+        tensors = model.state_dict()
+    # Tied weights share storage; safetensors wants each stored once.
+    seen, unique = set(), {}
+    for name, tensor in tensors.items():
+        key = tensor.data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        unique[name] = tensor.detach().contiguous().cpu()
+    save_file(unique, str(tmp / "weights.safetensors"))
+    save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    atomic_write_json(tmp / "checkpoint.json", {"stage": stage, "finetuning": cfg.finetuning, "tensors": len(unique)})
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    if cfg.keep_checkpoints:
+        older = sorted((p for p in final.parent.glob("stage-*")), key=lambda p: int(p.name.split("-")[1]))
+        for old in older[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(path: Path, model, cfg: RunConfig) -> None:
+    if not (path / "checkpoint.json").exists():
+        raise GeReError(f"checkpoint {path} is incomplete; start over with --overwrite")
+    tensors = load_file(str(path / "weights.safetensors"))
+    if cfg.finetuning == "lora":
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, tensors)
+    else:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        tied = {n for n in missing if n.endswith("lm_head.weight")}
+        if set(missing) - tied or unexpected:
+            raise GeReError(f"checkpoint {path} does not fit the model (missing {missing}, unexpected {unexpected})")
+        if tied:
+            model.tie_weights()
+    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch_rng"])
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+def _training_args(cfg: RunConfig, task: str, stage_dir: Path, progress: bool) -> TrainingArguments:
+    t = cfg.training_for(task)
+    return TrainingArguments(
+        output_dir=str(stage_dir),
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.lr_scheduler_type,
+        optim=t.optim,
+        logging_steps=t.logging_steps,
+        bf16=t.bf16,
+        activation_checkpointing=t.activation_checkpointing,
+        save_strategy="no",
+        report_to=[],
+        seed=cfg.seed,
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,
+    )
+
+
+def run_continual(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    base_eval_cache: str | Path | None = None,
+) -> dict[str, Any]:
+    """Run the whole sequence and write the report; returns the results dict (see `gere.report`)."""
+    started = time.time()
+    out, state = prepare_output_dir(cfg, resume=resume, overwrite=overwrite)
+    set_seed(cfg.seed)
+    specs = cfg.task_specs()
+    tasks = [load_task(spec) for spec in specs]
+    names = [t.spec.name for t in tasks]
+    for name in names:
+        safe_join(out, name)  # task names become folder names: keep them inside the run
+    model, tokenizer = load_model_and_tokenizer(
+        cfg.model, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code
+    )
+    tokenizer.padding_side = "right"
+    gere = cfg.gere
+    store = replay_set = None
+    if gere.parts:
+        if not gere.replay_source:
+            raise GeReError("the objective replays general texts but gere.replay_source is not set")
+        replay_set = load_replay_set(
+            gere.replay_source,
+            gere.num_replay_samples,
+            selection=gere.replay_selection,
+            seed=gere.replay_seed,
+            text_field=gere.replay_text_field,
+            split=gere.replay_split,
+        )
+        if gere.reference == "store":
+            store_dir = Path(gere.store_dir) if gere.store_dir else out / "gere_store"
+            if state is None:
+                # From the base model, once, before any training.
+                store = extract_store(
+                    model, tokenizer, replay_set, store_dir, gere.store_spec(), regenerate=not gere.reuse_store,
+                    progress=progress,
+                )
+            else:
+                store = open_store(store_dir)
+                if store.manifest["model"] != state["base_model"]:
+                    raise GeReError(f"{store_dir} no longer belongs to this run's base model; use --overwrite")
+    if cfg.finetuning == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = cfg.lora
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    evaluator = Evaluator(cfg, tasks)
+
+    if state is None:
+        from gere.fingerprint import model_fingerprint
+
+        state = {
+            "config_digest": config_digest(cfg),
+            "base_model": store.manifest["model"] if store is not None else model_fingerprint(model),
+            "stages_done": 0,
+            "accuracy_matrix": [],
+            "general": [],
+            "loss_history": [],
+            "per_task_s": [],
+            "eval_s": 0.0,
+            "elapsed_s": 0.0,
+        }
+    else:
+        done = state["stages_done"]
+        started -= state.get("elapsed_s", 0.0)
+        if done > 0:
+            load_checkpoint(out / "checkpoints" / f"stage-{done}", model, cfg)
+        logger.info("resuming %s after stage %d of %d", out, done, len(tasks))
+
+    if state["stages_done"] == 0 and not state["accuracy_matrix"]:
+        t0 = time.time()
+        base = _cached_base_eval(base_eval_cache, cfg, state["base_model"])
+        if base is None:
+            base = evaluator(model, tokenizer, "base", progress)
+            _store_base_eval(base_eval_cache, cfg, state["base_model"], base)
+        state["accuracy_matrix"].append(base["accuracies"])
+        state["general"].append(base["general"])
+        state["eval_s"] += time.time() - t0
+        atomic_write_json(out / STATE_FILE, state)
+
+    step_offset = max((h["step"] for h in state["loss_history"]), default=0)
+    for index in range(state["stages_done"], len(tasks)):
+        task = tasks[index]
+        name = task.spec.name
+        t0 = time.time()
+        training = cfg.training_for(name)
+        features = build_train_features(task.spec, task.train, tokenizer, training.max_length)
+        trainer = GeReTrainer(
+            model=model,
+            args=_training_args(cfg, name, out / "stages" / f"{index + 1}-{name}", progress),
+            train_dataset=features,
+            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+            processing_class=tokenizer,
+            gere_config=gere,
+            activation_store=store,
+            replay_set=replay_set,
+        )
+        trainer.train()
+        for entry in trainer.state.log_history:
+            if "loss" in entry:
+                row = {"step": step_offset + int(entry["step"]), "task": name}
+                row.update({k: entry.get(k) for k in LOG_KEYS})
+                state["loss_history"].append(row)
+        step_offset += int(trainer.state.global_step)
+        train_s = time.time() - t0
+        t1 = time.time()
+        evaluation = evaluator(model, tokenizer, f"after {name}", progress)
+        state["eval_s"] += time.time() - t1
+        save_checkpoint(out, index + 1, model, cfg)
+        state["accuracy_matrix"].append(evaluation["accuracies"])
+        state["general"].append(evaluation["general"])
+        state["per_task_s"].append(train_s)
+        state["stages_done"] = index + 1
+        state["elapsed_s"] = time.time() - started
+        atomic_write_json(out / STATE_FILE, state)
+        shutil.rmtree(out / "stages" / f"{index + 1}-{name}", ignore_errors=True)
+
+    total_s = time.time() - started
+    results = build_results(
+        cfg.name,
+        gere.objective if gere.parts else "none",
+        cfg.to_dict(),
+        names,
+        [min(len(t.test), cfg.evaluation.test_limit or len(t.test)) for t in tasks],
+        state["accuracy_matrix"],
+        general=state["general"],
+        loss_history=state["loss_history"],
+        timing={"total_s": total_s, "per_task_s": state["per_task_s"], "eval_s": state["eval_s"]},
+    )
+    write_report(out, results)
+    return results
+
+
+def _base_eval_key(cfg: RunConfig, base_model: str) -> str:
+    data = {"model": base_model, "tasks": [s.to_dict() for s in cfg.task_specs()], "eval": cfg.to_dict()["evaluation"]}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _cached_base_eval(path, cfg: RunConfig, base_model: str) -> dict | None:
+    """Runs of one comparison share the base model's evaluation (same model, tasks and eval settings)."""
+    if path is None or not Path(path).exists():
+        return None
+    data = json.loads(Path(path).read_text())
+    return data.get(_base_eval_key(cfg, base_model))
+
+
+def _store_base_eval(path, cfg: RunConfig, base_model: str, evaluation: dict) -> None:
+    if path is None:
+        return
+    path = Path(path)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[_base_eval_key(cfg, base_model)] = evaluation
+    atomic_write_json(path, data)

@@ -1,0 +1,145 @@
+import json
+
+import pytest
+import yaml
+
+import gere.runner as runner
+from gere.cli import main
+from gere.errors import GeReError
+from gere.run_config import load_run_config
+from gere.runner import run_continual
+
+from tiny import replay_texts, tiny_llama, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cl")
+    model_dir = root / "model"
+    tiny_llama().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    for name, labels in (("mood", ["good", "bad"]), ("compass", ["north", "south"])):
+        folder = root / name
+        folder.mkdir()
+        for split, n in (("train", 16), ("test", 8)):
+            rows = [{"input": f"the river {i} is {labels[i % 2]}", "label": labels[i % 2]} for i in range(n)]
+            (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "task.json").write_text(json.dumps({"name": name, "instruction": "pick one", "labels": labels}))
+    (root / "replay.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in replay_texts(8)))
+    (root / "heldout.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in replay_texts(4, seed=9)))
+    mc = [{"question": "the river is", "choices": ["north", "south", "good", "bad"], "answer": 1, "subject": "geo"}]
+    (root / "mc.jsonl").write_text("".join(json.dumps(q) + "\n" for q in mc * 3))
+    config = {
+        "name": "tiny",
+        "model": str(model_dir),
+        "tasks": [{"source": str(root / "mood")}, {"source": str(root / "compass")}],
+        "gere": {"replay_source": str(root / "replay.jsonl"), "num_replay_samples": 8, "replay_max_length": 16,
+                 "replay_batch_size": 2},
+        "training": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 0.01, "max_length": 32,
+                     "optim": "adamw_torch"},
+        "evaluation": {"general_mc": str(root / "mc.jsonl"), "perplexity_sets": {"heldout": str(root / "heldout.jsonl")}},
+    }  # fmt: skip
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def run(setup, out, *extra, **kwargs):
+    cfg = load_run_config(setup / "run.yaml", [f"output_dir={out}", *extra])
+    return run_continual(cfg, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("objective", ["none", "ce+tm"])
+def test_two_task_run_writes_full_report(setup, tmp_path, objective):
+    results = run(setup, tmp_path / "r", f"gere.objective={objective}")
+    assert len(results["accuracy_matrix"]) == 3 and all(len(r) == 2 for r in results["accuracy_matrix"])
+    assert results["stages"] == ["base", "after mood", "after compass"]
+    assert len(results["general"]) == 3 and results["general"][0]["perplexity"]["heldout"] > 1
+    for name in ("results.json", "report.md", "config.yaml", "accuracy_matrix.png", "task_accuracy.png",
+                 "general.png", "loss_parts.png"):  # fmt: skip
+        assert (tmp_path / "r" / name).exists(), name
+    for png in (tmp_path / "r").glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    losses = results["loss_history"]
+    assert [h["task"] for h in losses] == ["mood", "mood", "compass", "compass"]
+    assert [h["step"] for h in losses] == [1, 2, 3, 4]
+    if objective == "ce+tm":
+        assert all(h["replay_margin"] is not None and h["replay_ce"] is not None for h in losses)
+        assert (tmp_path / "r" / "gere_store" / "manifest.json").exists()
+    else:
+        assert all(h["replay_margin"] is None for h in losses)
+    assert (tmp_path / "r" / "checkpoints" / "stage-2" / "weights.safetensors").exists()
+    assert not (tmp_path / "r" / "checkpoints" / "stage-1").exists()  # keep_checkpoints = 1
+
+
+def test_resume_after_interruption_gives_same_metrics(setup, tmp_path, monkeypatch):
+    whole = run(setup, tmp_path / "whole")
+    calls = {"n": 0}
+    original = runner.GeReTrainer.train
+
+    def crash_on_second_task(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash during task 2")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(runner.GeReTrainer, "train", crash_on_second_task)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(setup, tmp_path / "cut")
+    state = json.loads((tmp_path / "cut" / "run_state.json").read_text())
+    assert state["stages_done"] == 1
+    monkeypatch.setattr(runner.GeReTrainer, "train", original)
+    with pytest.raises(GeReError, match="--resume"):
+        run(setup, tmp_path / "cut")
+    resumed = run(setup, tmp_path / "cut", resume=True)
+    assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
+    assert resumed["metrics"] == whole["metrics"]
+    assert [g["perplexity"] for g in resumed["general"]] == [g["perplexity"] for g in whole["general"]]
+    assert [h["loss"] for h in resumed["loss_history"]] == [h["loss"] for h in whole["loss_history"]]
+
+
+def test_resume_with_other_config_is_refused(setup, tmp_path):
+    run(setup, tmp_path / "r", "gere.objective=none")
+    with pytest.raises(GeReError, match="different config"):
+        run(setup, tmp_path / "r", "gere.objective=ce", resume=True)
+    again = run(setup, tmp_path / "r", "gere.objective=ce", overwrite=True)
+    assert again["method"] == "ce"
+
+
+def test_lora_run(setup, tmp_path):
+    results = run(setup, tmp_path / "lora", "finetuning=lora", "lora.target_modules=[q_proj,v_proj]",
+                  "gere.reference=online")  # fmt: skip
+    assert len(results["accuracy_matrix"]) == 3
+    assert not (tmp_path / "lora" / "gere_store").exists()
+
+
+def test_cli_run_and_compare(setup, tmp_path, capsys):
+    assert main(["run", str(setup / "run.yaml"), "--output-dir", str(tmp_path / "a"), "--objective", "none",
+                 "--no-progress"]) == 0  # fmt: skip
+    assert main(["run", str(setup / "run.yaml"), "--output-dir", str(tmp_path / "b"), "--objective", "ce+tm",
+                 "--margin-weight", "100", "--no-progress"]) == 0  # fmt: skip
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp")]) == 0
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "ce+tm" in table and "none" in table
+    assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_errors_exit_2_with_message(setup, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntrainin: {max_steps: 1}\n")
+    assert main(["run", str(bad)]) == 2
+    assert "unknown config key(s) trainin" in capsys.readouterr().err
+    bad.write_text("name: x\ntraining: {max_steps: lots}\n")
+    assert main(["run", str(bad)]) == 2
+    assert "training.max_steps: expected int" in capsys.readouterr().err
+
+
+def test_cli_extract(setup, tmp_path, capsys):
+    assert main(["extract", "--model", str(setup / "model"), "--replay-source", str(setup / "replay.jsonl"),
+                 "--num-replay-samples", "8", "--replay-max-length", "16", "--store-dir", str(tmp_path / "s")]) == 0  # fmt: skip
+    assert "tm_codes" in capsys.readouterr().out
+    other = tmp_path / "other"
+    tiny_llama(seed=5).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    assert main(["extract", "--model", str(other), "--replay-source", str(setup / "replay.jsonl"),
+                 "--num-replay-samples", "8", "--replay-max-length", "16", "--store-dir", str(tmp_path / "s")]) == 2  # fmt: skip
+    assert "different model" in capsys.readouterr().err
