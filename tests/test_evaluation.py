@@ -18,6 +18,7 @@ from gere.evaluation import (
     load_multiple_choice,
     perplexity,
     score_labels,
+    shared_prompt_logprobs,
 )
 from gere.tasks import Example, TaskSpec, encode_prompt_and_target, format_prompt
 
@@ -263,3 +264,12 @@ def test_perplexity_matches_slow_reference(model, tok):
         assert got == pytest.approx(expected, rel=1e-4)
     with pytest.raises(GeReError, match="at least two tokens"):
         perplexity(model, tok, [""])
+
+
+def test_shared_prompt_logprobs_match_slow_reference_with_multi_token_targets(model, tok):
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    targets = [encode_prompt_and_target(tok, PROMPTS[0], " " + w)[1] for w in LABELS]
+    assert max(len(t) for t in targets) > 1  # "very negative" continues past the first token
+    got = shared_prompt_logprobs(model, tok, prompts, targets, batch_size=3)
+    want = [slow_logprob(model, p, t) for p in prompts for t in targets]
+    assert got == pytest.approx(want, abs=1e-4)

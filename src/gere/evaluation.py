@@ -130,6 +130,52 @@ def sequence_logprobs(
     return scores
 
 
+def shared_prompt_logprobs(
+    model,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    targets: Sequence[list[int]],
+    batch_size: int = 16,
+) -> list[float]:
+    """``sequence_logprobs`` for every (prompt, target) pair, prompt-major, running each prompt once.
+
+    The prompts of a batch are left-padded and encoded once with a key/value cache; each target is then
+    scored as a short continuation, and the cache is cropped back to the prompt before the next target.
+    Equal to `sequence_logprobs` on the concatenations (up to float rounding), at about 1/len(targets) of
+    the cost when targets are short.
+    """
+    device = model_device(model)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    scores = [0.0] * (len(prompts) * len(targets))
+    with eval_mode(model):
+        for idx in _batches(order, batch_size):
+            ids, mask, positions, _ = pad_batch([prompts[i] for i in idx], _pad_id(tokenizer), "left", device)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            cache = out.past_key_values
+            first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+            next_pos = positions[:, -1:] + 1
+            for t, target in enumerate(targets):
+                lp = first[:, target[0]].clone()
+                if len(target) > 1:
+                    rest = torch.tensor(target[:-1], device=device).expand(len(idx), -1)
+                    cont_mask = torch.cat([mask, torch.ones_like(rest)], dim=1)
+                    cont_pos = next_pos + torch.arange(len(target) - 1, device=device)
+                    logits = model(
+                        input_ids=rest,
+                        attention_mask=cont_mask,
+                        position_ids=cont_pos,
+                        past_key_values=cache,
+                        use_cache=True,
+                    ).logits.float()
+                    logp = torch.log_softmax(logits, dim=-1)
+                    follow = torch.tensor(target[1:], device=device)
+                    lp += logp.gather(2, follow.expand(len(idx), -1).unsqueeze(-1)).squeeze(-1).sum(1)
+                    cache.crop(-(len(target) - 1))  # back to the prompt alone
+                for b, i in enumerate(idx):
+                    scores[i * len(targets) + t] = float(lp[b])
+    return scores
+
+
 def score_labels(
     model,
     tokenizer,
@@ -229,8 +275,7 @@ def evaluate_task(
         targets = [encode_prompt_and_target(tokenizer, context, format_target(w))[1] for w in spec.labels]
         budget = max_length - max(len(t) for t in targets)
         prompt_ids = [fit_prompt(spec, ex.input, tokenizer, budget) for ex in examples]
-        pairs = [(ids, target) for ids in prompt_ids for target in targets]
-        scores = sequence_logprobs(model, tokenizer, pairs, batch_size=batch_size)
+        scores = shared_prompt_logprobs(model, tokenizer, prompt_ids, targets, batch_size=batch_size)
         picks = _argmax_rows(scores, len(spec.labels))
         predictions = [spec.labels[k] for k in picks]
         correct = sum(p == ex.label for p, ex in zip(predictions, examples, strict=True))
