@@ -16,6 +16,7 @@ Two ways to read a task answer:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 from collections import defaultdict
@@ -130,6 +131,17 @@ def sequence_logprobs(
     return scores
 
 
+def _cache_argument(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` during 5.x; use the one this model takes."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _output_cache(out):
+    cache = out.get("cache") if isinstance(out, dict) else None
+    return cache if cache is not None else out.past_key_values
+
+
 def shared_prompt_logprobs(
     model,
     tokenizer,
@@ -145,13 +157,14 @@ def shared_prompt_logprobs(
     the cost when targets are short.
     """
     device = model_device(model)
+    cache_arg = _cache_argument(model)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     scores = [0.0] * (len(prompts) * len(targets))
     with eval_mode(model):
         for idx in _batches(order, batch_size):
             ids, mask, positions, _ = pad_batch([prompts[i] for i in idx], _pad_id(tokenizer), "left", device)
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-            cache = out.past_key_values
+            cache = _output_cache(out)
             first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
             next_pos = positions[:, -1:] + 1
             for t, target in enumerate(targets):
@@ -164,7 +177,7 @@ def shared_prompt_logprobs(
                         input_ids=rest,
                         attention_mask=cont_mask,
                         position_ids=cont_pos,
-                        past_key_values=cache,
+                        **{cache_arg: cache},
                         use_cache=True,
                     ).logits.float()
                     logp = torch.log_softmax(logits, dim=-1)

@@ -185,6 +185,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return {str(k): _convert(v, item, f"{where}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
+    if tp in (dict, list):
+        if isinstance(value, tp):
+            return value
+        raise GeReError(f"{where}: expected a {'mapping' if tp is dict else 'list'}, got {type(value).__name__}")
     if tp is bool:
         if isinstance(value, bool):
             return value
