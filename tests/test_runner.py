@@ -48,9 +48,9 @@ def run(setup, out, *extra, **kwargs):
     return run_continual(cfg, progress=False, **kwargs)
 
 
-@pytest.mark.parametrize("objective", ["none", "ce+tm"])
-def test_two_task_run_writes_full_report(setup, tmp_path, objective):
-    results = run(setup, tmp_path / "r", f"gere.objective={objective}")
+@pytest.mark.parametrize("objective,bi", [("none", 0), ("ce+tm", 0), ("ce+tm", 2)])
+def test_two_task_run_writes_full_report(setup, tmp_path, objective, bi):
+    results = run(setup, tmp_path / "r", f"gere.objective={objective}", f"gere.num_interpolate_per_batch={bi}")
     assert len(results["accuracy_matrix"]) == 3 and all(len(r) == 2 for r in results["accuracy_matrix"])
     assert results["stages"] == ["base", "after mood", "after compass"]
     assert len(results["general"]) == 3 and results["general"][0]["perplexity"]["heldout"] > 1
