@@ -6,6 +6,7 @@ Errors a user can fix are printed as one line naming the problem and the fix, wi
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -181,6 +182,15 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except GeReError as err:
         print(f"gere: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        print(
+            f"gere: error: the disk is full ({err.filename or 'while writing'}); files written before are intact. "
+            "Free space, then run the same command again (with --resume for `gere run`)",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -36,6 +36,7 @@ from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
 
 from gere.errors import GeReError
 from gere.evaluation import evaluate_multiple_choice, evaluate_task, load_multiple_choice, perplexity
+from gere.faults import maybe_fail, train_step_callback
 from gere.gere_trainer import GeReTrainer
 from gere.io_utils import atomic_write_json, atomic_write_text, safe_join
 from gere.modeling import load_model_and_tokenizer
@@ -116,6 +117,7 @@ class Evaluator:
                 model, tokenizer, task.spec, examples, method=ev.method, batch_size=ev.batch_size, max_length=ev.max_length
             )
             accuracies.append(result["accuracy"])
+            maybe_fail("evaluate_task")  # crash tests (gere.faults); a no-op unless GERE_FAULT is set
         general: dict[str, Any] = {"stage": stage, "mc_accuracy": None, "mc_per_category": {}, "perplexity": {}}
         if self.mc:
             mc = evaluate_multiple_choice(
@@ -139,6 +141,27 @@ def save_checkpoint(out: Path, stage: int, model, cfg: RunConfig) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    try:
+        _write_checkpoint(tmp, stage, model, cfg)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed (e.g. disk-full) write leaves nothing behind
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def prune_checkpoints(out: Path, cfg: RunConfig) -> None:
+    """Keep the newest ``keep_checkpoints``. Called only after run_state.json names the newest stage, so a
+    crash in between never leaves the state pointing at a deleted checkpoint."""
+    if cfg.keep_checkpoints:
+        older = sorted((out / "checkpoints").glob("stage-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in older[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+
+
+def _write_checkpoint(tmp: Path, stage: int, model, cfg: RunConfig) -> None:
     if cfg.finetuning == "lora":
         from peft import get_peft_model_state_dict
 
@@ -156,14 +179,6 @@ def save_checkpoint(out: Path, stage: int, model, cfg: RunConfig) -> Path:
     save_file(unique, str(tmp / "weights.safetensors"))
     save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
     atomic_write_json(tmp / "checkpoint.json", {"stage": stage, "finetuning": cfg.finetuning, "tensors": len(unique)})
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    if cfg.keep_checkpoints:
-        older = sorted((p for p in final.parent.glob("stage-*")), key=lambda p: int(p.name.split("-")[1]))
-        for old in older[: -cfg.keep_checkpoints]:
-            shutil.rmtree(old)
-    return final
 
 
 def load_checkpoint(path: Path, model, cfg: RunConfig) -> None:
@@ -230,10 +245,17 @@ def run_continual(
     names = [t.spec.name for t in tasks]
     for name in names:
         safe_join(out, name)  # task names become folder names: keep them inside the run
+    _check_classes(tasks)
     model, tokenizer = load_model_and_tokenizer(
         cfg.model, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code
     )
     tokenizer.padding_side = "right"
+    if tokenizer.eos_token_id is None:  # found now, not after the extraction pass
+        raise GeReError(
+            f"the tokenizer of {cfg.model} has no eos token, which ends every training answer; add one "
+            "(tokenizer.add_special_tokens({'eos_token': ...}), then save_pretrained into the model folder) "
+            "or use a model whose tokenizer defines eos"
+        )
     gere = cfg.gere
     store = replay_set = None
     if gere.parts:
@@ -320,6 +342,7 @@ def run_continual(
             gere_config=gere,
             activation_store=store,
             replay_set=replay_set,
+            callbacks=[train_step_callback()],  # crash tests (gere.faults); a no-op unless GERE_FAULT is set
         )
         trainer.train()
         for entry in trainer.state.log_history:
@@ -339,6 +362,7 @@ def run_continual(
         state["stages_done"] = index + 1
         state["elapsed_s"] = time.time() - started
         atomic_write_json(out / STATE_FILE, state)
+        prune_checkpoints(out, cfg)
         shutil.rmtree(out / "stages" / f"{index + 1}-{name}", ignore_errors=True)
 
     total_s = time.time() - started
@@ -355,6 +379,18 @@ def run_continual(
     )
     write_report(out, results)
     return results
+
+
+def _check_classes(tasks: list[TaskData]) -> None:
+    """Training on one class only teaches "always answer X": almost surely a data or field-mapping mistake."""
+    for task in tasks:
+        classes = sorted({ex.label for ex in task.train})
+        if len(classes) < 2:
+            raise GeReError(
+                f"task {task.spec.name!r}: the training data holds only the class {classes} of the label words "
+                f"{task.spec.labels}; give examples of at least two classes "
+                "(check `label_field` and `label_map`)"
+            )
 
 
 def _base_eval_key(cfg: RunConfig, base_model: str) -> str:

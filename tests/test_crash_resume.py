@@ -1,0 +1,153 @@
+"""Kill a real `gere run` process at a chosen point (SIGKILL, via `gere.faults`), resume it, and check that
+it ends exactly where an uninterrupted run of the same config ends: same metrics, same activation store.
+
+Each case runs the CLI in subprocesses (~6 s each, mostly imports); one uninterrupted reference run is
+shared by every case. See docs/reliability.md.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gere.cli import main
+
+from tiny import replay_texts, tiny_llama, tiny_tokenizer
+
+GERE = str(Path(sys.executable).with_name("gere"))
+
+
+def build_run_folder(root: Path) -> Path:
+    """A tiny model, two tiny tasks, replay and held-out texts, and ``run.yaml`` (2 steps per task)."""
+    model_dir = root / "model"
+    tokenizer = tiny_tokenizer()
+    assert tokenizer.bos_token is None  # every run here also shows that no bos token is needed
+    tiny_llama().save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    for name, labels in (("mood", ["good", "bad"]), ("compass", ["north", "south"])):
+        folder = root / name
+        folder.mkdir()
+        for split, n in (("train", 16), ("test", 8)):
+            rows = [{"input": f"the river {i} is {labels[i % 2]}", "label": labels[i % 2]} for i in range(n)]
+            (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "task.json").write_text(
+            json.dumps({"name": name, "instruction": "pick one", "labels": labels})
+        )
+    (root / "replay.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in replay_texts(8)))
+    (root / "heldout.jsonl").write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in replay_texts(4, seed=9))
+    )
+    config = {
+        "name": "tiny",
+        "model": str(model_dir),
+        "tasks": [{"source": str(root / "mood")}, {"source": str(root / "compass")}],
+        # 8 replay samples in extraction batches of 2: four batches to interrupt between.
+        "gere": {"replay_source": str(root / "replay.jsonl"), "num_replay_samples": 8, "replay_max_length": 16,
+                 "replay_batch_size": 2, "extract_batch_size": 2},
+        "training": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 0.01, "max_length": 32,
+                     "optim": "adamw_torch"},
+        "evaluation": {"perplexity_sets": {"heldout": str(root / "heldout.jsonl")}},
+    }  # fmt: skip
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    return root / "run.yaml"
+
+
+def gere_run(config: Path, out: Path, *flags: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "GERE_FAULT"}
+    # One thread: the same arithmetic in every process, and no oversubscription on a busy machine.
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    if fault:
+        env["GERE_FAULT"] = fault
+    return subprocess.run(
+        [GERE, "run", str(config), "--output-dir", str(out), "--no-progress", *flags],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def comparable(out: Path) -> dict:
+    """Everything of a finished run that must not depend on interruptions (timings excluded)."""
+    results = json.loads((out / "results.json").read_text())
+    store = json.loads((out / "gere_store" / "manifest.json").read_text())
+    return {
+        "accuracy_matrix": results["accuracy_matrix"],
+        "metrics": results["metrics"],
+        "general": results["general"],
+        "loss_history": results["loss_history"],
+        "store_files": store["files"],  # size and sha256 of every store file
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crash")
+    config = build_run_folder(root)
+    done = gere_run(config, root / "whole")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return config, comparable(root / "whole")
+
+
+def test_fault_spec_is_checked(monkeypatch):
+    from gere.faults import maybe_fail, parse_fault
+
+    assert parse_fault("extract_batch:2") == ("extract_batch", 2)
+    for bad in ("train_step", "train_step:0", "train_step:x", "nowhere:1"):
+        with pytest.raises(ValueError, match="<point>:<n>.*extract_batch, train_step, evaluate_task"):
+            parse_fault(bad)
+    monkeypatch.setenv("GERE_FAULT", "evaluate_task:1")
+    maybe_fail("train_step")  # another point: counts nothing, kills nothing
+    monkeypatch.delenv("GERE_FAULT")
+    maybe_fail("evaluate_task")  # unset: a no-op
+
+
+def test_kill_during_extraction_then_resume(reference, tmp_path):
+    config, whole = reference
+    out = tmp_path / "run"
+    killed = gere_run(config, out, fault="extract_batch:2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    partial = out / "gere_store" / "partial"
+    assert json.loads((partial / "progress.json").read_text())["done"] == [0, 1]
+    assert not (out / "gere_store" / "manifest.json").exists()  # an unfinished store is never trusted
+    assert not (out / "run_state.json").exists()
+    # Resuming must continue the forward pass at batch 3, not start over: a fault at the 3rd extracted batch
+    # of the resumed process would fire if batches 1-2 were redone (only batches 3 and 4 remain).
+    resumed = gere_run(config, out, "--resume", fault="extract_batch:3")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not partial.exists()
+    assert comparable(out) == whole
+
+
+def test_kill_during_second_task_then_resume(reference, tmp_path, capsys):
+    config, whole = reference
+    out = tmp_path / "run"
+    killed = gere_run(config, out, fault="train_step:3")  # task 1 takes steps 1-2: this is task 2's first
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    state = json.loads((out / "run_state.json").read_text())
+    assert state["stages_done"] == 1
+    assert (out / "checkpoints" / "stage-1" / "checkpoint.json").exists()
+    assert not (out / "checkpoints" / "stage-2").exists()
+    # A plain rerun is refused before anything is loaded (in-process: no model is touched); --resume
+    # redoes task 2 only.
+    assert main(["run", str(config), "--output-dir", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    resumed = gere_run(config, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert comparable(out) == whole
+
+
+def test_kill_during_evaluation_then_resume(reference, tmp_path):
+    config, whole = reference
+    out = tmp_path / "run"
+    killed = gere_run(config, out, fault="evaluate_task:3")  # base: 2 tasks; this is the first after task 1
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    state = json.loads((out / "run_state.json").read_text())
+    assert state["stages_done"] == 0 and len(state["accuracy_matrix"]) == 1  # only the base evaluation
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+    resumed = gere_run(config, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert comparable(out) == whole

@@ -1,0 +1,310 @@
+"""Bad input and failed writes: every refusal names the problem and the fix (CLI exit 2), and a write that
+fails midway leaves every earlier artifact intact and resumable. Crashes of a real process are in
+tests/test_crash_resume.py; the table of everything tried is docs/reliability.md.
+"""
+
+import ast
+import errno
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_crash_resume import build_run_folder
+from transformers import PreTrainedTokenizerFast
+
+import gere
+import gere.runner as runner
+from gere.cli import main
+from gere.errors import GeReError
+from gere.io_utils import atomic_path
+from gere.replay_set import ReplaySet
+from gere.run_config import load_run_config
+from gere.runner import load_checkpoint, run_continual
+from gere.store import StoreSpec, extract_store, open_store
+
+from tiny import replay_texts, tiny_llama, tiny_tokenizer
+
+ENOSPC = OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    return build_run_folder(tmp_path_factory.mktemp("reliability"))
+
+
+def variant(config: Path, tmp_path: Path, **changes) -> Path:
+    """A copy of the run config with top-level keys replaced."""
+    data = yaml.safe_load(config.read_text())
+    data.update(changes)
+    path = tmp_path / "variant.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def cli_run(config: Path, out: Path, *flags: str) -> int:
+    return main(["run", str(config), "--output-dir", str(out), "--no-progress", *flags])
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary names (atomic writes, checkpoint folders) still on disk: a failed write must remove them."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*") if p.name.endswith(".tmp"))
+
+
+def assert_stage_one_intact(out: Path, config: Path) -> None:
+    """run_state.json is the valid state after stage 1, and checkpoint 1 loads into a fresh model."""
+    state = json.loads((out / "run_state.json").read_text())
+    assert state["stages_done"] == 1 and len(state["accuracy_matrix"]) == 2
+    stage = out / "checkpoints" / "stage-1"
+    model = tiny_llama()
+    base = model.model.embed_tokens.weight.detach().clone()
+    load_checkpoint(stage, model, load_run_config(config))
+    saved = load_file(str(stage / "weights.safetensors"))["model.embed_tokens.weight"]
+    assert torch.equal(model.model.embed_tokens.weight, saved) and not torch.equal(saved, base)
+
+
+# ------------------------------------------------------------------------------------------ failed writes
+
+
+@pytest.mark.parametrize("failing", ["checkpoint", "run_state"])
+def test_disk_full_after_stage_two_keeps_stage_one_and_resumes(config, tmp_path, monkeypatch, failing):
+    """The disk fills while stage 2's checkpoint (or the run state after it) is half written."""
+    out = tmp_path / "run"
+    if failing == "checkpoint":
+        real = runner.save_file
+
+        def save_file(tensors, filename, *args, **kwargs):
+            if ".stage-2.tmp" in filename and filename.endswith("weights.safetensors"):
+                Path(filename).write_bytes(b"\0" * 64)  # some bytes reached the disk, then it was full
+                raise ENOSPC
+            return real(tensors, filename, *args, **kwargs)
+
+        monkeypatch.setattr(runner, "save_file", save_file)
+    else:
+        real = runner.atomic_write_json
+
+        def atomic_write_json(path, obj):
+            if Path(path).name == runner.STATE_FILE and obj["stages_done"] == 2:
+                with atomic_path(path) as tmp:
+                    tmp.write_text('{"config_digest": "')
+                    raise ENOSPC
+            return real(path, obj)
+
+        monkeypatch.setattr(runner, "atomic_write_json", atomic_write_json)
+
+    with pytest.raises(OSError) as failed:
+        run_continual(load_run_config(config, [f"output_dir={out}"]), progress=False)
+    assert failed.value.errno == errno.ENOSPC
+    assert_stage_one_intact(out, config)
+    assert leftovers(out) == []
+    assert not (out / "results.json").exists()
+    # A finished stage-2 checkpoint that run_state.json does not name yet is simply redone on resume.
+    assert (out / "checkpoints" / "stage-2").exists() == (failing == "run_state")
+    monkeypatch.undo()
+    results = run_continual(load_run_config(config, [f"output_dir={out}"]), resume=True, progress=False)
+    assert results["stages"] == ["base", "after mood", "after compass"]
+    assert json.loads((out / "run_state.json").read_text())["stages_done"] == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["stage-2"]  # keep_checkpoints = 1
+
+
+def test_disk_full_while_finishing_the_store_keeps_extraction_and_trusts_nothing(tmp_path, monkeypatch):
+    model, tok = tiny_llama(), tiny_tokenizer()
+    replay_set = ReplaySet(tuple(f"r{i}" for i in range(8)), tuple(replay_texts(8)))
+    spec = StoreSpec(max_length=16, batch_size=4)
+    clean = extract_store(model, tok, replay_set, tmp_path / "clean", spec, progress=False)
+
+    def write_array(fp, array, *args, **kwargs):  # tokens.npy: the header goes out, then the disk is full
+        fp.write(b"\x93NUMPY\x01\x00v\x00")
+        raise ENOSPC
+
+    monkeypatch.setattr(np.lib.format, "write_array", write_array)
+    store_dir = tmp_path / "store"
+    with pytest.raises(OSError) as failed:
+        extract_store(model, tok, replay_set, store_dir, spec, progress=False)
+    assert failed.value.errno == errno.ENOSPC
+    assert not (store_dir / "manifest.json").exists() and not (store_dir / "tokens.npy").exists()
+    assert leftovers(store_dir) == []
+    assert json.loads((store_dir / "partial" / "progress.json").read_text())["done"] == [0, 1]
+    with pytest.raises(GeReError, match="no finished activation store.*run `gere extract`"):
+        open_store(store_dir)
+    monkeypatch.undo()
+    # Every batch's states survived: the retry runs no forward pass (stop_after_batches=0 would stop one).
+    again = extract_store(model, tok, replay_set, store_dir, spec, progress=False, stop_after_batches=0)
+    assert again.manifest["files"] == clean.manifest["files"]
+    assert not (store_dir / "partial").exists()
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def _without(tokenizer, *, pad: bool = True, eos: bool = True) -> PreTrainedTokenizerFast:
+    special = {"unk_token": "<unk>"}
+    if pad:
+        special["pad_token"] = "<pad>"
+    if eos:
+        special["eos_token"] = "<eos>"
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, **special)
+
+
+def test_tokenizer_without_pad_pads_with_eos_and_stores_the_same_states(tmp_path):
+    model, tok = tiny_llama(), tiny_tokenizer()
+    no_pad = _without(tok, pad=False)
+    assert no_pad.pad_token is None and no_pad.bos_token is None
+    replay_set = ReplaySet(tuple(f"r{i}" for i in range(6)), tuple(replay_texts(6)))
+    spec = StoreSpec(max_length=16, batch_size=3)
+    with_pad = extract_store(model, tok, replay_set, tmp_path / "a", spec, progress=False)
+    padded_with_eos = extract_store(model, no_pad, replay_set, tmp_path / "b", spec, progress=False)
+    # Padding sits behind the causal mask: the stored states are byte-identical whatever id fills it.
+    assert padded_with_eos.manifest["files"] == with_pad.manifest["files"]
+
+
+def test_tokenizer_without_eos_is_refused_before_extraction(config, tmp_path, capsys):
+    folder = tmp_path / "no-eos"
+    tiny_llama().save_pretrained(folder)
+    _without(tiny_tokenizer(), eos=False).save_pretrained(folder)
+    out = tmp_path / "run"
+    assert cli_run(config, out, "--model", str(folder)) == 2
+    err = capsys.readouterr().err
+    assert "has no eos token" in err and "add_special_tokens({'eos_token'" in err
+    assert not (out / "gere_store").exists()  # refused before the extraction pass, not after it
+
+
+def test_tokenizer_without_pad_or_eos_is_refused_by_extract(tmp_path, capsys):
+    folder = tmp_path / "bare"
+    tiny_llama().save_pretrained(folder)
+    _without(tiny_tokenizer(), pad=False, eos=False).save_pretrained(folder)
+    replay = tmp_path / "replay.jsonl"
+    replay.write_text("".join(json.dumps({"text": t}) + "\n" for t in replay_texts(4)))
+    assert main(["extract", "--model", str(folder), "--replay-source", str(replay), "--store-dir",
+                 str(tmp_path / "s")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "neither a pad token nor an eos token" in err and "add_special_tokens" in err
+
+
+def test_task_with_one_class_is_refused(config, tmp_path, capsys):
+    folder = tmp_path / "one-class"
+    folder.mkdir()
+    rows = [{"input": f"the river {i} is good", "label": "good"} for i in range(6)]
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = {"source": str(folder), "name": "solo", "instruction": "pick one", "labels": ["good", "bad"]}
+    out = tmp_path / "run"
+    assert cli_run(variant(config, tmp_path, tasks=[task]), out) == 2
+    err = capsys.readouterr().err
+    assert "task 'solo'" in err and "only the class ['good']" in err and "label_field" in err
+    assert not (out / "gere_store").exists()
+
+
+def test_replay_longer_than_the_context_is_refused(config, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_run(config, out, "--set", "gere.replay_max_length=1000") == 2
+    err = capsys.readouterr().err
+    assert "replay max length 1000 is longer than the model's context (256 positions)" in err
+    assert "--replay-max-length 256 or less" in err
+    assert not (out / "gere_store").exists()
+    data = yaml.safe_load(config.read_text())
+    assert main(["extract", "--model", data["model"], "--replay-source", data["gere"]["replay_source"],
+                 "--replay-max-length", "1000", "--store-dir", str(tmp_path / "s")]) == 2  # fmt: skip
+    assert "--replay-max-length 256 or less" in capsys.readouterr().err
+
+
+def test_nan_loss_in_a_continual_run_stops_and_keeps_the_previous_stage(config, tmp_path, capsys):
+    # An infinite learning rate for task 2 only: task 2's first update sends the weights to inf, its
+    # second loss is NaN.
+    exploding = variant(config, tmp_path, per_task={"compass": {"learning_rate": float("inf")}})
+    out = tmp_path / "run"
+    assert cli_run(exploding, out) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"the loss became nan at step 2 \(parts: \{'task_ce': nan", err), err
+    assert "Lower the learning rate" in err
+    assert_stage_one_intact(out, config)
+    assert not (out / "checkpoints" / "stage-2").exists()
+    assert leftovers(out) == []
+    # The folder now holds a run: a plain rerun is refused, --resume needs the same config, and
+    # --overwrite starts the fixed config over.
+    assert cli_run(config, out) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run; pass --resume to continue it or --overwrite to replace it" in err
+    assert cli_run(config, out, "--resume") == 2
+    assert "holds a run with a different config; --resume needs the same config" in capsys.readouterr().err
+    assert cli_run(config, out, "--overwrite") == 0
+    assert json.loads((out / "run_state.json").read_text())["stages_done"] == 2
+
+
+@pytest.mark.parametrize("name", ["../evil", "/tmp/gere-evil-absolute", "inner/../../evil"])
+def test_task_name_that_would_write_outside_the_run_is_refused(config, tmp_path, capsys, name):
+    data = yaml.safe_load(config.read_text())
+    tasks = [{**data["tasks"][0], "name": name}]
+    out = tmp_path / "nested" / "run"
+    assert cli_run(variant(config, tmp_path, tasks=tasks), out) == 2
+    err = capsys.readouterr().err
+    assert f"the name {name!r} would write outside" in err and "use a plain name" in err
+    assert not (tmp_path / "nested" / "evil").exists() and not Path("/tmp/gere-evil-absolute").exists()
+    assert not (out / "gere_store").exists()
+
+
+# ------------------------------------------------------------------------------------------ unsafe code
+
+
+def unsafe_calls(source: str) -> list[str]:
+    """Loads that can run code from a file, and remote code allowed by default, found in ``source``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+            if any(
+                n and n.split(".")[0] in ("pickle", "cPickle", "dill", "cloudpickle", "joblib") for n in names
+            ):
+                found.append(f"line {node.lineno}: imports a pickle module")
+            if isinstance(node, ast.ImportFrom) and node.module == "torch" and "load" in names:
+                found.append(f"line {node.lineno}: from torch import load")
+        elif isinstance(node, ast.Call):
+            func = ast.unparse(node.func)
+            keywords = {k.arg: k.value for k in node.keywords}
+            if func == "torch.load":
+                weights_only = keywords.get("weights_only")
+                if not (isinstance(weights_only, ast.Constant) and weights_only.value is True):
+                    found.append(f"line {node.lineno}: torch.load without weights_only=True")
+            if func in ("yaml.load", "yaml.unsafe_load", "yaml.full_load"):
+                found.append(f"line {node.lineno}: {func} (use yaml.safe_load)")
+            for flag in ("trust_remote_code", "allow_pickle"):
+                value = keywords.get(flag)
+                if isinstance(value, ast.Constant) and value.value is True:
+                    found.append(f"line {node.lineno}: {flag}=True")
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            args = node.args.posonlyargs + node.args.args
+            pairs = list(zip(args[len(args) - len(node.args.defaults) :], node.args.defaults))
+            pairs += [(a, d) for a, d in zip(node.args.kwonlyargs, node.args.kw_defaults) if d is not None]
+            for arg, default in pairs:
+                if arg.arg == "trust_remote_code" and not (
+                    isinstance(default, ast.Constant) and default.value is False
+                ):
+                    found.append(
+                        f"line {node.lineno}: {node.name}(trust_remote_code=...) does not default to False"
+                    )
+        elif isinstance(node, ast.AnnAssign) and ast.unparse(node.target) == "trust_remote_code":
+            if node.value is None or "False" not in ast.unparse(node.value):
+                found.append(f"line {node.lineno}: the trust_remote_code field does not default to False")
+    return found
+
+
+def test_the_scan_finds_unsafe_code():
+    bad = (
+        "import pickle\nimport torch\nx = torch.load('f')\ny = torch.load('f', weights_only=False)\n"
+        "def load(spec, trust_remote_code=True): pass\nm = f(trust_remote_code=True)\n"
+        "class C:\n    trust_remote_code: bool = True\n"
+    )
+    assert len(unsafe_calls(bad)) == 6
+    assert unsafe_calls("import torch\nx = torch.load('f', weights_only=True)\n") == []
+
+
+def test_source_never_unpickles_or_trusts_remote_code_by_default():
+    package = Path(gere.__file__).parent
+    sources = sorted(package.rglob("*.py"))
+    assert len(sources) > 15
+    found = {str(p.relative_to(package)): unsafe_calls(p.read_text()) for p in sources}
+    assert {name: lines for name, lines in found.items() if lines} == {}
