@@ -143,3 +143,14 @@ def test_cli_extract(setup, tmp_path, capsys):
     assert main(["extract", "--model", str(other), "--replay-source", str(setup / "replay.jsonl"),
                  "--num-replay-samples", "8", "--replay-max-length", "16", "--store-dir", str(tmp_path / "s")]) == 2  # fmt: skip
     assert "different model" in capsys.readouterr().err
+
+
+def test_cli_disk_full_is_a_clear_error(setup, tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runner, "run_continual", full)
+    assert main(["run", str(setup / "run.yaml"), "--output-dir", str(tmp_path / "x")]) == 2
+    assert "disk is full" in capsys.readouterr().err
