@@ -2,12 +2,13 @@ import json
 
 import pytest
 import torch
-from tiny import replay_texts, tiny_llama, tiny_tokenizer
 from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
 from gere.errors import GeReError
 from gere.gere_config import GeReConfig
 from gere.gere_trainer import GeReTrainer
+
+from tiny import replay_texts, tiny_llama, tiny_tokenizer
 
 peft = pytest.importorskip("peft")
 

@@ -3,7 +3,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny import replay_texts, tiny_llama, tiny_tokenizer
 
 from gere.errors import GeReError
 from gere.losses import coded_margin_loss, threshold_codes
@@ -18,6 +17,8 @@ from gere.store import (
     replay_statistics,
     unpack_codes,
 )
+
+from tiny import replay_texts, tiny_llama, tiny_tokenizer
 
 
 def make_set(n=10, seed=0):

@@ -4,14 +4,23 @@ A model's fingerprint hashes its configuration and a digest of its weights: for 
 shape, dtype, its float64 sum and up to 4,096 evenly strided elements. This reads each weight once (no
 copy to disk) and changes when any tensor is retrained, replaced or reshaped. For a PEFT model the adapter
 weights are left out: the store describes the base model.
+
+Where the weights are sharded across processes the fingerprint must still be the one of the full model,
+so that a store extracted on one process is recognised by a sharded training run: DeepSpeed ZeRO-3
+parameters are gathered one at a time (a collective: every process computes the fingerprint, in the same
+order); FSDP flat parameters, DTensors and meta tensors are refused with a message naming the fix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 
 import torch
+
+from gere.distributed import is_zero3_partitioned, sharded_parameters
+from gere.errors import GeReError
 
 # Config keys that describe how a model was loaded, not what it computes.
 _VOLATILE_CONFIG_KEYS = {
@@ -33,24 +42,57 @@ def _base_model(model):
     return get_base() if callable(get_base) else model
 
 
+def _gathered(tensor, deepspeed):
+    """A context giving the full ``tensor``: ZeRO-3 partitions are gathered for its duration."""
+    if deepspeed is not None and hasattr(tensor, "ds_numel"):
+        return deepspeed.zero.GatheredParameters([tensor], modifier_rank=None)
+    return contextlib.nullcontext()
+
+
 def model_fingerprint(model) -> str:
     base = _base_model(model)
     config = {k: v for k, v in base.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    reason = sharded_parameters(base)
+    deepspeed = None
+    if reason is not None:
+        if not is_zero3_partitioned(base):
+            raise GeReError(
+                f"cannot fingerprint the model for its activation store: {reason}. Build or check the store "
+                "before the model is sharded (GeReTrainer does so before wrapping it), or extract it once "
+                "on one process with `gere extract --store-dir DIR` and train with that store"
+            )
+        try:
+            import deepspeed  # only present when ZeRO-3 made the parameters above
+        except ImportError:
+            raise GeReError(
+                f"{reason}, but deepspeed cannot be imported to gather them; install gere[deepspeed]"
+            ) from None
     with torch.no_grad():
-        for name, tensor in sorted(base.state_dict().items()):
+        # keep_vars keeps the Parameter objects, whose ZeRO-3 attributes detach() would drop.
+        for name, param in sorted(base.state_dict(keep_vars=True).items()):
             if "lora_" in name or "modules_to_save" in name:
                 continue
-            flat = tensor.detach().reshape(-1)
-            h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-            if flat.numel() == 0:
-                continue
-            stride = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
-            sample = flat[::stride][:_SAMPLES_PER_TENSOR].to(torch.float32).cpu().numpy()
-            h.update(sample.tobytes())
-            if flat.is_floating_point():
-                h.update(repr(float(torch.sum(flat, dtype=torch.float64))).encode())
+            with _gathered(param, deepspeed):
+                _hash_tensor(h, name, param.data)
     return h.hexdigest()
+
+
+def _hash_tensor(h, name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_meta:
+        raise GeReError(
+            f"cannot fingerprint the model: {name} is on the meta device (not loaded in this process); "
+            "load the weights on every process, or extract the store on one process with `gere extract`"
+        )
+    flat = tensor.detach().reshape(-1)
+    h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+    if flat.numel() == 0:
+        return
+    stride = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
+    sample = flat[::stride][:_SAMPLES_PER_TENSOR].to(torch.float32).cpu().numpy()
+    h.update(sample.tobytes())
+    if flat.is_floating_point():
+        h.update(repr(float(torch.sum(flat, dtype=torch.float64))).encode())
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -16,6 +16,11 @@ The loss is ``CE + w * (replay regularisers)``, where CE is the task cross-entro
 cross-entropy when the objective has ``ce`` (as the reference does), and w is a number or ``dy``
 (CE / regulariser, detached). Each part is logged separately: ``task_ce``, ``replay_ce``,
 ``replay_margin``, ``replay_kl``, ``replay_l1``, ``replay_l2`` and the weights used.
+
+Several processes (torchrun / accelerate launch): every process takes part in building the activation
+store (`gere.store.extract_store` splits the forward pass), batch interpolation keeps exactly k replay
+samples in every global batch across processes, separate replay batches are disjoint across processes,
+and the logged loss parts are averaged over processes. See docs/distributed.md for DDP, ZeRO and FSDP.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Iterator
 from functools import partial
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from accelerate.utils import DistributedDataParallelKwargs
+from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import seed_worker
 
@@ -43,15 +50,7 @@ from gere.losses import (
 )
 from gere.replay_set import ReplaySet, load_replay_set, tokenize_replay_set
 from gere.sampler import BatchInterpolationSampler
-from gere.store import (
-    ActivationStore,
-    expected_manifest,
-    extract_store,
-    open_store,
-    pad_right,
-    replay_statistics,
-    resolve_layers,
-)
+from gere.store import ActivationStore, extract_store, pad_right, replay_statistics, resolve_layers
 
 LOSS_PARTS = (
     "task_ce",
@@ -98,6 +97,37 @@ class _InterpolatingCollator:
         return batch
 
 
+class _EvenLastBlock(Sampler[int]):
+    """Pads the batch-interpolation stream to a multiple of ``per-device batch x processes``.
+
+    With several processes, accelerate deals the stream's micro-batches out round-robin and, when the
+    epoch's last (partial) global batch does not fill every process, tops it up with samples from the
+    epoch's start, replay samples included. Padding the stream with task samples from the epoch's start
+    instead keeps exactly k replay samples in that last global batch too (the repeated task samples are
+    what a DistributedSampler would repeat). A single process needs no padding.
+    """
+
+    def __init__(self, inner: BatchInterpolationSampler, multiple: int):
+        self.inner, self.multiple = inner, multiple
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return -(-len(self.inner) // self.multiple) * self.multiple
+
+    def __iter__(self) -> Iterator[int]:
+        first_task: list[int] = []
+        count = 0
+        for index in self.inner:
+            if index < self.inner.num_task and len(first_task) < self.multiple:
+                first_task.append(index)
+            count += 1
+            yield index
+        for i in range(len(self) - count):
+            yield first_task[i % len(first_task)]
+
+
 class GeReMixin:
     """The GeRe machinery; mixed into `Trainer` and `Seq2SeqTrainer` below."""
 
@@ -140,6 +170,49 @@ class GeReMixin:
     def gere_store(self) -> ActivationStore | None:
         return self._gere_store
 
+    def _build_accelerator_args(self, **kwargs):
+        args = super()._build_accelerator_args(**kwargs)
+        # With batch interpolation a process runs one forward pass (task or replay rows) or two (both),
+        # depending on its micro-batch. DDP's default broadcast of buffers at every forward is a collective,
+        # so unequal counts would pair mismatched collectives and hang; the buffers of a causal LM (rotary
+        # frequencies) are identical on every process anyway, so GeRe turns the broadcast off.
+        if (
+            self.gere.parts
+            and self.gere.num_interpolate_per_batch
+            and self.args.ddp_broadcast_buffers is None
+        ):
+            for handler in args.get("kwargs_handlers", []):
+                if isinstance(handler, DistributedDataParallelKwargs):
+                    handler.broadcast_buffers = False
+        return args
+
+    def _check_interpolation_across_processes(self) -> None:
+        """Refuse set-ups where batch interpolation's unequal forward counts per process would hang."""
+        if self.args.world_size <= 1:
+            return
+        sharded = None
+        if self.is_fsdp_enabled:
+            sharded = "FSDP"
+        elif (
+            self.is_deepspeed_enabled
+            and getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
+        ):
+            sharded = "DeepSpeed ZeRO-3"
+        if sharded is None and not self.args.ddp_broadcast_buffers:
+            return
+        why = (
+            f"under {sharded} every forward pass"
+            if sharded
+            else "with ddp_broadcast_buffers=True every forward pass"
+        )
+        raise GeReError(
+            f"batch interpolation runs one or two forward passes per process and micro-batch, but {why} is a "
+            "collective that all processes must run equally often. Use a separate replay batch "
+            "(num_interpolate_per_batch=0, replay_batch_size=N)"
+            + ("" if sharded else " or leave ddp_broadcast_buffers unset")
+            + "; see docs/distributed.md"
+        )
+
     def _unwrapped(self, model=None):
         return self.accelerator.unwrap_model(model if model is not None else self.model)
 
@@ -175,7 +248,12 @@ class GeReMixin:
                 )
             with model.disable_adapter():
                 running = replay_statistics(
-                    model, tokenizer, replay_set, spec, progress=self.is_world_process_zero()
+                    model,
+                    tokenizer,
+                    replay_set,
+                    spec,
+                    progress=self.is_world_process_zero(),
+                    device=self.args.device,
                 )
             self._online_stats = {
                 layer: (torch.from_numpy(r.mean).float(), torch.from_numpy(r.std).float())
@@ -185,14 +263,18 @@ class GeReMixin:
         else:
             if self._gere_store is None:
                 store_dir = cfg.store_dir or os.path.join(self.args.output_dir, "gere_store")
-                with self.accelerator.main_process_first():
-                    if self.accelerator.is_main_process:
-                        self._gere_store = extract_store(
-                            model, tokenizer, replay_set, store_dir, spec, regenerate=not cfg.reuse_store
-                        )
-                    else:
-                        expected = expected_manifest(model, tokenizer, replay_set, spec)
-                        self._gere_store = open_store(store_dir, expected=expected)
+                # Every process takes part: the forward pass is split across them (see gere.store). Under
+                # DeepSpeed or FSDP the Trainer has not placed the model yet; device= runs the pass there.
+                self._gere_store = extract_store(
+                    model,
+                    tokenizer,
+                    replay_set,
+                    store_dir,
+                    spec,
+                    regenerate=not cfg.reuse_store,
+                    progress=self.is_world_process_zero(),
+                    device=self.args.device,
+                )
             self._check_store_contents(spec)
             self._replay_tokens = [self._gere_store.tokens(i) for i in range(len(self._gere_store))]
         self._gere_ready = True
@@ -221,6 +303,8 @@ class GeReMixin:
             )
 
     def train(self, *args, **kwargs):
+        if self.gere.parts and self.gere.num_interpolate_per_batch:
+            self._check_interpolation_across_processes()  # before the store is built, not after
         self._gere_prepare()
         self._draw_base = None
         return super().train(*args, **kwargs)
@@ -231,6 +315,7 @@ class GeReMixin:
         k = self.gere.num_interpolate_per_batch
         if not (self.gere.parts and k):
             return super().get_train_dataloader()
+        self._check_interpolation_across_processes()
         self._gere_prepare()
         if self.train_dataset is None:
             raise GeReError("GeReTrainer: training requires a train_dataset")
@@ -249,6 +334,8 @@ class GeReMixin:
             global_batch,
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
         )
+        if self.args.world_size > 1:
+            sampler = _EvenLastBlock(sampler, self._train_batch_size * self.args.world_size)
         loader = DataLoader(
             _InterpolatedDataset(task_dataset, len(self._replay_tokens)),
             batch_size=self._train_batch_size,

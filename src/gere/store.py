@@ -17,12 +17,15 @@ Always present: ``tokens.npy`` (int32, the replay token ids, concatenated), ``of
 Extraction is one batched, no-grad pass (samples sorted by length, right padding) that writes each
 batch's real-token rows into float32 memory maps under ``partial/`` and records finished batches in
 ``partial/progress.json``; an interrupted run resumes at the first unfinished batch. A second, CPU-only
-pass computes the statistics in float64 (Chan merge), the label codes and the final files, each written
-to a temporary name and renamed; the manifest is written last, so a store without one is never trusted.
+pass computes the statistics in float64 (per batch, then a Chan merge in batch order), the label codes and
+the final files, each written to a temporary name and renamed; the manifest is written last, so a store
+without one is never trusted. Under ``torch.distributed`` the forward pass is split across processes and
+the result is byte-identical (see "processes" below and docs/distributed.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -34,8 +37,10 @@ from safetensors.numpy import load_file as load_numpy_file
 from safetensors.numpy import save_file as save_numpy_file
 from tqdm.auto import tqdm
 
-from gere import __version__
+from gere import __version__, distributed
+from gere.distributed import is_zero3_partitioned
 from gere.errors import GeReError
+from gere.faults import maybe_fail
 from gere.fingerprint import model_fingerprint, tokenizer_fingerprint
 from gere.io_utils import atomic_path, atomic_write_json, sha256_file
 from gere.losses import CODE_NEGATIVE, CODE_NEUTRAL, CODE_POSITIVE
@@ -280,6 +285,17 @@ def expected_manifest(model, tokenizer, replay_set: ReplaySet, spec: StoreSpec) 
     }
 
 
+def shared_manifest(model, tokenizer, replay_set: ReplaySet, spec: StoreSpec) -> dict:
+    """`expected_manifest`, the same on every process. Where each process holds the full weights, process
+    0 alone reads them (the others may hold none yet, e.g. FSDP's ``cpu_ram_efficient_loading``); ZeRO-3
+    partitions are gathered by all processes together."""
+    if is_zero3_partitioned(model):
+        return expected_manifest(model, tokenizer, replay_set, spec)
+    return distributed.run_on_main(
+        lambda: expected_manifest(model, tokenizer, replay_set, spec), "fingerprinting the model"
+    )
+
+
 IDENTITY_KEYS = ("model", "tokenizer", "replay_set", "max_length", "k", "layers", "contents", "version")
 _WHAT = {
     "model": "model (config or weights)",
@@ -333,6 +349,62 @@ def _forward_states(model, ids, mask, layers, want_logits: bool):
     return states, (outputs.logits if want_logits else None)
 
 
+# ---------------------------------------------------------------------------------------------- processes
+#
+# With several processes (torchrun / accelerate launch), process r runs the forward pass on the
+# length-sorted batches b with b % processes == r and writes their real-token rows, batch after batch, into
+# its own part: ``partial/hidden.L<layer>.rank<r>.npy`` and ``partial/progress.rank<r>.json`` (a single
+# process's part has no rank suffix). Statistics are reduced per batch, in float64, by the process that
+# owns the batch, then merged in batch order on every process, so they are bit-for-bit the ones of a single
+# process, and so are the label codes derived from them. Process 0 assembles the final files in sample
+# order and writes the manifest last.
+
+
+def _part_name(name: str, rank: int, world: int) -> str:
+    if world == 1:
+        return name
+    stem, _, suffix = name.rpartition(".")
+    return f"{stem}.rank{rank}.{suffix}"
+
+
+def _part_layout(
+    batches: list[list[int]], lengths: list[int], world: int
+) -> list[dict[int, tuple[int, int]]]:
+    """For each process, ``{batch: (first row, end row)}`` of that batch inside the process's part."""
+    spans: list[dict[int, tuple[int, int]]] = [{} for _ in range(world)]
+    filled = [0] * world
+    for batch_no, members in enumerate(batches):
+        owner = batch_no % world
+        n = sum(lengths[i] for i in members)
+        spans[owner][batch_no] = (filled[owner], filled[owner] + n)
+        filled[owner] += n
+    return spans
+
+
+def _batch_stats(rows: np.ndarray, dim: int) -> RunningStats:
+    """float64 (count, mean, M2) of one batch's rows, reduced in fixed chunks (same on any process)."""
+    stats = RunningStats(dim)
+    for start in range(0, len(rows), _ROWS_PER_CHUNK):
+        stats.update(rows[start : start + _ROWS_PER_CHUNK])
+    return stats
+
+
+@contextlib.contextmanager
+def _placed(model, device):
+    """Yield the device to run ``model`` on; a model elsewhere is moved there and back afterwards. A model
+    spread over several devices (``hf_device_map``) stays where it is."""
+    home = model_device(model)
+    target = home if device is None else torch.device(device)
+    if target == home or getattr(model, "hf_device_map", None):
+        yield home
+        return
+    model.to(target)
+    try:
+        yield target
+    finally:
+        model.to(home)
+
+
 def extract_store(
     model,
     tokenizer,
@@ -343,89 +415,118 @@ def extract_store(
     regenerate: bool = False,
     progress: bool = True,
     stop_after_batches: int | None = None,
+    device: torch.device | str | None = None,
 ) -> ActivationStore:
     """Build (or reuse) the store for ``model`` over ``replay_set`` in ``store_dir``.
 
     A finished store with the same identity is reused; one with another identity is refused unless
-    ``regenerate``. ``stop_after_batches`` ends the forward pass early (as an interruption would), for tests.
+    ``regenerate``. ``stop_after_batches`` ends the forward pass early (as an interruption would), for tests;
+    with several processes it counts each process's batches. ``device``: where to run the forward pass
+    (default: where the model is); the model is moved there for the pass only, and only when a store is built.
+
+    Under ``torch.distributed`` every process must call this with the same arguments and a ``store_dir`` on
+    a file system they all share; the forward pass is split across them (see the note above) and the files
+    are byte-identical to a single process's. Started by ``torchrun`` without a process group, one is
+    created (`gere.distributed.init_from_env`).
     """
     spec = spec or StoreSpec()
     store_dir = Path(store_dir)
+    distributed.init_from_env()
+    rank, world = distributed.rank(), distributed.world_size()
     check_context_length(model, spec.max_length)
-    expected = expected_manifest(model, tokenizer, replay_set, spec)
-    if (store_dir / "manifest.json").exists():
+    expected = shared_manifest(model, tokenizer, replay_set, spec)
+    if distributed.broadcast_object((store_dir / "manifest.json").exists()):
         if not regenerate:
             return open_store(store_dir, expected=expected)
-        for child in store_dir.iterdir():
-            if child.is_dir():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
+        distributed.require_full_parameters(model, "re-extracting the activation store")
+        if rank == 0:
+            for child in store_dir.iterdir():
+                if child.is_dir():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        distributed.barrier()
+    distributed.require_full_parameters(model, "extracting the activation store")
 
     token_lists = tokenize_replay_set(replay_set, tokenizer, spec.max_length)
     lengths = [len(t) for t in token_lists]
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    rows = int(offsets[-1])
     layers = tuple(expected["layers"])
     hidden = int(model.config.hidden_size)
     batches = length_sorted_batches(lengths, spec.batch_size)
+    spans = _part_layout(batches, lengths, world)
 
     partial = store_dir / "partial"
-    plan = {**expected, "batches": len(batches), "rows": rows}
+    plan = {**expected, "batches": len(batches), "rows": int(offsets[-1]), "processes": world}
     plan_path = partial / "plan.json"
-    if partial.exists() and (not plan_path.exists() or json.loads(plan_path.read_text()) != plan):
-        shutil.rmtree(partial)  # left by another model or settings: not trusted
-    partial.mkdir(parents=True, exist_ok=True)
-    if not plan_path.exists():
-        atomic_write_json(plan_path, plan)
+    if rank == 0:
+        if partial.exists() and (not plan_path.exists() or json.loads(plan_path.read_text()) != plan):
+            shutil.rmtree(partial)  # left by another model, settings or number of processes: not trusted
+        partial.mkdir(parents=True, exist_ok=True)
+        if not plan_path.exists():
+            atomic_write_json(plan_path, plan)
+    distributed.barrier()
+    if not all(distributed.all_gather_object(plan_path.exists())):
+        raise GeReError(
+            f"{store_dir} is not one folder shared by all {world} processes (process 0 created "
+            f"{plan_path}, others cannot see it); put the store on a shared file system"
+        )
 
-    def open_partial(name: str, dtype, width: int) -> np.ndarray:
-        file = partial / name
+    own = spans[rank]
+    part_rows = sum(stop - start for start, stop in own.values())
+
+    def open_part(name: str, dtype, width: int) -> np.ndarray:
+        file = partial / _part_name(name, rank, world)
         if file.exists():
             return np.load(file, mmap_mode="r+")
-        return np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=(rows, width))
+        return np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=(part_rows, width))
 
-    hidden_maps = {layer: open_partial(f"hidden.L{layer}.npy", np.float32, hidden) for layer in layers}
-    if spec.topk:
-        topk_values = open_partial("topk_values.npy", np.float16, spec.topk)
-        topk_indices = open_partial("topk_indices.npy", np.int32, spec.topk)
-    progress_path = partial / "progress.json"
+    maps: dict[str, np.ndarray] = {}
+    if own:  # a process without batches (more processes than batches) writes no part
+        for layer in layers:
+            maps[f"hidden.L{layer}.npy"] = open_part(f"hidden.L{layer}.npy", np.float32, hidden)
+        if spec.topk:
+            maps["topk_values.npy"] = open_part("topk_values.npy", np.float16, spec.topk)
+            maps["topk_indices.npy"] = open_part("topk_indices.npy", np.int32, spec.topk)
+    progress_path = partial / _part_name("progress.json", rank, world)
     done = set(json.loads(progress_path.read_text())["done"]) if progress_path.exists() else set()
 
-    device = model_device(model)
     pad_id = pad_token_id(tokenizer)
     was_training = model.training
     model.eval()
-    todo = [b for b in range(len(batches)) if b not in done]
-    ran = 0
+    todo = [b for b in own if b not in done]
+    ran, error = 0, None
     try:
-        with torch.no_grad():
-            for batch_no in tqdm(todo, desc="extract", disable=not progress, unit="batch"):
+        with torch.no_grad(), _placed(model, device) as run_device:
+            for batch_no in tqdm(todo, desc="extract", disable=not progress or rank != 0, unit="batch"):
                 if stop_after_batches is not None and ran >= stop_after_batches:
                     raise ExtractionStopped(f"stopped after {ran} batch(es) as asked")
-                members = batches[batch_no]
-                ids, mask = pad_right([token_lists[i] for i in members], pad_id, device)
+                ids, mask = pad_right([token_lists[i] for i in batches[batch_no]], pad_id, run_device)
                 states, logits = _forward_states(model, ids, mask, layers, want_logits=spec.topk > 0)
-                for row, sample in enumerate(members):
-                    lo, hi, n = offsets[sample], offsets[sample + 1], lengths[sample]
-                    for layer in layers:
-                        hidden_maps[layer][lo:hi] = states[layer][row, :n].float().cpu().numpy()
-                    if spec.topk:
-                        values, indices = logits[row, :n].float().topk(spec.topk, dim=-1)
-                        topk_values[lo:hi] = values.cpu().numpy().astype(np.float16)
-                        topk_indices[lo:hi] = indices.cpu().numpy().astype(np.int32)
-                for array in (*hidden_maps.values(), *((topk_values, topk_indices) if spec.topk else ())):
+                # Right padding: the real tokens of a row come first, so the masked rows are the batch's
+                # samples' tokens, one sample after another.
+                real = mask.bool()
+                start, stop = own[batch_no]
+                for layer in layers:
+                    maps[f"hidden.L{layer}.npy"][start:stop] = states[layer][real].float().cpu().numpy()
+                if spec.topk:
+                    values, indices = logits[real].float().topk(spec.topk, dim=-1)
+                    maps["topk_values.npy"][start:stop] = values.cpu().numpy().astype(np.float16)
+                    maps["topk_indices.npy"][start:stop] = indices.cpu().numpy().astype(np.int32)
+                for array in maps.values():
                     array.flush()
                 done.add(batch_no)
                 atomic_write_json(progress_path, {"done": sorted(done)})
+                maybe_fail("extract_batch")  # crash tests (gere.faults); a no-op unless GERE_FAULT is set
                 ran += 1
+    except Exception as err:  # reported to the other processes below, then raised
+        error = err
     finally:
         model.train(was_training)
-    del hidden_maps
-    if spec.topk:
-        del topk_values, topk_indices
-    return _finish_store(store_dir, partial, expected, spec, token_lists, offsets, hidden)
+    maps.clear()
+    distributed.raise_if_any_failed(error, "extraction", passthrough=(ExtractionStopped,))
+    return _finish_store(store_dir, partial, expected, spec, token_lists, offsets, hidden, batches, spans)
 
 
 def _write_npy(path: Path, array: np.ndarray) -> None:
@@ -434,16 +535,70 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
             np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
 
 
-def _finish_store(store_dir, partial, expected, spec, token_lists, offsets, hidden) -> ActivationStore:
-    """CPU pass over the partial float32 states: statistics, codes, final files, manifest last."""
+def _assemble(target, partial, name, batches, spans, offsets, dtype, width, convert) -> None:
+    """Write ``target`` ``[tokens, width]`` in sample order from every process's part of ``name``."""
+    world = len(spans)
+    with atomic_path(target) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(int(offsets[-1]), width))
+        for owner, owned in enumerate(spans):
+            if not owned:
+                continue
+            part = np.load(partial / _part_name(name, owner, world), mmap_mode="r")
+            for batch_no, (start, stop) in owned.items():
+                block = convert(part[start:stop])
+                row = 0
+                for sample in batches[batch_no]:
+                    lo, hi = offsets[sample], offsets[sample + 1]
+                    out[lo:hi] = block[row : row + hi - lo]
+                    row += hi - lo
+            del part
+        out.flush()
+        del out
+
+
+def _finish_store(
+    store_dir, partial, expected, spec, token_lists, offsets, hidden, batches, spans
+) -> ActivationStore:
+    """CPU pass over the partial float32 states: statistics, codes, final files, manifest last.
+
+    Every process reduces the batches it extracted; the statistics are merged in batch order on all of
+    them. Process 0 then writes the files while the others wait for it.
+    """
+    rank, world = distributed.rank(), distributed.world_size()
     layers = tuple(expected["layers"])
-    rows = int(offsets[-1])
+    stats: dict[int, RunningStats] = {}
+    for layer in layers:
+        own = spans[rank]
+        part = None
+        if own:
+            part = np.load(partial / _part_name(f"hidden.L{layer}.npy", rank, world), mmap_mode="r")
+
+        def local(batch_no: int, part=part, own=own) -> RunningStats | None:
+            if batch_no not in own:
+                return None
+            start, stop = own[batch_no]
+            return _batch_stats(part[start:stop], hidden)
+
+        stats[layer] = distributed.fold_stats_in_key_order(range(len(batches)), local, hidden)
+        del part
+
+    distributed.run_on_main(
+        lambda: _write_final_files(
+            store_dir, partial, expected, spec, token_lists, offsets, hidden, batches, spans, stats
+        ),
+        f"writing the activation store {store_dir}",
+    )
+    return open_store(store_dir, verify=False)
+
+
+def _write_final_files(
+    store_dir, partial, expected, spec, token_lists, offsets, hidden, batches, spans, stats
+) -> None:
+    layers = tuple(expected["layers"])
+    width = -(-hidden // 4)
     stats_arrays: dict[str, np.ndarray] = {}
     for layer in layers:
-        states = np.load(partial / f"hidden.L{layer}.npy", mmap_mode="r")
-        running = RunningStats(hidden)
-        for start in range(0, rows, _ROWS_PER_CHUNK):
-            running.update(states[start : start + _ROWS_PER_CHUNK])
+        running = stats[layer]
         std = running.std
         stats_arrays.update(
             {
@@ -454,38 +609,33 @@ def _finish_store(store_dir, partial, expected, spec, token_lists, offsets, hidd
             }
         )
         low, high = running.mean - spec.k * std, running.mean + spec.k * std
+        source = f"hidden.L{layer}.npy"
         if spec.tm:
-            target = store_dir / f"tm_codes.L{layer}.npy"
-            with atomic_path(target) as tmp:
-                packed = np.lib.format.open_memmap(
-                    tmp, mode="w+", dtype=np.uint8, shape=(rows, -(-hidden // 4))
-                )
-                for start in range(0, rows, _ROWS_PER_CHUNK):
-                    block = np.asarray(states[start : start + _ROWS_PER_CHUNK], dtype=np.float64)
-                    packed[start : start + len(block)] = pack_codes(label_codes(block, low, high))
-                packed.flush()
-                del packed
+
+            def to_codes(block, low=low, high=high):
+                return pack_codes(label_codes(np.asarray(block, dtype=np.float64), low, high))
+
+            _assemble(
+                store_dir / f"tm_codes.L{layer}.npy", partial, source, batches, spans, offsets, np.uint8, width,
+                to_codes,
+            )  # fmt: skip
         if spec.features:
-            target = store_dir / f"features.L{layer}.npy"
-            with atomic_path(target) as tmp:
-                dtype = np.float16 if spec.feature_dtype == "float16" else np.int16
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, hidden))
-                for start in range(0, rows, _ROWS_PER_CHUNK):
-                    block = torch.from_numpy(np.array(states[start : start + _ROWS_PER_CHUNK]))
-                    if spec.feature_dtype == "float16":
-                        out[start : start + len(block)] = block.half().numpy()
-                    else:
-                        out[start : start + len(block)] = block.bfloat16().view(torch.int16).numpy()
-                out.flush()
-                del out
-        del states
+            if spec.feature_dtype == "float16":
+                dtype, convert = np.float16, lambda block: np.asarray(block).astype(np.float16)
+            else:
+                dtype = np.int16
+                convert = lambda block: torch.from_numpy(np.array(block)).bfloat16().view(torch.int16).numpy()  # noqa: E731
+            _assemble(
+                store_dir / f"features.L{layer}.npy", partial, source, batches, spans, offsets, dtype, hidden,
+                convert,
+            )  # fmt: skip
     with atomic_path(store_dir / "stats.safetensors") as tmp:
         save_numpy_file(stats_arrays, str(tmp))
     _write_npy(store_dir / "tokens.npy", np.concatenate([np.asarray(t, dtype=np.int32) for t in token_lists]))
     _write_npy(store_dir / "offsets.npy", offsets)
     if spec.topk:
-        for name in ("topk_values.npy", "topk_indices.npy"):
-            (partial / name).replace(store_dir / name)
+        for name, dtype in (("topk_values.npy", np.float16), ("topk_indices.npy", np.int32)):
+            _assemble(store_dir / name, partial, name, batches, spans, offsets, dtype, spec.topk, np.asarray)
 
     names = ["tokens.npy", "offsets.npy", "stats.safetensors"]
     names += [f"tm_codes.L{layer}.npy" for layer in layers if spec.tm]
@@ -497,40 +647,52 @@ def _finish_store(store_dir, partial, expected, spec, token_lists, offsets, hidd
     manifest = {
         **expected,
         "samples": len(token_lists),
-        "tokens": rows,
+        "tokens": int(offsets[-1]),
         "hidden_size": hidden,
         "spec": asdict(spec),
         "files": files,
     }
     atomic_write_json(store_dir / "manifest.json", manifest)
     shutil.rmtree(partial, ignore_errors=True)
-    return open_store(store_dir, verify=False)
 
 
-def replay_statistics(model, tokenizer, replay_set: ReplaySet, spec: StoreSpec, *, progress: bool = True):
+def replay_statistics(
+    model, tokenizer, replay_set: ReplaySet, spec: StoreSpec, *, progress: bool = True, device=None
+):
     """Statistics only, in memory (the online reference mode needs no store): ``{layer: RunningStats}``.
 
-    The base model's states on each batch are merged in the same float64 Chan update as extraction uses.
+    Reduced per length-sorted batch and merged in batch order exactly as extraction does, so they equal the
+    store's statistics bit for bit. Under ``torch.distributed`` each process runs its share of the batches
+    (as in `extract_store`) and every process returns the same merged statistics. ``device`` as there.
     """
     check_context_length(model, spec.max_length)
+    distributed.require_full_parameters(model, "the replay statistics")
+    rank, world = distributed.rank(), distributed.world_size()
     token_lists = tokenize_replay_set(replay_set, tokenizer, spec.max_length)
     layers = resolve_layers(model, spec.layers)
-    running = {layer: RunningStats(int(model.config.hidden_size)) for layer in layers}
-    device, pad_id = model_device(model), pad_token_id(tokenizer)
+    hidden = int(model.config.hidden_size)
+    batches = length_sorted_batches([len(t) for t in token_lists], spec.batch_size)
+    per_batch: dict[int, dict[int, RunningStats]] = {layer: {} for layer in layers}
+    pad_id = pad_token_id(tokenizer)
     was_training = model.training
     model.eval()
+    error = None
     try:
-        with torch.no_grad():
-            for members in tqdm(
-                length_sorted_batches([len(t) for t in token_lists], spec.batch_size),
-                desc="replay statistics",
-                disable=not progress,
-            ):
-                ids, mask = pad_right([token_lists[i] for i in members], pad_id, device)
+        with torch.no_grad(), _placed(model, device) as run_device:
+            own = range(rank, len(batches), world)
+            for batch_no in tqdm(own, desc="replay statistics", disable=not progress or rank != 0):
+                ids, mask = pad_right([token_lists[i] for i in batches[batch_no]], pad_id, run_device)
                 states, _ = _forward_states(model, ids, mask, layers, want_logits=False)
                 real = mask.bool()
                 for layer in layers:
-                    running[layer].update(states[layer][real].float().cpu().numpy())
+                    rows = states[layer][real].float().cpu().numpy()
+                    per_batch[layer][batch_no] = _batch_stats(rows, hidden)
+    except Exception as err:  # reported to the other processes, then raised
+        error = err
     finally:
         model.train(was_training)
-    return running
+    distributed.raise_if_any_failed(error, "replay statistics")
+    return {
+        layer: distributed.fold_stats_in_key_order(range(len(batches)), per_batch[layer].get, hidden)
+        for layer in layers
+    }
