@@ -118,6 +118,10 @@ def cmd_extract(args) -> int:
         text_field=gere.replay_text_field, split=gere.replay_split,
     )  # fmt: skip
     store = extract_store(model, tokenizer, replay_set, args.store_dir, gere.store_spec(), regenerate=args.regenerate_store)
+    from gere.distributed import is_main
+
+    if not is_main():
+        return 0  # under torchrun every process extracts its share; one summary is enough
     m = store.manifest
     print(f"activation store {store.path}: {m['samples']} samples, {m['tokens']} tokens, layers {m['layers']}")
     for name, info in sorted(m["files"].items()):

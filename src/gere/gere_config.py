@@ -118,6 +118,11 @@ class GeReConfig:
                 raise GeReError(f"{name} = {getattr(self, name)!r} is not valid: it must be {need}")
 
     @property
+    def needs_reference(self) -> bool:
+        """Whether the objective compares with the base model (anything but plain CE replay)."""
+        return bool(set(self.parts) - {"ce"})
+
+    @property
     def weight(self) -> float | str:
         return parse_margin_weight(self.margin_weight)
 

@@ -240,7 +240,10 @@ class GeReMixin:
                 split=cfg.replay_split,
             )
         spec = cfg.store_spec()
-        if cfg.reference == "online":
+        if not cfg.needs_reference and self._gere_store is None:
+            # CE replay (BaselineR) needs only the replay tokens: no store, no statistics.
+            self._replay_tokens = tokenize_replay_set(replay_set, tokenizer, cfg.replay_max_length)
+        elif cfg.reference == "online":
             if not hasattr(model, "disable_adapter"):
                 raise GeReError(
                     "reference='online' takes the reference states from the model with its adapter disabled, "
@@ -397,10 +400,10 @@ class GeReMixin:
             raise GeReError("empty batch: neither task nor replay samples")
         loss = self._combine(parts)
         if not torch.isfinite(loss):
-            shown = {k: round(float(v), 6) for k, v in parts.items()}
+            shown = {k: round(float(v.detach()), 6) for k, v in parts.items()}
             raise GeReError(
-                f"the loss became {float(loss)} at step {self.state.global_step + 1} (parts: {shown}); training "
-                f"stopped before the update, checkpoints already in {self.args.output_dir} are intact. Lower "
+                f"the loss became {float(loss.detach())} at step {self.state.global_step + 1} (parts: {shown}); "
+                "training stopped before this update, so checkpoints saved earlier are intact. Lower "
                 "the learning rate or the margin weight, or check the inputs for NaN/Inf"
             )
         if model.training:

@@ -269,7 +269,7 @@ def run_continual(
             text_field=gere.replay_text_field,
             split=gere.replay_split,
         )
-        if gere.reference == "store":
+        if gere.reference == "store" and gere.needs_reference:
             store_dir = Path(gere.store_dir) if gere.store_dir else out / "gere_store"
             if state is None:
                 # From the base model, once, before any training.
