@@ -82,7 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_extract(args) -> int:
     from gere.modeling import load_model_and_tokenizer
-    from gere.replay_set import load_replay_set
     from gere.run_config import load_run_config
     from gere.store import extract_store
 
@@ -108,15 +107,10 @@ def cmd_extract(args) -> int:
     model_spec = args.model or (cfg.model if cfg else None)
     if not model_spec:
         raise GeReError("no model: pass --model (a hub id, local folder or .gguf file) or --config")
-    if not gere.replay_source:
-        raise GeReError("no replay texts: pass --replay-source")
+    replay_set = gere.load_replay_set()
     model, tokenizer = load_model_and_tokenizer(
         model_spec, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code
     )
-    replay_set = load_replay_set(
-        gere.replay_source, gere.num_replay_samples, selection=gere.replay_selection, seed=gere.replay_seed,
-        text_field=gere.replay_text_field, split=gere.replay_split,
-    )  # fmt: skip
     store = extract_store(model, tokenizer, replay_set, args.store_dir, gere.store_spec(), regenerate=args.regenerate_store)
     from gere.distributed import is_main
 

@@ -126,6 +126,24 @@ class GeReConfig:
     def weight(self) -> float | str:
         return parse_margin_weight(self.margin_weight)
 
+    def load_replay_set(self):
+        """The replay set these settings select (`gere.replay_set.load_replay_set`)."""
+        from gere.replay_set import load_replay_set
+
+        if not self.replay_source:
+            raise GeReError(
+                "no replay texts: set replay_source (--replay-source, gere_data_file=) to general text, "
+                "or pass an activation store"
+            )
+        return load_replay_set(
+            self.replay_source,
+            self.num_replay_samples,
+            selection=self.replay_selection,
+            seed=self.replay_seed,
+            text_field=self.replay_text_field,
+            split=self.replay_split,
+        )
+
     def store_spec(self) -> StoreSpec:
         """What the activation store must hold for this objective."""
         return StoreSpec(

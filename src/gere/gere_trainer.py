@@ -48,7 +48,7 @@ from gere.losses import (
     threshold_codes,
     topk_kl_loss,
 )
-from gere.replay_set import ReplaySet, load_replay_set, tokenize_replay_set
+from gere.replay_set import ReplaySet, tokenize_replay_set
 from gere.sampler import BatchInterpolationSampler
 from gere.store import ActivationStore, extract_store, pad_right, replay_statistics, resolve_layers
 
@@ -226,19 +226,7 @@ class GeReMixin:
             raise GeReError("GeReTrainer needs the tokenizer: pass processing_class=tokenizer")
         replay_set = self._gere_replay_set
         if replay_set is None and (self._gere_store is None or cfg.reference == "online"):
-            if not cfg.replay_source:
-                raise GeReError(
-                    "no replay texts: pass gere_data_file= / GeReConfig(replay_source=...) (--replay-source), "
-                    "or an activation_store"
-                )
-            replay_set = load_replay_set(
-                cfg.replay_source,
-                cfg.num_replay_samples,
-                selection=cfg.replay_selection,
-                seed=cfg.replay_seed,
-                text_field=cfg.replay_text_field,
-                split=cfg.replay_split,
-            )
+            replay_set = cfg.load_replay_set()
         spec = cfg.store_spec()
         if not cfg.needs_reference and self._gere_store is None:
             # CE replay (BaselineR) needs only the replay tokens: no store, no statistics.

@@ -40,7 +40,7 @@ from gere.faults import maybe_fail, train_step_callback
 from gere.gere_trainer import GeReTrainer
 from gere.io_utils import atomic_write_json, atomic_write_text, safe_join
 from gere.modeling import load_model_and_tokenizer
-from gere.replay_set import load_replay_records, load_replay_set
+from gere.replay_set import load_replay_records
 from gere.report import build_results, write_report
 from gere.run_config import RunConfig
 from gere.store import extract_store, open_store
@@ -259,16 +259,7 @@ def run_continual(
     gere = cfg.gere
     store = replay_set = None
     if gere.parts:
-        if not gere.replay_source:
-            raise GeReError("the objective replays general texts but gere.replay_source is not set")
-        replay_set = load_replay_set(
-            gere.replay_source,
-            gere.num_replay_samples,
-            selection=gere.replay_selection,
-            seed=gere.replay_seed,
-            text_field=gere.replay_text_field,
-            split=gere.replay_split,
-        )
+        replay_set = gere.load_replay_set()
         if gere.reference == "store" and gere.needs_reference:
             store_dir = Path(gere.store_dir) if gere.store_dir else out / "gere_store"
             if state is None:
