@@ -185,3 +185,12 @@ def test_parsers_reject_bad_values():
     assert parse_margin_weight("dy") == "dy"
     with pytest.raises(GeReError, match="margin weight"):
         parse_margin_weight("lots")
+
+
+def test_dynamic_weight():
+    from gere.losses import resolve_margin_weight
+
+    ce, margin = torch.tensor(2.0), torch.tensor(0.5)
+    assert resolve_margin_weight("dy", ce, margin) == pytest.approx(4.0)
+    assert resolve_margin_weight(100.0, ce, margin) == 100.0
+    assert resolve_margin_weight("dy", ce, torch.tensor(0.0)) == 0.0  # nothing to weigh

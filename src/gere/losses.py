@@ -251,6 +251,9 @@ def resolve_margin_weight(weight: float | str, ce: torch.Tensor | None, regulari
     """The weight applied to a regulariser: the fixed number, or for ``dy`` CE / regulariser (detached)."""
     if weight != "dy":
         return float(weight)
-    if ce is None:
-        return 1.0
-    return float(ce.detach()) / (float(regulariser.detach()) + 1e-8)
+    value = float(regulariser.detach())
+    if ce is None or value <= 0.0:
+        # A zero regulariser adds nothing whatever its weight (the reference's CE / (0 + 1e-8) would log
+        # a weight of ~1e8 on the first step, when the model still equals the base model).
+        return 1.0 if ce is None else 0.0
+    return float(ce.detach()) / (value + 1e-8)

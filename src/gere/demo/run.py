@@ -37,9 +37,9 @@ SIZES: dict[str, dict[str, Any]] = {
     "default": {
         "assets": {"replay": 128, "heldout_wiki": 32, "heldout_news": 32, "probe": 150, "task_train": 200,
                    "task_test": 100},
-        "task_train": 128, "task_test": 30,
-        "training": {"max_steps": 16, "per_device_train_batch_size": 8, "learning_rate": 3e-4, "max_length": 96},
-        "evaluation": {"mc_limit": 48, "perplexity_limit": 12, "perplexity_max_length": 96, "batch_size": 16},
+        "task_train": 96, "task_test": 24,
+        "training": {"max_steps": 12, "per_device_train_batch_size": 8, "learning_rate": 3e-4, "max_length": 96},
+        "evaluation": {"mc_limit": 40, "perplexity_limit": 8, "perplexity_max_length": 96, "batch_size": 16},
         "gere": {"num_replay_samples": 64, "replay_max_length": 64, "replay_batch_size": 4},
     },
     "smallest": {
