@@ -38,9 +38,10 @@ CODE_POSITIVE = 2
 REPLAY_PARTS = ("ce", "kl", "l1", "l2", "tm")
 REDUCTIONS = ("nonzero", "mean", "sum")
 
-# Rows of [*, hidden] processed at a time by the margin loss: bounds its float temporaries to
-# CHUNK_ROWS x hidden instead of batch x length x hidden.
-CHUNK_ROWS = 1024
+# Elements processed at a time by the margin loss (rows = CHUNK_ELEMENTS // hidden): bounds its float
+# temporaries to a few MiB instead of batch x length x hidden. CHUNK_ROWS, when set, fixes the rows instead.
+CHUNK_ELEMENTS = 1 << 20
+CHUNK_ROWS: int | None = None
 
 
 def parse_objective(objective: str) -> tuple[str, ...]:
@@ -89,8 +90,9 @@ class _CodedMarginLoss(torch.autograd.Function):
         sign = torch.zeros(flat.shape, dtype=torch.int8, device=flat.device)
         total = torch.zeros((), dtype=torch.float64, device=flat.device)
         nonzero = 0
-        for start in range(0, rows, CHUNK_ROWS):
-            stop = min(start + CHUNK_ROWS, rows)
+        chunk = CHUNK_ROWS or max(1, CHUNK_ELEMENTS // hidden_size)
+        for start in range(0, rows, chunk):
+            stop = min(start + chunk, rows)
             h = flat[start:stop].float()
             c = flat_codes[start:stop]
             real = rows_real[start:stop].unsqueeze(-1)

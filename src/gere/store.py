@@ -26,6 +26,7 @@ the result is byte-identical (see "processes" below and docs/distributed.md).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -344,9 +345,21 @@ def open_store(path: str | Path, *, expected: dict | None = None, verify: bool =
 
 
 def _forward_states(model, ids, mask, layers, want_logits: bool):
-    outputs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    extra = {}
+    if not want_logits and _accepts(model, "logits_to_keep"):
+        # The hidden states are all we need: skip the vocabulary projection at every position but one.
+        extra["logits_to_keep"] = 1
+    outputs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False, **extra)
     states = {layer: outputs.hidden_states[layer] for layer in layers}
     return states, (outputs.logits if want_logits else None)
+
+
+def _accepts(model, name: str) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return name in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------- processes
