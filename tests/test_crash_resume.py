@@ -17,31 +17,15 @@ import yaml
 
 from gere.cli import main
 
-from tiny import replay_texts, tiny_llama, tiny_tokenizer
+from tiny import tiny_tokenizer, write_tiny_run_files
 
 GERE = str(Path(sys.executable).with_name("gere"))
 
 
 def build_run_folder(root: Path) -> Path:
     """A tiny model, two tiny tasks, replay and held-out texts, and ``run.yaml`` (2 steps per task)."""
-    model_dir = root / "model"
-    tokenizer = tiny_tokenizer()
-    assert tokenizer.bos_token is None  # every run here also shows that no bos token is needed
-    tiny_llama().save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    for name, labels in (("mood", ["good", "bad"]), ("compass", ["north", "south"])):
-        folder = root / name
-        folder.mkdir()
-        for split, n in (("train", 16), ("test", 8)):
-            rows = [{"input": f"the river {i} is {labels[i % 2]}", "label": labels[i % 2]} for i in range(n)]
-            (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (folder / "task.json").write_text(
-            json.dumps({"name": name, "instruction": "pick one", "labels": labels})
-        )
-    (root / "replay.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in replay_texts(8)))
-    (root / "heldout.jsonl").write_text(
-        "".join(json.dumps({"text": t}) + "\n" for t in replay_texts(4, seed=9))
-    )
+    assert tiny_tokenizer().bos_token is None  # every run here also shows that no bos token is needed
+    model_dir = write_tiny_run_files(root)
     config = {
         "name": "tiny",
         "model": str(model_dir),

@@ -9,24 +9,13 @@ from gere.errors import GeReError
 from gere.run_config import load_run_config
 from gere.runner import run_continual
 
-from tiny import replay_texts, tiny_llama, tiny_tokenizer
+from tiny import tiny_llama, tiny_tokenizer, write_tiny_run_files
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cl")
-    model_dir = root / "model"
-    tiny_llama().save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    for name, labels in (("mood", ["good", "bad"]), ("compass", ["north", "south"])):
-        folder = root / name
-        folder.mkdir()
-        for split, n in (("train", 16), ("test", 8)):
-            rows = [{"input": f"the river {i} is {labels[i % 2]}", "label": labels[i % 2]} for i in range(n)]
-            (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (folder / "task.json").write_text(json.dumps({"name": name, "instruction": "pick one", "labels": labels}))
-    (root / "replay.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in replay_texts(8)))
-    (root / "heldout.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in replay_texts(4, seed=9)))
+    model_dir = write_tiny_run_files(root)
     mc = [{"question": "the river is", "choices": ["north", "south", "good", "bad"], "answer": 1, "subject": "geo"}]
     (root / "mc.jsonl").write_text("".join(json.dumps(q) + "\n" for q in mc * 3))
     config = {

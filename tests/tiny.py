@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -55,3 +58,24 @@ def replay_texts(n: int = 12, seed: int = 0) -> list[str]:
         picks = torch.randint(0, len(WORDS), (length,), generator=g).tolist()
         texts.append(" ".join(WORDS[i] for i in picks) + " .")
     return texts
+
+
+def write_tiny_run_files(root: Path) -> Path:
+    """A tiny model folder, two tiny tasks (mood, compass), replay and held-out texts under ``root``.
+
+    Returns the model folder; tasks are ``root/mood`` and ``root/compass``, texts ``root/replay.jsonl`` and
+    ``root/heldout.jsonl``.
+    """
+    model_dir = root / "model"
+    tiny_llama().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    for name, labels in (("mood", ["good", "bad"]), ("compass", ["north", "south"])):
+        folder = root / name
+        folder.mkdir()
+        for split, n in (("train", 16), ("test", 8)):
+            rows = [{"input": f"the river {i} is {labels[i % 2]}", "label": labels[i % 2]} for i in range(n)]
+            (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "task.json").write_text(json.dumps({"name": name, "instruction": "pick one", "labels": labels}))
+    (root / "replay.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in replay_texts(8)))
+    (root / "heldout.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in replay_texts(4, seed=9)))
+    return model_dir
