@@ -25,7 +25,7 @@ from gere.replay_set import ReplaySet
 from gere.stats import RunningStats
 from gere.store import ExtractionStopped, StoreSpec, extract_store
 
-from tiny import replay_texts, tiny_llama, tiny_tokenizer
+from tiny import replay_texts, sft_rows, tiny_llama, tiny_tokenizer
 
 # 13 replay samples in extraction batches of 3: 5 batches, so the two processes get 3 and 2 of them.
 EXTRACT_SPEC = dict(max_length=16, batch_size=3, features=True, topk=4)
@@ -39,18 +39,8 @@ def replay_set(n: int = 13) -> ReplaySet:
 
 def task_dataset(tok, n: int = NUM_TASK) -> list[dict]:
     """Every sample has 2 label tokens, so a mean over micro-batch means equals the token mean."""
-    rows = []
-    for i in range(n):
-        prompt = tok(f"review the {WORDS_FOR_TASK[i % len(WORDS_FOR_TASK)]} was good answer :")["input_ids"]
-        target = tok(" good" if i % 2 else " bad")["input_ids"] + [tok.eos_token_id]
-        rows.append(
-            {
-                "input_ids": prompt + target,
-                "attention_mask": [1] * (len(prompt) + len(target)),
-                "labels": [-100] * len(prompt) + target,
-            }
-        )
-    return rows
+    prompts = [f"review the {WORDS_FOR_TASK[i % len(WORDS_FOR_TASK)]} was good answer :" for i in range(n)]
+    return sft_rows(tok, prompts, [" good" if i % 2 else " bad" for i in range(n)])
 
 
 WORDS_FOR_TASK = ("movie", "film", "book", "song", "game")

@@ -8,24 +8,14 @@ from gere.errors import GeReError
 from gere.gere_config import GeReConfig
 from gere.gere_trainer import GeReTrainer
 
-from tiny import replay_texts, tiny_llama, tiny_tokenizer
+from tiny import replay_texts, sft_rows, tiny_llama, tiny_tokenizer
 
 peft = pytest.importorskip("peft")
 
 
 def task_dataset(tok, n=12):
-    rows = []
-    for i in range(n):
-        prompt = tok(f"review the movie was {'good' if i % 2 else 'bad'} answer :")["input_ids"]
-        target = tok(" good" if i % 2 else " bad")["input_ids"] + [tok.eos_token_id]
-        rows.append(
-            {
-                "input_ids": prompt + target,
-                "attention_mask": [1] * (len(prompt) + len(target)),
-                "labels": [-100] * len(prompt) + target,
-            }
-        )
-    return rows
+    prompts = [f"review the movie was {'good' if i % 2 else 'bad'} answer :" for i in range(n)]
+    return sft_rows(tok, prompts, [" good" if i % 2 else " bad" for i in range(n)])
 
 
 def replay_file(tmp_path, n=10):

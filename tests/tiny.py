@@ -79,3 +79,19 @@ def write_tiny_run_files(root: Path) -> Path:
     (root / "replay.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in replay_texts(8)))
     (root / "heldout.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in replay_texts(4, seed=9)))
     return model_dir
+
+
+def sft_rows(tok, prompts: list[str], answers: list[str]) -> list[dict]:
+    """Causal-LM training rows: prompt + answer + eos, with the loss only on the answer tokens."""
+    rows = []
+    for prompt_text, answer in zip(prompts, answers, strict=True):
+        prompt = tok(prompt_text)["input_ids"]
+        target = tok(answer)["input_ids"] + [tok.eos_token_id]
+        rows.append(
+            {
+                "input_ids": prompt + target,
+                "attention_mask": [1] * (len(prompt) + len(target)),
+                "labels": [-100] * len(prompt) + target,
+            }
+        )
+    return rows
