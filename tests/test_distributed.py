@@ -19,11 +19,12 @@ from dist_worker import NUM_TASK, local_rows, replay_set, run_extraction, run_tr
 
 from gere import distributed
 from gere.errors import GeReError
-from gere.fingerprint import model_fingerprint
-from gere.gere_trainer import GeReTrainer, _EvenLastBlock
-from gere.sampler import BatchInterpolationSampler
+from gere.replay.batches import EvenLastBlock
+from gere.replay.sampler import BatchInterpolationSampler
 from gere.stats import RunningStats
 from gere.store import StoreSpec, extract_store, open_store
+from gere.store.fingerprint import model_fingerprint
+from gere.trainer import GeReTrainer
 
 from tiny import tiny_llama, tiny_tokenizer
 
@@ -168,8 +169,8 @@ def test_helpers_without_a_process_group():
 def test_even_last_block_keeps_k_replay_per_global_batch(num_task, k, per_device, world):
     global_batch = per_device * world
     inner = BatchInterpolationSampler(num_task, 5, k, global_batch, seed=1)
-    order = list(_EvenLastBlock(inner, per_device * world))
-    assert len(order) % (per_device * world) == 0 and len(order) == len(_EvenLastBlock(inner, global_batch))
+    order = list(EvenLastBlock(inner, per_device * world))
+    assert len(order) % (per_device * world) == 0 and len(order) == len(EvenLastBlock(inner, global_batch))
     for start in range(0, len(order), global_batch):
         assert sum(i >= num_task for i in order[start : start + global_batch]) == k
     assert set(i for i in order if i < num_task) == set(range(num_task))

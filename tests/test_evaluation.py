@@ -8,19 +8,22 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from gere.errors import GeReError
-from gere.evaluation import (
-    MMLU_SUBJECT_CATEGORY,
-    evaluate_multiple_choice,
+from gere.continual.evaluation import (
     evaluate_task,
-    format_mc_prompt,
     generate_predictions,
-    load_multiple_choice,
     perplexity,
     score_labels,
     shared_prompt_logprobs,
 )
-from gere.tasks import Example, TaskSpec, encode_prompt_and_target, format_prompt
+from gere.continual.multiple_choice import (
+    MMLU_SUBJECT_CATEGORY,
+    evaluate_multiple_choice,
+    format_mc_prompt,
+    load_multiple_choice,
+)
+from gere.continual.prompts import encode_prompt_and_target, format_prompt
+from gere.continual.tasks import Example, TaskSpec
+from gere.errors import GeReError
 
 WORDS = (
     "The following are multiple choice questions about algebra history law . A B C D Answer : Option , "
@@ -112,7 +115,7 @@ def test_score_labels_matches_slow_reference(model, tok):
 
 
 def test_score_labels_logprobs_same_under_padding_sides(model, tok):
-    from gere.evaluation import sequence_logprobs
+    from gere.continual.evaluation import sequence_logprobs
 
     pairs = [encode_prompt_and_target(tok, p, " " + w) for p in PROMPTS for w in LABELS]
     reference = torch.tensor([slow_logprob(model, *p) for p in pairs])
@@ -222,7 +225,7 @@ def test_multiple_choice_category_averages(tok):
 
 
 def load_multiple_choice_rows(rows):
-    from gere.evaluation import _check_question
+    from gere.continual.multiple_choice import _check_question
 
     return [_check_question(r, f"item {i}") for i, r in enumerate(rows)]
 
@@ -233,7 +236,7 @@ def test_mmlu_table_and_bad_input(tmp_path):
     assert counts == {"STEM": 18, "humanities": 13, "social sciences": 12, "other": 14}
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 5}) + "\n")
-    with pytest.raises(GeReError, match="item 1: `answer`"):
+    with pytest.raises(GeReError, match="line 1: `answer`"):
         load_multiple_choice(bad)
 
 

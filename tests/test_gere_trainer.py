@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
+from gere.config import GeReConfig
 from gere.errors import GeReError
-from gere.gere_config import GeReConfig
-from gere.gere_trainer import GeReTrainer
+from gere.trainer import GeReTrainer
 
 from tiny import replay_texts, sft_rows, tiny_llama, tiny_tokenizer
 
@@ -126,7 +126,7 @@ def test_batch_interpolation_with_reference_argument_names(tmp_path):
         w_strategy="100",
         gere_data_file=str(replay_file(tmp_path)),
     )
-    assert trainer.gere.margin_weight == "100" and trainer.gere.num_interpolate_per_batch == 1
+    assert trainer.gere.margin_weight == 100.0 and trainer.gere.num_interpolate_per_batch == 1
     seen = []
     original = trainer._replay_losses
 

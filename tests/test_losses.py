@@ -2,19 +2,18 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from gere.config import parse_margin_weight, parse_objective
 from gere.errors import GeReError
 from gere.losses import (
     causal_lm_ce,
     coded_margin_loss,
     feature_loss,
     margin_loss,
-    parse_margin_weight,
-    parse_objective,
     threshold_codes,
-    thresholds,
     topk_kl_loss,
 )
-from gere.store import pack_codes, unpack_codes
+from gere.stats import thresholds
+from gere.store.format import pack_codes, unpack_codes
 
 
 def slow_margin(hidden, reference, mean, std, mask, k=1.0, reduction="nonzero"):
@@ -111,7 +110,7 @@ def test_packed_label_path_agrees(batch):
     low, high = thresholds(mean, std, 1.0)
     codes = threshold_codes(reference, low, high)
     flat = codes.reshape(-1, 6).numpy()
-    roundtrip = unpack_codes(pack_codes(flat), 6).reshape(codes.shape)
+    roundtrip = torch.from_numpy(unpack_codes(pack_codes(flat), 6)).reshape(codes.shape)
     assert torch.equal(roundtrip, codes)
     assert_close(
         coded_margin_loss(hidden, roundtrip, low, high, mask), margin_loss(hidden, reference, mean, std, mask)

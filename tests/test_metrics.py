@@ -2,8 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from gere.errors import GeReError
-from gere.metrics import (
+from gere.continual.metrics import (
     average_performance,
     backward_transfer,
     compute_metrics,
@@ -11,6 +10,7 @@ from gere.metrics import (
     forgetting,
     forward_transfer,
 )
+from gere.errors import GeReError
 
 # Rows: base, after task 1, after task 2, after task 3; columns: tasks 1..3 (0-based j = 0, 1, 2).
 R = [

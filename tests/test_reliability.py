@@ -18,13 +18,15 @@ from test_crash_resume import build_run_folder
 from transformers import PreTrainedTokenizerFast
 
 import gere
-import gere.runner as runner
+import gere.continual.checkpoint as checkpoint
+import gere.continual.runner as runner
 from gere.cli import main
+from gere.continual.checkpoint import load_checkpoint
+from gere.continual.run_config import load_run_config
+from gere.continual.runner import run_continual
 from gere.errors import GeReError
 from gere.io_utils import atomic_path
-from gere.replay_set import ReplaySet
-from gere.run_config import load_run_config
-from gere.runner import load_checkpoint, run_continual
+from gere.replay.replay_set import ReplaySet
 from gere.store import StoreSpec, extract_store, open_store
 
 from tiny import replay_texts, tiny_llama, tiny_tokenizer
@@ -75,7 +77,7 @@ def test_disk_full_after_stage_two_keeps_stage_one_and_resumes(config, tmp_path,
     """The disk fills while stage 2's checkpoint (or the run state after it) is half written."""
     out = tmp_path / "run"
     if failing == "checkpoint":
-        real = runner.save_file
+        real = checkpoint.save_file
 
         def save_file(tensors, filename, *args, **kwargs):
             if ".stage-2.tmp" in filename and filename.endswith("weights.safetensors"):
@@ -83,7 +85,7 @@ def test_disk_full_after_stage_two_keeps_stage_one_and_resumes(config, tmp_path,
                 raise ENOSPC
             return real(tensors, filename, *args, **kwargs)
 
-        monkeypatch.setattr(runner, "save_file", save_file)
+        monkeypatch.setattr(checkpoint, "save_file", save_file)
     else:
         real = runner.atomic_write_json
 

@@ -3,7 +3,12 @@ import json
 import pytest
 
 from gere.errors import GeReError
-from gere.replay_set import load_replay_records, load_replay_set, select_replay_set, tokenize_replay_set
+from gere.replay.replay_set import (
+    load_replay_records,
+    load_replay_set,
+    select_replay_set,
+    tokenize_replay_set,
+)
 
 from tiny import tiny_tokenizer
 

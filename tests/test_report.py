@@ -5,8 +5,9 @@ import json
 import pytest
 from matplotlib.image import imread
 
+from gere.continual.compare import compare_runs
+from gere.continual.report import build_results, write_report
 from gere.errors import GeReError
-from gere.report import build_results, compare_runs, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TASKS = ["mnli", "cb", "copa"]

@@ -3,11 +3,11 @@ import json
 import pytest
 import yaml
 
-import gere.runner as runner
+import gere.continual.runner as runner
 from gere.cli import main
+from gere.continual.run_config import load_run_config
+from gere.continual.runner import run_continual
 from gere.errors import GeReError
-from gere.run_config import load_run_config
-from gere.runner import run_continual
 
 from tiny import tiny_llama, tiny_tokenizer, write_tiny_run_files
 

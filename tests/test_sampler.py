@@ -3,7 +3,7 @@ from collections import Counter
 import pytest
 
 from gere.errors import GeReError
-from gere.sampler import BatchInterpolationSampler
+from gere.replay.sampler import BatchInterpolationSampler
 
 
 @pytest.mark.parametrize(
@@ -23,7 +23,7 @@ def test_every_global_batch_has_k_replay_and_task_seen_once(num_task, num_replay
 
 
 def test_replay_spread_over_micro_batches_and_cycled():
-    sampler = BatchInterpolationSampler(num_task=60, num_replay=10, k=4, global_batch=16, seed=0)
+    sampler = BatchInterpolationSampler(num_task=60, num_replay=10, replay_per_batch=4, global_batch=16, seed=0)
     order = list(sampler)
     first_block = order[:16]
     micro = [first_block[i : i + 4] for i in range(0, 16, 4)]  # 4 processes x per-device batch 4

@@ -4,19 +4,13 @@ import numpy as np
 import pytest
 import torch
 
+from gere.batching import length_sorted_batches
 from gere.errors import GeReError
 from gere.losses import coded_margin_loss, threshold_codes
-from gere.replay_set import ReplaySet, tokenize_replay_set
-from gere.store import (
-    ExtractionStopped,
-    StoreSpec,
-    extract_store,
-    length_sorted_batches,
-    open_store,
-    pack_codes,
-    replay_statistics,
-    unpack_codes,
-)
+from gere.reference import replay_statistics
+from gere.replay.replay_set import ReplaySet, tokenize_replay_set
+from gere.store import ExtractionStopped, StoreSpec, extract_store, open_store
+from gere.store.format import pack_codes, unpack_codes
 
 from tiny import replay_texts, tiny_llama, tiny_tokenizer
 
@@ -50,13 +44,13 @@ def test_store_matches_unbatched_forward(parts, tmp_path):
     states = one_by_one_states(model, tok, rs, 16)
     flat = torch.cat(states).double().numpy()
     mean, std = store.mean_std(layer)
-    np.testing.assert_allclose(mean.numpy(), flat.mean(0), atol=1e-6)
-    np.testing.assert_allclose(std.numpy(), flat.std(0), atol=1e-6)
-    low, high = store.thresholds(layer)
+    np.testing.assert_allclose(mean, flat.mean(0), atol=1e-6)
+    np.testing.assert_allclose(std, flat.std(0), atol=1e-6)
+    low, high = (torch.from_numpy(t) for t in store.thresholds(layer))
     mismatches = 0
     for i, s in enumerate(states):
         assert store.tokens(i) == tokenize_replay_set(rs, tok, 16)[i]
-        mismatches += int((store.codes(i, layer) != threshold_codes(s, low, high)).sum())
+        mismatches += int((torch.from_numpy(store.codes(i, layer)) != threshold_codes(s, low, high)).sum())
     # Batched and one-by-one forwards may differ in the last float bit right at a threshold.
     assert mismatches <= 2
     assert store.bits_per_element(layer) == 2.0
@@ -66,9 +60,9 @@ def test_unchanged_model_has_zero_margin_on_replay_set(parts, tmp_path):
     model, tok, rs = parts
     store = extract_store(model, tok, rs, tmp_path / "s", StoreSpec(max_length=16), progress=False)
     layer = store.layers[0]
-    low, high = store.thresholds(layer)
+    low, high = (torch.from_numpy(t) for t in store.thresholds(layer))
     for i, h in enumerate(one_by_one_states(model, tok, rs, 16)):
-        loss = coded_margin_loss(h[None], store.codes(i, layer)[None], low, high)
+        loss = coded_margin_loss(h[None], torch.from_numpy(store.codes(i, layer))[None], low, high)
         assert float(loss) < 1e-5
 
 
@@ -136,11 +130,10 @@ def test_features_and_topk_round_trip(parts, tmp_path):
     )
     layer = store.layers[0]
     states = one_by_one_states(model, tok, rs, 16)
-    torch.testing.assert_close(
-        store.features(0, layer).float(), states[0].bfloat16().float(), atol=0.05, rtol=0.02
-    )
+    stored = torch.from_numpy(store.features(0, layer)).view(torch.bfloat16)  # bfloat16 kept as int16 bits
+    torch.testing.assert_close(stored.float(), states[0].bfloat16().float(), atol=0.05, rtol=0.02)
     values, indices = store.topk(0)
-    assert values.shape == (len(store.tokens(0)), 3) and indices.dtype == torch.int32
+    assert values.shape == (len(store.tokens(0)), 3) and indices.dtype == np.int32
 
 
 def test_pack_round_trip_odd_width():
@@ -148,7 +141,7 @@ def test_pack_round_trip_odd_width():
     codes = rng.integers(0, 3, size=(7, 13), dtype=np.uint8)
     packed = pack_codes(codes)
     assert packed.shape == (7, 4)
-    assert np.array_equal(unpack_codes(packed, 13).numpy(), codes)
+    assert np.array_equal(unpack_codes(packed, 13), codes)
 
 
 def test_length_sorted_batches_cover_everything():
@@ -161,9 +154,11 @@ def test_online_statistics_equal_store_statistics(parts, tmp_path):
     model, tok, rs = parts
     spec = StoreSpec(max_length=16, batch_size=4)
     store = extract_store(model, tok, rs, tmp_path / "s", spec, progress=False)
-    running = replay_statistics(model, tok, rs, spec, progress=False)
     layer = store.layers[0]
-    np.testing.assert_allclose(running[layer].mean, store.mean_std(layer)[0].numpy(), rtol=1e-10)
+    tokens = tokenize_replay_set(rs, tok, spec.max_length)
+    running = replay_statistics(model, tok, tokens, (layer,), batch_size=spec.batch_size, progress=False)
+    np.testing.assert_array_equal(running[layer].mean, store.mean_std(layer)[0])  # bit for bit
+    np.testing.assert_array_equal(running[layer].std, store.mean_std(layer)[1])
 
 
 def test_context_too_short_is_refused(parts, tmp_path):

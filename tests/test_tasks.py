@@ -7,17 +7,16 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from gere.errors import GeReError
-from gere.tasks import (
+from gere.continual.prompts import build_train_features, format_prompt
+from gere.continual.tasks import (
     Example,
     TaskSpec,
-    build_train_features,
-    format_prompt,
     load_benchmark,
     load_benchmark_definition,
     load_task,
     subsample,
 )
+from gere.errors import GeReError
 
 WORDS = (
     "Is this review good or bad ? Option : Good Bad , Answer the movie was great awful and very long boring "

@@ -6,16 +6,16 @@ __version__ = "0.1.0"
 
 # Imported on first use, so that `gere --help` and `import gere` stay fast.
 _EXPORTS = {
-    "GeReConfig": "gere.gere_config",
-    "GeReTrainer": "gere.gere_trainer",
-    "GeReSeq2SeqTrainer": "gere.gere_trainer",
+    "GeReConfig": "gere.config",
+    "GeReTrainer": "gere.trainer",
+    "GeReSeq2SeqTrainer": "gere.trainer",
     "GeReError": "gere.errors",
     "margin_loss": "gere.losses",
-    "load_replay_set": "gere.replay_set",
-    "extract_store": "gere.store",
-    "open_store": "gere.store",
-    "RunConfig": "gere.run_config",
-    "run_continual": "gere.runner",
+    "load_replay_set": "gere.replay.replay_set",
+    "extract_store": "gere.store.extract",
+    "open_store": "gere.store.format",
+    "RunConfig": "gere.continual.run_config",
+    "run_continual": "gere.continual.runner",
 }
 __all__ = ["__version__", *_EXPORTS]
 

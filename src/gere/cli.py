@@ -81,17 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_extract(args) -> int:
-    from gere.modeling import load_model_and_tokenizer
-    from gere.run_config import load_run_config
-    from gere.store import extract_store
-
-    cfg = load_run_config(args.config) if args.config else None
-    gere = cfg.gere if cfg else None
     from dataclasses import replace
 
-    from gere.gere_config import GeReConfig
+    from gere.config import GeReConfig
+    from gere.continual.run_config import load_run_config
+    from gere.distributed import is_main
+    from gere.modeling import load_model_and_tokenizer
+    from gere.store.extract import extract_store
 
-    gere = gere or GeReConfig()
+    cfg = load_run_config(args.config) if args.config else None
+    gere = cfg.gere if cfg else GeReConfig()
     changes = {
         "replay_source": args.replay_source,
         "replay_text_field": args.replay_text_field,
@@ -112,8 +111,6 @@ def cmd_extract(args) -> int:
         model_spec, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code
     )
     store = extract_store(model, tokenizer, replay_set, args.store_dir, gere.store_spec(), regenerate=args.regenerate_store)
-    from gere.distributed import is_main
-
     if not is_main():
         return 0  # under torchrun every process extracts its share; one summary is enough
     m = store.manifest
@@ -124,9 +121,9 @@ def cmd_extract(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from gere.report import render_markdown
-    from gere.run_config import load_run_config
-    from gere.runner import run_continual
+    from gere.continual.report import render_markdown
+    from gere.continual.run_config import load_run_config
+    from gere.continual.runner import run_continual
 
     overrides = list(args.overrides)
     for key, value in (
@@ -145,7 +142,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from gere.report import compare_runs
+    from gere.continual.compare import compare_runs
 
     paths = compare_runs(args.runs, args.out)
     print(Path(paths[0]).read_text())

@@ -1,4 +1,4 @@
-"""Replay objectives as pure functions: tensors in, a scalar out.
+"""Replay objectives as pure functions: tensors in, a scalar out; and how the parts make one loss.
 
 The paper (GeRe, arXiv 2508.04676, Sec. 3) compares several ways to replay a fixed set of general texts:
 
@@ -7,9 +7,11 @@ The paper (GeRe, arXiv 2508.04676, Sec. 3) compares several ways to replay a fix
 - ``l1`` / ``l2``  feature imitation on the hidden states;
 - ``tm``  the threshold-based margin loss on the hidden states (activation states).
 
-Objectives are written as ``+``-joined names (``ce+tm`` is the paper's best, BaselineR+TM). ``ce`` is a
-fitting term added to the task cross-entropy; every other part is a regulariser multiplied by the margin
-weight (a number, or ``dy``: CE / regulariser, detached).
+Objectives are written as ``+``-joined names (``ce+tm`` is the paper's best, BaselineR+TM; the table of
+names is `gere.parts`). `replay_losses` computes each part of one replay batch from the model's outputs
+and the reference targets (`ReplayTargets`, filled by `gere.reference`); `combine_losses` makes the
+training loss: ``ce`` is averaged with the task cross-entropy and every other part is a regulariser
+multiplied by the weight (a number, or ``dy``: CE / regulariser, detached).
 
 The TM loss (Sec. 3.2). Each element of a reference activation state gets a label from per-dimension
 thresholds ``low = mean - k*std`` and ``high = mean + k*std``:
@@ -25,43 +27,28 @@ as the reference implementation does) or by the number of real elements (``mean`
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
+from gere.batching import IGNORE_INDEX
+from gere.config import DYNAMIC
 from gere.errors import GeReError
+from gere.parts import REDUCTIONS, REPLAY_PARTS, TASK_CE
+from gere.stats import thresholds
+from gere.store.format import CODE_NEGATIVE, CODE_NEUTRAL, CODE_POSITIVE
 
-# Label codes stored per element; 2 bits each in the activation store.
-CODE_NEGATIVE = 0
-CODE_NEUTRAL = 1
-CODE_POSITIVE = 2
-
-REPLAY_PARTS = ("ce", "kl", "l1", "l2", "tm")
-REDUCTIONS = ("nonzero", "mean", "sum")
+__all__ = [
+    "CODE_NEGATIVE", "CODE_NEUTRAL", "CODE_POSITIVE", "ReplayTargets", "causal_lm_ce", "coded_margin_loss",
+    "combine_losses", "feature_loss", "margin_loss", "replay_losses", "resolve_margin_weight", "threshold_codes",
+    "topk_kl_loss",
+]  # fmt: skip
 
 # Elements processed at a time by the margin loss (rows = CHUNK_ELEMENTS // hidden): bounds its float
 # temporaries to a few MiB instead of batch x length x hidden. CHUNK_ROWS, when set, fixes the rows instead.
 CHUNK_ELEMENTS = 1 << 20
 CHUNK_ROWS: int | None = None
-
-
-def parse_objective(objective: str) -> tuple[str, ...]:
-    """Split ``"ce+tm"`` into ``("ce", "tm")``; ``"none"`` gives ``()``. Unknown parts raise `GeReError`."""
-    text = str(objective).strip().lower()
-    if text in ("", "none"):
-        return ()
-    parts = tuple(p.strip() for p in text.split("+"))
-    bad = [p for p in parts if p not in REPLAY_PARTS]
-    if bad or len(set(parts)) != len(parts):
-        raise GeReError(
-            f"objective {objective!r} is not valid: use 'none' or parts from {', '.join(REPLAY_PARTS)} "
-            "joined by '+', each once (for example 'ce+tm')"
-        )
-    return parts
-
-
-def thresholds(mean: torch.Tensor, std: torch.Tensor, k: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension (low, high) = mean -/+ k*std. Shapes ``[hidden]``."""
-    return mean - k * std, mean + k * std
 
 
 def threshold_codes(reference: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -183,16 +170,16 @@ def margin_loss(
 
 def causal_lm_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy: ``logits`` ``[batch, length, vocab]``, ``labels`` ``[batch, length]`` with
-    -100 on positions to ignore; mean over the counted tokens (0 when there are none)."""
+    ``IGNORE_INDEX`` (-100) on positions to ignore; mean over the counted tokens (0 when there are none)."""
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:].to(logits.device)
-    count = (shift_labels != -100).sum()
+    count = (shift_labels != IGNORE_INDEX).sum()
     if int(count) == 0:
         return shift_logits.sum() * 0.0
     loss = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]),
         shift_labels.reshape(-1),
-        ignore_index=-100,
+        ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
     return loss / count
@@ -236,22 +223,9 @@ def topk_kl_loss(
     return (kl * m).sum() / m.sum().clamp_min(1.0)
 
 
-def parse_margin_weight(value: str | float | int) -> float | str:
-    """``"dy"`` stays ``"dy"``; numbers (or numeric strings such as ``"100"``) become floats."""
-    if isinstance(value, str) and value.strip().lower() in ("dy", "dynamic"):
-        return "dy"
-    try:
-        weight = float(value)
-    except (TypeError, ValueError):
-        raise GeReError(f"margin weight {value!r} is not a number or 'dy' (dynamic: CE / margin)") from None
-    if not weight >= 0 or weight == float("inf"):
-        raise GeReError(f"margin weight {value!r} must be a finite number >= 0, or 'dy'")
-    return weight
-
-
 def resolve_margin_weight(weight: float | str, ce: torch.Tensor | None, regulariser: torch.Tensor) -> float:
     """The weight applied to a regulariser: the fixed number, or for ``dy`` CE / regulariser (detached)."""
-    if weight != "dy":
+    if weight != DYNAMIC:
         return float(weight)
     value = float(regulariser.detach())
     if ce is None or value <= 0.0:
@@ -259,3 +233,78 @@ def resolve_margin_weight(weight: float | str, ce: torch.Tensor | None, regulari
         # a weight of ~1e8 on the first step, when the model still equals the base model).
         return 1.0 if ce is None else 0.0
     return float(ce.detach()) / (value + 1e-8)
+
+
+# ---------------------------------------------------------------------------------------------- composition
+
+
+@dataclass
+class ReplayTargets:
+    """The reference side of one replay batch ``[batch, length]``, per resolved hidden-state layer.
+
+    ``bands`` and ``codes`` for ``tm`` (thresholds ``[hidden]``, labels ``uint8 [batch, length, hidden]``),
+    ``features`` for ``l1`` / ``l2`` (``[batch, length, hidden]``), ``topk`` for ``kl`` (values and vocabulary
+    ids ``[batch, length, k]``). Padding positions hold anything; the mask excludes them.
+    """
+
+    bands: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    codes: dict[int, torch.Tensor] = field(default_factory=dict)
+    features: dict[int, torch.Tensor] = field(default_factory=dict)
+    topk: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def replay_losses(
+    parts: tuple[str, ...],
+    logits: torch.Tensor,
+    hidden_states: dict[int, torch.Tensor],
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    targets: ReplayTargets | None,
+    *,
+    reduction: str = "nonzero",
+    temperature: float = 2.0,
+) -> dict[str, torch.Tensor]:
+    """Each replay part of objective ``parts`` on one replay batch, named as logged (`gere.parts`).
+
+    ``hidden_states`` maps each constrained layer to the current states ``[batch, length, hidden]``; a part
+    over several layers is their mean. ``labels`` are the replay ids with ``IGNORE_INDEX`` on padding.
+    """
+    out: dict[str, torch.Tensor] = {}
+    if "ce" in parts:
+        out[REPLAY_PARTS["ce"].loss] = causal_lm_ce(logits, labels)
+    for name in ("tm", "l1", "l2"):
+        if name not in parts:
+            continue
+        values = []
+        for layer, hidden in hidden_states.items():
+            if name == "tm":
+                low, high = targets.bands[layer]
+                values.append(coded_margin_loss(hidden, targets.codes[layer], low, high, mask, reduction))
+            else:
+                values.append(feature_loss(hidden, targets.features[layer], mask, norm=name))
+        out[REPLAY_PARTS[name].loss] = sum(values) / len(values)
+    if "kl" in parts:
+        values, indices = targets.topk
+        out[REPLAY_PARTS["kl"].loss] = topk_kl_loss(logits, values, indices, mask, temperature)
+    return out
+
+
+def combine_losses(
+    parts: dict[str, torch.Tensor], weight: float | str
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss from its logged parts, and the weight given to each regulariser.
+
+    ``CE = mean(task_ce, replay_ce)`` (whichever are present, as the reference averages them), then
+    ``loss = CE + sum_r w_r * r`` over the regularisers present, with ``w_r`` = ``weight`` or, for ``dy``,
+    CE / r (detached; see `resolve_margin_weight`).
+    """
+    ce_terms = [parts[n] for n in (TASK_CE, REPLAY_PARTS["ce"].loss) if n in parts]
+    ce = sum(ce_terms) / len(ce_terms) if ce_terms else None
+    total = ce if ce is not None else 0.0
+    weights: dict[str, float] = {}
+    for part in REPLAY_PARTS.values():
+        if part.weight is not None and part.loss in parts:
+            w = resolve_margin_weight(weight, ce, parts[part.loss])
+            weights[part.weight] = w
+            total = total + w * parts[part.loss]
+    return total, weights

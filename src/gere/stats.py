@@ -59,3 +59,22 @@ class RunningStats:
     @property
     def std(self) -> np.ndarray:
         return np.sqrt(self.var)
+
+
+def thresholds(mean, std, k: float = 1.0):
+    """Per-dimension bands (low, high) = mean -/+ k*std (GeRe, Sec. 3.2). Works on numpy arrays and on
+    torch tensors alike; every threshold in the package comes from here."""
+    return mean - k * std, mean + k * std
+
+
+# Rows reduced at a time by `batch_statistics`; fixed, so the result does not depend on who computes it.
+_ROWS_PER_CHUNK = 16384
+
+
+def batch_statistics(rows: np.ndarray, dim: int) -> RunningStats:
+    """float64 (count, mean, M2) of one batch's ``[rows, dim]``, reduced in fixed chunks, so any process
+    computing the same batch gets the same bits."""
+    stats = RunningStats(dim)
+    for start in range(0, len(rows), _ROWS_PER_CHUNK):
+        stats.update(rows[start : start + _ROWS_PER_CHUNK])
+    return stats

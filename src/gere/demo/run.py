@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from gere.demo.assets import DemoSizes, build_demo_assets
-from gere.report import compare_runs
-from gere.run_config import load_run_config
-from gere.runner import run_continual
+from gere.continual.compare import compare_runs
+from gere.continual.run_config import load_run_config
+from gere.continual.runner import run_continual
 
 METHODS = {
     "none": {"objective": "none"},

@@ -3,8 +3,8 @@
 The paper replays the first 1,000 texts of a SlimPajama chunk, tokenised without special tokens and cut to
 563 tokens (GeRe, arXiv 2508.04676, Sec. 4.1). Sources here:
 
-- a JSONL file (one object per line, the text under ``text_field``);
-- a JSON file holding a list of such objects;
+- a JSONL file (one object per line, the text under ``text_field``), a JSON file holding a list of such
+  objects, or a CSV file with a ``text_field`` column (read by `gere.io_utils.iter_rows`);
 - a plain text file or a folder of ``.txt`` files (paragraphs separated by blank lines);
 - a Hugging Face dataset, written ``hf:<name>[:<config>]`` (``split`` and ``data_files`` as in
   ``datasets.load_dataset``).
@@ -13,14 +13,16 @@ The paper replays the first 1,000 texts of a SlimPajama chunk, tokenised without
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from gere.errors import GeReError
+from gere.io_utils import HF_PREFIX, ROW_SUFFIXES, iter_rows, load_hub_dataset, parse_hf_source, read_utf8
 
 SELECTIONS = ("first", "random")
+#: Replay texts are cut to this many tokens in the paper (Sec. 4.1).
+PAPER_MAX_LENGTH = 563
 
 
 @dataclass(frozen=True)
@@ -44,41 +46,10 @@ class ReplaySet:
         return h.hexdigest()
 
 
-def _decode(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
+def _record(where: str, obj: dict, text_field: str, id_field: str | None, default_id: str) -> tuple[str, str]:
+    if text_field not in obj:
         raise GeReError(
-            f"{path}: byte {err.start} is not valid UTF-8; re-encode the file as UTF-8 "
-            f"(for example `iconv -f latin1 -t utf-8 {path.name}`)"
-        ) from None
-
-
-def _records_from_jsonl(path: Path, text_field: str, id_field: str | None) -> list[tuple[str, str]]:
-    records = []
-    for number, line in enumerate(_decode(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise GeReError(
-                f"{path}, line {number}: not valid JSON ({err.msg}); fix or remove that line"
-            ) from None
-        records.append(
-            _record(obj, text_field, id_field, f"{path}, line {number}", f"{path.stem}:{len(records)}")
-        )
-    return records
-
-
-def _record(
-    obj: object, text_field: str, id_field: str | None, where: str, default_id: str
-) -> tuple[str, str]:
-    if not isinstance(obj, dict) or text_field not in obj:
-        keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise GeReError(
-            f"{where}: no field {text_field!r} (found {keys}); pass the right name with --replay-text-field"
+            f"{where}: no field {text_field!r} (found {sorted(obj)}); pass the right name with --replay-text-field"
         )
     text = obj[text_field]
     if not isinstance(text, str):
@@ -88,7 +59,7 @@ def _record(
 
 
 def _records_from_text(path: Path) -> list[tuple[str, str]]:
-    paragraphs = [p.strip() for p in _decode(path).replace("\r\n", "\n").split("\n\n")]
+    paragraphs = [p.strip() for p in read_utf8(path).replace("\r\n", "\n").split("\n\n")]
     return [(f"{path.stem}:{i}", p) for i, p in enumerate(p for p in paragraphs if p)]
 
 
@@ -102,8 +73,8 @@ def load_replay_records(
 ) -> list[tuple[str, str]]:
     """Read (id, text) pairs from a file, folder or ``hf:`` dataset, in source order."""
     source_str = str(source)
-    if source_str.startswith("hf:"):
-        return _records_from_hub(source_str[3:], text_field, id_field, split, data_files)
+    if source_str.startswith(HF_PREFIX):
+        return _records_from_hub(source_str, text_field, id_field, split, data_files)
     path = Path(source_str).expanduser()
     if not path.exists():
         raise GeReError(
@@ -115,36 +86,19 @@ def load_replay_records(
         if not files:
             raise GeReError(f"folder {path} holds no .txt files to read as replay texts")
         return [r for f in files for r in _records_from_text(f)]
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _records_from_jsonl(path, text_field, id_field)
-    if suffix == ".json":
-        try:
-            data = json.loads(_decode(path))
-        except json.JSONDecodeError as err:
-            raise GeReError(f"{path}: not valid JSON at line {err.lineno} ({err.msg})") from None
-        if not isinstance(data, list):
-            raise GeReError(f"{path}: expected a JSON list of objects with a {text_field!r} field")
-        return [
-            _record(o, text_field, id_field, f"{path}, item {i}", f"{path.stem}:{i}")
-            for i, o in enumerate(data)
-        ]
-    return _records_from_text(path)
+    if path.suffix.lower() not in ROW_SUFFIXES:
+        return _records_from_text(path)
+    return [
+        _record(where, row, text_field, id_field, f"{path.stem}:{i}")
+        for i, (where, row) in enumerate(iter_rows(path))
+    ]
 
 
 def _records_from_hub(
-    spec: str, text_field: str, id_field: str | None, split: str, data_files: str | list[str] | None
+    source: str, text_field: str, id_field: str | None, split: str, data_files: str | list[str] | None
 ) -> list[tuple[str, str]]:
-    import datasets
-
-    name, _, config = spec.partition(":")
-    try:
-        ds = datasets.load_dataset(name, config or None, split=split, data_files=data_files)
-    except Exception as err:  # network, missing dataset, bad config: all user-fixable
-        raise GeReError(
-            f"could not load the Hugging Face dataset {name!r} (config {config or None!r}, split {split!r}): {err}; "
-            "check the name, or download it and pass a local JSONL file instead"
-        ) from None
+    ds = load_hub_dataset(source, split, data_files)
+    name = parse_hf_source(source)[0]
     if text_field not in ds.column_names:
         raise GeReError(
             f"dataset {name!r} has no column {text_field!r} (columns: {ds.column_names}); "
@@ -188,7 +142,7 @@ def select_replay_set(
     return ReplaySet(tuple(ids), tuple(t for _, t in chosen))
 
 
-def tokenize_replay_set(replay_set: ReplaySet, tokenizer, max_length: int = 563) -> list[list[int]]:
+def tokenize_replay_set(replay_set: ReplaySet, tokenizer, max_length: int = PAPER_MAX_LENGTH) -> list[list[int]]:
     """Token ids of each text, without special tokens, cut to ``max_length``. A text of fewer than two
     tokens has nothing to predict and is an error."""
     if max_length < 2:

@@ -1,4 +1,4 @@
-"""Fingerprints that decide whether an activation store still belongs to a model, tokenizer and replay set.
+"""The identity of an activation store: fingerprints of the model, tokenizer and replay set, and settings.
 
 A model's fingerprint hashes its configuration and a digest of its weights: for every tensor its name,
 shape, dtype, its float64 sum and up to 4,096 evenly strided elements. This reads each weight once (no
@@ -19,8 +19,12 @@ import json
 
 import torch
 
+from gere import __version__, distributed
+from gere.batching import num_hidden_states, resolve_layers
 from gere.distributed import is_zero3_partitioned, sharded_parameters
 from gere.errors import GeReError
+from gere.replay.replay_set import ReplaySet
+from gere.store.format import StoreSpec
 
 # Config keys that describe how a model was loaded, not what it computes.
 _VOLATILE_CONFIG_KEYS = {
@@ -108,3 +112,28 @@ def tokenizer_fingerprint(tokenizer) -> str:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
     return h.hexdigest()
+
+
+def expected_manifest(model, tokenizer, replay_set: ReplaySet, spec: StoreSpec) -> dict:
+    """The identity of a store: what produced it and with which settings (`gere.store.format.IDENTITY_KEYS`)."""
+    return {
+        "model": model_fingerprint(model),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "replay_set": replay_set.content_hash(),
+        "max_length": spec.max_length,
+        "k": spec.threshold_k,
+        "layers": list(resolve_layers(spec.layers, num_hidden_states(model))),
+        "contents": spec.contents(),
+        "version": __version__,
+    }
+
+
+def shared_manifest(model, tokenizer, replay_set: ReplaySet, spec: StoreSpec) -> dict:
+    """`expected_manifest`, the same on every process. Where each process holds the full weights, process
+    0 alone reads them (the others may hold none yet, e.g. FSDP's ``cpu_ram_efficient_loading``); ZeRO-3
+    partitions are gathered by all processes together."""
+    if is_zero3_partitioned(model):
+        return expected_manifest(model, tokenizer, replay_set, spec)
+    return distributed.run_on_main(
+        lambda: expected_manifest(model, tokenizer, replay_set, spec), "fingerprinting the model"
+    )

@@ -1,12 +1,7 @@
-"""Classification tasks of a continual-learning sequence: specs, loading, prompts and training features.
+"""Classification tasks of a continual-learning sequence: specs, loading and subsampling.
 
-A task is a text classification problem answered with a *label word* (the verbalizer): the model reads
-a prompt in the format of the long-sequence continual-learning benchmark (Razdaibiedina et al. 2023,
-Progressive Prompts; Wang et al. 2023, O-LoRA), used by GeRe's experiments (arXiv 2508.04676, Sec. 5)::
-
-    {instruction} Option: {label_1}, {label_2}, ... \\n{input}\\nAnswer:
-
-and the training target is ``" " + label`` followed by the end-of-sequence token.
+A task is a text classification problem answered with a *label word* (the verbalizer); how it is put to
+the model is `gere.continual.prompts`.
 
 Sources a `TaskSpec` can point at:
 
@@ -20,7 +15,6 @@ Sources a `TaskSpec` can point at:
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import random
@@ -30,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from gere.errors import GeReError
+from gere.io_utils import HF_PREFIX, ROW_SUFFIXES, load_hub_dataset, read_rows
 
-HF_PREFIX = "hf:"
-DATA_SUFFIXES = (".json", ".jsonl", ".csv")
 TASK_FILE = "task.json"
 # Fraction of a single-file source held out as the test split when `test_size` is unset.
 SINGLE_FILE_TEST_FRACTION = 0.2
@@ -175,79 +168,16 @@ class TaskData:
 # --------------------------------------------------------------------------------------------- reading rows
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Read a local .json (list of objects), .jsonl or .csv file into a list of row dicts."""
-    path = Path(path)
-    if not path.is_file():
-        raise GeReError(f"data file {path} does not exist; check the task's `source`")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise GeReError(
-                        f"{path}, line {lineno}: malformed JSON ({e.msg}); fix that line so each line is one "
-                        "JSON object"
-                    ) from e
-                if not isinstance(row, dict):
-                    raise GeReError(
-                        f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}"
-                    )
-                rows.append(row)
-        return rows
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise GeReError(f"{path}: malformed JSON at line {e.lineno} ({e.msg}); fix the file") from e
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise GeReError(
-                f"{path}: expected a JSON list of objects (or {{'data': [...]}}); rewrite it as such"
-            )
-        return data
-    if suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
-    raise GeReError(f"{path}: unsupported file type {suffix!r}; use one of {list(DATA_SUFFIXES)}")
-
-
 def _split_file(folder: Path, split: str) -> Path | None:
-    for suffix in DATA_SUFFIXES:
+    for suffix in ROW_SUFFIXES:
         candidate = folder / f"{split}{suffix}"
         if candidate.is_file():
             return candidate
     return None
 
 
-def _parse_hf_source(source: str) -> tuple[str, str | None]:
-    rest = source[len(HF_PREFIX) :]
-    name, _, config = rest.partition(":")
-    if not name:
-        raise GeReError(
-            f"source {source!r} names no dataset; write 'hf:<dataset>' or 'hf:<dataset>:<config>'"
-        )
-    return name, (config or None)
-
-
 def _load_hf_split(source: str, split: str) -> tuple[list[dict[str, Any]], str]:
-    import datasets
-
-    name, config = _parse_hf_source(source)
-    try:
-        ds = datasets.load_dataset(name, config, split=split)
-    except Exception as e:  # datasets raises many types (network, missing config, missing split)
-        raise GeReError(
-            f"could not load split {split!r} of Hugging Face dataset {name!r} (config {config!r}): {e}; check the "
-            "name, config and split, or download the data and point `source` at local files"
-        ) from e
-    return [dict(row) for row in ds], f"{source} [{split}]"
+    return [dict(row) for row in load_hub_dataset(source, split)], f"{source} [{split}]"
 
 
 def _load_from_disk_split(folder: Path, split: str) -> tuple[list[dict[str, Any]], str]:
@@ -401,103 +331,16 @@ def load_task(spec: TaskSpec) -> TaskData:
     )
 
 
-# ------------------------------------------------------------------------------------ prompts and features
-
-
-def format_prompt(spec: TaskSpec, input: str) -> str:
-    """The benchmark prompt: ``f"{instruction} Option: {', '.join(labels)} \\n{input}\\nAnswer:"``."""
-    return f"{spec.instruction} Option: {', '.join(spec.labels)} \n{input}\nAnswer:"
-
-
-def format_target(label: str) -> str:
-    """The training target for `label`: a leading space, then the label word."""
-    return " " + label
-
-
-def encode_prompt_and_target(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
-    """Token ids of `prompt` (with the tokenizer's special prefix, e.g. BOS) and of `target` after it.
-
-    The target ids are taken from tokenizing ``prompt + target`` jointly, so a target that merges
-    differently at the boundary (SentencePiece's "▁" handling) gets the ids the model sees at generation
-    time; when the joint ids do not extend the prompt ids, the target is tokenized on its own.
-    """
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    joint = tokenizer(prompt + target, add_special_tokens=True)["input_ids"]
-    if len(joint) > len(prompt_ids) and joint[: len(prompt_ids)] == prompt_ids:
-        target_ids = joint[len(prompt_ids) :]
-    else:
-        target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
-    if not target_ids:
-        raise GeReError(f"the target {target!r} tokenizes to nothing; use a non-empty label word")
-    return list(prompt_ids), list(target_ids)
-
-
-def fit_prompt(spec: TaskSpec, input: str, tokenizer, budget: int) -> list[int]:
-    """Prompt ids for `input` using at most `budget` tokens.
-
-    When too long, tokens are dropped from the *left* of the input text (the instruction, the options and
-    the trailing ``Answer:`` are kept, and so is the end of the input, where questions usually sit). If the
-    prompt is still too long with an empty input, its ids are left-truncated.
-    """
-    if budget < 1:
-        raise GeReError(f"no room left for the prompt of task {spec.name!r}; raise max_length")
-    prompt_ids = tokenizer(format_prompt(spec, input), add_special_tokens=True)["input_ids"]
-    if len(prompt_ids) <= budget:
-        return list(prompt_ids)
-    input_ids = tokenizer(input, add_special_tokens=False)["input_ids"]
-    excess = len(prompt_ids) - budget
-    # Decoding and re-encoding can shift a token or two, so drop a little more until it fits.
-    for _ in range(8):
-        kept = input_ids[excess:] if excess < len(input_ids) else []
-        text = tokenizer.decode(kept, skip_special_tokens=True) if kept else ""
-        prompt_ids = tokenizer(format_prompt(spec, text), add_special_tokens=True)["input_ids"]
-        if len(prompt_ids) <= budget:
-            return list(prompt_ids)
-        if not kept:
-            break
-        excess += len(prompt_ids) - budget
-    return list(prompt_ids[-budget:])
-
-
-def build_train_features(spec: TaskSpec, examples: list[Example], tokenizer, max_length: int) -> list[dict]:
-    """Tokenize examples for causal-LM fine-tuning.
-
-    Each feature holds ``input_ids`` = prompt + target + EOS, ``attention_mask`` (all ones, unpadded) and
-    ``labels`` (-100 on prompt tokens, so the loss covers only the answer and EOS). Long prompts are
-    shortened by `fit_prompt`; the answer is never cut.
-    """
-    if tokenizer.eos_token_id is None:
-        raise GeReError("the tokenizer has no eos_token; set tokenizer.eos_token before building features")
-    features = []
-    for ex in examples:
-        _, target_ids = encode_prompt_and_target(
-            tokenizer, format_prompt(spec, ex.input), format_target(ex.label)
-        )
-        budget = max_length - len(target_ids) - 1
-        if budget < 1:
-            raise GeReError(
-                f"max_length={max_length} leaves no room for a prompt before the answer {ex.label!r} "
-                f"({len(target_ids)} tokens + EOS) of task {spec.name!r}; raise max_length"
-            )
-        prompt_ids = fit_prompt(spec, ex.input, tokenizer, budget)
-        answer = target_ids + [tokenizer.eos_token_id]
-        features.append(
-            {
-                "input_ids": prompt_ids + answer,
-                "attention_mask": [1] * (len(prompt_ids) + len(answer)),
-                "labels": [-100] * len(prompt_ids) + answer,
-            }
-        )
-    return features
-
-
 # ------------------------------------------------------------------------------------------ the CL benchmark
 
 
+BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"  # shipped as package data
+
+
 def benchmark_path(name: str) -> Path:
-    path = Path(__file__).parent / "benchmarks" / f"{name}.yaml"
+    path = BENCHMARKS_DIR / f"{name}.yaml"
     if not path.is_file():
-        available = sorted(p.stem for p in (Path(__file__).parent / "benchmarks").glob("*.yaml"))
+        available = sorted(p.stem for p in BENCHMARKS_DIR.glob("*.yaml"))
         raise GeReError(f"no benchmark named {name!r}; available: {available}")
     return path
 

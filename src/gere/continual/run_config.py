@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
+from gere.config import GeReConfig
+from gere.continual.tasks import TaskSpec
 from gere.errors import GeReError
-from gere.gere_config import GeReConfig
-from gere.tasks import TaskSpec
 
 FINETUNING = ("full", "lora")
 EVAL_METHODS = ("label", "generate")
@@ -114,7 +114,7 @@ class RunConfig:
         if self.tasks and self.benchmark:
             raise GeReError("give either tasks or benchmark in the run config, not both")
         if self.benchmark:
-            from gere.tasks import load_benchmark
+            from gere.continual.tasks import load_benchmark
 
             b = self.benchmark
             return load_benchmark(
@@ -150,7 +150,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def _convert(value: Any, tp: Any, where: str) -> Any:
+def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
@@ -161,7 +161,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             if option is type(None):
                 continue
             try:
-                return _convert(value, option, where)
+                return _coerce(value, option, where)
             except GeReError as err:
                 errors.append(str(err))
         raise GeReError(errors[0] if errors else f"{where}: invalid value {value!r}")
@@ -177,12 +177,12 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise GeReError(f"{where}: expected a list, got {type(value).__name__} ({value!r})")
         (item,) = typing.get_args(tp) or (Any,)
-        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise GeReError(f"{where}: expected a mapping, got {type(value).__name__} ({value!r})")
         _, item = typing.get_args(tp) or (Any, Any)
-        return {str(k): _convert(v, item, f"{where}.{k}") for k, v in value.items()}
+        return {str(k): _coerce(v, item, f"{where}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
     if tp in (dict, list):
@@ -220,7 +220,7 @@ def from_dict(cls, data: dict, where: str = "") -> Any:
             f"unknown config key(s) {', '.join(prefix + str(k) for k in unknown)}; "
             f"allowed here: {', '.join(sorted(names))}"
         )
-    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
 
 

@@ -1,0 +1,157 @@
+"""Batches and forward passes of a causal LM, written once for extraction, training and evaluation.
+
+Padding, the pad id, where a model lives, length-sorted batches, which hidden states a layer index names,
+and a forward pass that returns hidden states without computing logits it does not need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from gere.errors import GeReError
+
+#: Label value that cross-entropy skips: prompt tokens, padding.
+IGNORE_INDEX = -100
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id to pad with: pad, else eos, else unk. Padding sits behind the attention mask, so without any
+    of them any id will do."""
+    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def pad_batch(
+    sequences: Sequence[Sequence[int]], pad_id: int, side: str = "right", device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Pad id lists into one ``[batch, length]`` tensor.
+
+    Returns ``(input_ids, attention_mask, position_ids, offsets)``; ``offsets[b]`` is where sequence b starts
+    (0 for right padding). Position ids count real tokens only, so a left-padded sequence sees the same
+    positions as unpadded.
+    """
+    if side not in ("left", "right"):
+        raise GeReError(f"padding side must be 'left' or 'right', got {side!r}; set tokenizer.padding_side")
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    offsets = []
+    for row, seq in enumerate(sequences):
+        start = length - len(seq) if side == "left" else 0
+        ids[row, start : start + len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, start : start + len(seq)] = 1
+        offsets.append(start)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device), offsets
+
+
+def batches(order: Sequence[int], size: int) -> Iterator[list[int]]:
+    """Consecutive slices of ``order`` of ``size`` items (the last may be shorter)."""
+    if size < 1:
+        raise GeReError(f"batch_size must be at least 1, got {size}")
+    for start in range(0, len(order), size):
+        yield list(order[start : start + size])
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Sample indices grouped into batches of similar length (longest first, ties in index order)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return list(batches(order, batch_size))
+
+
+def model_device(model) -> torch.device:
+    """Where ``model`` runs: its ``device`` attribute, else its first parameter's device, else the CPU."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """Put `model` in eval mode without gradients; restore its previous training mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def placed_on(model, device) -> Iterator[torch.device]:
+    """Yield the device to run ``model`` on; a model elsewhere is moved there and back afterwards. A model
+    spread over several devices (``hf_device_map``) stays where it is."""
+    home = model_device(model)
+    target = home if device is None else torch.device(device)
+    if target == home or getattr(model, "hf_device_map", None):
+        yield home
+        return
+    model.to(target)
+    try:
+        yield target
+    finally:
+        model.to(home)
+
+
+def accepts_argument(model, name: str) -> bool:
+    """Whether the (base) model's ``forward`` takes ``name``; argument names moved during transformers 5.x."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return name in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def num_hidden_states(model) -> int:
+    """How many hidden states the model returns: embeddings plus one per layer."""
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if layers is None:
+        raise GeReError("the model config has no num_hidden_layers; cannot resolve which layers to use")
+    return int(layers) + 1
+
+
+def resolve_layers(layers: Sequence[int], num_states: int) -> tuple[int, ...]:
+    """Layer indices (0 = embeddings, -1 = last layer after the final norm) as sorted, distinct
+    non-negative indices of ``hidden_states``."""
+    resolved = set()
+    for layer in layers:
+        index = layer + num_states if layer < 0 else layer
+        if not 0 <= index < num_states:
+            raise GeReError(
+                f"layer {layer} is out of range: the model has hidden states 0..{num_states - 1} "
+                f"(or -1..-{num_states})"
+            )
+        resolved.add(index)
+    return tuple(sorted(resolved))
+
+
+def check_context_length(model, max_length: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and max_length > int(limit):
+        raise GeReError(
+            f"replay max length {max_length} is longer than the model's context ({limit} positions); "
+            f"pass --replay-max-length {limit} or less"
+        )
+
+
+def forward_hidden_states(model, ids, mask, layers: Sequence[int], want_logits: bool = False):
+    """``({layer: hidden states}, logits or None)`` of one forward pass. Without ``want_logits`` the
+    vocabulary projection runs at one position only (``logits_to_keep=1``) where the model allows it."""
+    extra = {}
+    if not want_logits and accepts_argument(model, "logits_to_keep"):
+        extra["logits_to_keep"] = 1
+    outputs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False, **extra)
+    states = {layer: outputs.hidden_states[layer] for layer in layers}
+    return states, (outputs.logits if want_logits else None)

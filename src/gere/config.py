@@ -1,0 +1,199 @@
+"""Settings of GeRe replay, shared by `GeReTrainer`, `gere extract` and `gere run`.
+
+A leaf: it imports neither torch nor the store, so reading or validating settings is cheap. Every value is
+parsed and checked once, in `GeReConfig.__post_init__`; the rest of the package uses the parsed values
+(``parts``, a float or ``"dy"`` in ``margin_weight``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
+
+from gere.errors import GeReError
+from gere.parts import REDUCTIONS, REPLAY_PARTS
+from gere.replay.replay_set import PAPER_MAX_LENGTH, SELECTIONS
+
+if TYPE_CHECKING:
+    from gere.replay.replay_set import ReplaySet
+    from gere.store.format import StoreSpec
+
+REFERENCE_MODES = ("store", "online")
+#: Dtypes of the hidden states stored for the l1 / l2 objectives.
+FEATURE_DTYPES = ("float16", "bfloat16")
+DYNAMIC = "dy"
+
+
+def parse_objective(objective: str) -> tuple[str, ...]:
+    """Split ``"ce+tm"`` into ``("ce", "tm")``; ``"none"`` gives ``()``. Unknown parts raise `GeReError`."""
+    text = str(objective).strip().lower()
+    if text in ("", "none"):
+        return ()
+    parts = tuple(p.strip() for p in text.split("+"))
+    bad = [p for p in parts if p not in REPLAY_PARTS]
+    if bad or len(set(parts)) != len(parts):
+        raise GeReError(
+            f"objective {objective!r} is not valid: use 'none' or parts from {', '.join(REPLAY_PARTS)} "
+            "joined by '+', each once (for example 'ce+tm')"
+        )
+    return parts
+
+
+def parse_margin_weight(value: str | float | int) -> float | str:
+    """``"dy"`` stays ``"dy"``; numbers (or numeric strings such as ``"100"``) become floats."""
+    if isinstance(value, str) and value.strip().lower() in (DYNAMIC, "dynamic"):
+        return DYNAMIC
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        raise GeReError(f"margin weight {value!r} is not a number or 'dy' (dynamic: CE / margin)") from None
+    if not weight >= 0 or weight == float("inf"):
+        raise GeReError(f"margin weight {value!r} must be a finite number >= 0, or 'dy'")
+    return weight
+
+
+@dataclass
+class GeReConfig:
+    replay_source: str | None = field(
+        default=None,
+        metadata={
+            "help": "General texts to replay: a JSONL/JSON/text file, a folder of .txt, or hf:<name>[:<config>]."
+        },
+    )
+    replay_text_field: str = field(
+        default="text", metadata={"help": "Field holding the text in JSON/JSONL/hub rows."}
+    )
+    replay_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
+    num_replay_samples: int = field(
+        default=1000, metadata={"help": "Size of the replay set (the paper uses 1,000)."}
+    )
+    replay_selection: str = field(
+        default="first", metadata={"help": "'first' N texts (as the paper) or a seeded 'random' N."}
+    )
+    replay_seed: int = field(
+        default=0, metadata={"help": "Seed of random selection and of the replay order."}
+    )
+    replay_max_length: int = field(
+        default=PAPER_MAX_LENGTH, metadata={"help": "Replay texts are cut to this many tokens."}
+    )
+    objective: str = field(
+        default="ce+tm",
+        metadata={
+            "help": "Replay objective: 'none' or parts ce, kl, l1, l2, tm joined by '+' (paper's best: ce+tm)."
+        },
+    )
+    margin_weight: float | str = field(
+        default=DYNAMIC,
+        metadata={
+            "help": "Weight of every regularising replay part (tm, and kl / l1 / l2 when used): a number "
+            "(1, 100, ...) or 'dy' (CE / part, detached, per part). Parsed once: a float or 'dy'."
+        },
+    )
+    threshold_k: float = field(default=1.0, metadata={"help": "Thresholds are mean -/+ k*std per dimension."})
+    margin_reduction: str = field(
+        default="nonzero",
+        metadata={
+            "help": "TM reduction: 'nonzero' (sum / non-zero elements, as the reference), 'mean' or 'sum'."
+        },
+    )
+    layers: list[int] = field(
+        default_factory=lambda: [-1],
+        metadata={"help": "Hidden-state layers to constrain (-1 = last layer after the final norm)."},
+    )
+    kl_temperature: float = field(
+        default=2.0, metadata={"help": "Temperature of the KL logit-imitation loss."}
+    )
+    kl_topk: int = field(default=64, metadata={"help": "Base-model logits kept per token for KL."})
+    feature_dtype: str = field(
+        default="float16", metadata={"help": "Stored hidden states for l1/l2: float16 or bfloat16."}
+    )
+    reference: str = field(
+        default="store",
+        metadata={
+            "help": "'store' (precomputed on disk) or 'online' (LoRA: the adapter-disabled model, nothing on disk)."
+        },
+    )
+    store_dir: str | None = field(
+        default=None, metadata={"help": "Activation store folder (default: <output_dir>/gere_store)."}
+    )
+    reuse_store: bool = field(
+        default=True, metadata={"help": "Reuse a matching store; False rebuilds it (--regenerate-store)."}
+    )
+    num_interpolate_per_batch: int = field(
+        default=0,
+        metadata={
+            "help": "Batch interpolation: replay samples inside every global batch (0 = separate replay batch)."
+        },
+    )
+    replay_batch_size: int = field(
+        default=4, metadata={"help": "Without BI: replay samples per device in each micro-batch."}
+    )
+    extract_batch_size: int = field(
+        default=8, metadata={"help": "Batch size of the extraction forward pass."}
+    )
+
+    def __post_init__(self) -> None:
+        self.parts = parse_objective(self.objective)
+        self.margin_weight = parse_margin_weight(self.margin_weight)
+        self.layers = [
+            int(x) for x in (self.layers if isinstance(self.layers, (list, tuple)) else [self.layers])
+        ]
+        checks = [
+            (self.replay_selection in SELECTIONS, "replay_selection", f"one of {SELECTIONS}"),
+            (self.margin_reduction in REDUCTIONS, "margin_reduction", f"one of {REDUCTIONS}"),
+            (self.feature_dtype in FEATURE_DTYPES, "feature_dtype", f"one of {FEATURE_DTYPES}"),
+            (self.reference in REFERENCE_MODES, "reference", f"one of {REFERENCE_MODES}"),
+            (self.num_replay_samples >= 1, "num_replay_samples", "at least 1"),
+            (self.replay_max_length >= 2, "replay_max_length", "at least 2"),
+            (self.threshold_k > 0, "threshold_k", "greater than 0"),
+            (self.kl_temperature > 0, "kl_temperature", "greater than 0"),
+            (self.kl_topk >= 1, "kl_topk", "at least 1"),
+            (self.num_interpolate_per_batch >= 0, "num_interpolate_per_batch", "0 or more"),
+            (self.replay_batch_size >= 1, "replay_batch_size", "at least 1"),
+            (self.extract_batch_size >= 1, "extract_batch_size", "at least 1"),
+            (bool(self.layers), "layers", "a non-empty list"),
+        ]
+        for ok, name, need in checks:
+            if not ok:
+                raise GeReError(f"{name} = {getattr(self, name)!r} is not valid: it must be {need}")
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the objective compares with the base model (anything but plain CE replay)."""
+        return bool(set(self.parts) - {"ce"})
+
+    def load_replay_set(self) -> ReplaySet:
+        """The replay set these settings select (`gere.replay.replay_set.load_replay_set`)."""
+        from gere.replay.replay_set import load_replay_set
+
+        if not self.replay_source:
+            raise GeReError(
+                "no replay texts: set replay_source (--replay-source, gere_data_file=) to general text, "
+                "or pass an activation store"
+            )
+        return load_replay_set(
+            self.replay_source,
+            self.num_replay_samples,
+            selection=self.replay_selection,
+            seed=self.replay_seed,
+            text_field=self.replay_text_field,
+            split=self.replay_split,
+        )
+
+    def store_spec(self) -> StoreSpec:
+        """What the activation store must hold for this objective."""
+        from gere.store.format import StoreSpec
+
+        return StoreSpec(
+            max_length=self.replay_max_length,
+            layers=tuple(self.layers),
+            threshold_k=self.threshold_k,
+            tm="tm" in self.parts,
+            features="l1" in self.parts or "l2" in self.parts,
+            feature_dtype=self.feature_dtype,
+            topk=self.kl_topk if "kl" in self.parts else 0,
+            batch_size=self.extract_batch_size,
+        )
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -1,0 +1,88 @@
+"""Checkpoints of a continual run: the weights (or the LoRA adapter) and the RNG state after each stage.
+
+``<run>/checkpoints/stage-<i>/`` holds ``weights.safetensors``, ``rng.safetensors`` and ``checkpoint.json``
+(written last). A checkpoint is written to a temporary folder and renamed, so a crash or a full disk never
+leaves a half checkpoint under the final name; older ones are pruned only after the run state names the
+newest.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gere.continual.run_config import RunConfig
+from gere.errors import GeReError
+from gere.io_utils import atomic_write_json
+
+
+def checkpoint_dir(out: Path, stage: int) -> Path:
+    return out / "checkpoints" / f"stage-{stage}"
+
+
+def save_checkpoint(out: Path, stage: int, model, cfg: RunConfig) -> Path:
+    """Weights (or the adapter) after ``stage``, plus torch's RNG state; temp folder, then rename."""
+    final = checkpoint_dir(out, stage)
+    tmp = out / "checkpoints" / f".stage-{stage}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        _write_checkpoint(tmp, stage, model, cfg)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed (e.g. disk-full) write leaves nothing behind
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def prune_checkpoints(out: Path, cfg: RunConfig) -> None:
+    """Keep the newest ``keep_checkpoints``. Called only after run_state.json names the newest stage, so a
+    crash in between never leaves the state pointing at a deleted checkpoint."""
+    if cfg.keep_checkpoints:
+        older = sorted((out / "checkpoints").glob("stage-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in older[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+
+
+def _write_checkpoint(tmp: Path, stage: int, model, cfg: RunConfig) -> None:
+    if cfg.finetuning == "lora":
+        from peft import get_peft_model_state_dict
+
+        tensors = get_peft_model_state_dict(model)
+    else:
+        tensors = model.state_dict()
+    # Tied weights share storage; safetensors wants each stored once.
+    seen, unique = set(), {}
+    for name, tensor in tensors.items():
+        key = tensor.data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        unique[name] = tensor.detach().contiguous().cpu()
+    save_file(unique, str(tmp / "weights.safetensors"))
+    save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    atomic_write_json(tmp / "checkpoint.json", {"stage": stage, "finetuning": cfg.finetuning, "tensors": len(unique)})
+
+
+def load_checkpoint(path: Path, model, cfg: RunConfig) -> None:
+    if not (path / "checkpoint.json").exists():
+        raise GeReError(f"checkpoint {path} is incomplete; start over with --overwrite")
+    tensors = load_file(str(path / "weights.safetensors"))
+    if cfg.finetuning == "lora":
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, tensors)
+    else:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        tied = {n for n in missing if n.endswith("lm_head.weight")}
+        if set(missing) - tied or unexpected:
+            raise GeReError(f"checkpoint {path} does not fit the model (missing {missing}, unexpected {unexpected})")
+        if tied:
+            model.tie_weights()
+    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch_rng"])

@@ -1,0 +1,88 @@
+"""Several finished runs side by side: ``comparison.md`` and ``comparison.png``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gere.continual.metrics import compute_metrics
+from gere.continual.plots import new_figure, save_figure
+from gere.continual.report import num, pct, table
+from gere.errors import GeReError
+from gere.io_utils import atomic_write_text
+
+
+def _final_perplexity(results: dict[str, Any]) -> float | None:
+    general = results.get("general") or []
+    ppl = (general[-1].get("perplexity") or {}) if general else {}
+    return sum(ppl.values()) / len(ppl) if ppl else None
+
+
+COMPARE_COLUMNS = ("AP", "AP weighted", "BWT", "FWT", "forgetting", "general score", "F1 Avg")
+
+
+def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
+    """Read each run's results.json and write ``comparison.md`` and ``comparison.png`` to `out_dir`.
+
+    The table has one row per run: method, AP, AP weighted, BWT, FWT, forgetting, general score (all in
+    %), final perplexity (mean over held-out sets), F1 Avg (%) and wall time (s).
+    """
+    runs = read_runs(run_dirs)
+    values = [_metric_values(r) for r in runs]
+    out_dir = Path(out_dir)
+    md_path, png_path = out_dir / "comparison.md", out_dir / "comparison.png"
+    text = "# Comparison of runs\n\nAll metrics in %, except perplexity (final stage) and wall time.\n\n"
+    atomic_write_text(md_path, text + _comparison_table(runs, values) + "\n")
+    _plot_comparison(runs, values, png_path)
+    return [md_path, png_path]
+
+
+def read_runs(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """The results.json of each run folder, with clear errors for a missing or broken one."""
+    if not run_dirs:
+        raise GeReError("compare_runs needs at least one run folder; pass the folders holding results.json")
+    runs = []
+    for run_dir in run_dirs:
+        path = Path(run_dir) / "results.json"
+        if not path.is_file():
+            raise GeReError(f"{path} does not exist; pass run folders written by write_report")
+        try:
+            runs.append(json.loads(path.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as e:
+            raise GeReError(f"{path} is not valid JSON ({e}); rerun write_report for that run") from e
+    return runs
+
+
+def _metric_values(run: dict[str, Any]) -> list[float | None]:
+    """The run's values of `COMPARE_COLUMNS`, as fractions."""
+    m = run.get("metrics") or compute_metrics(run["accuracy_matrix"], run.get("test_sizes"), run.get("general"))
+    return [m.get(k) for k in ("ap", "ap_weighted", "bwt", "fwt", "forgetting", "general_final", "f1_avg")]
+
+
+def _comparison_table(runs: list[dict[str, Any]], values: list[list[float | None]]) -> str:
+    header = ["method", "run", "AP", "AP weighted", "BWT", "FWT", "forgetting", "general score", "perplexity",
+              "F1 Avg", "wall time (s)"]  # fmt: skip
+    rows = [
+        [str(r.get("method", "?")), str(r.get("name", "")), *map(pct, numbers[:6]), num(_final_perplexity(r)),
+         pct(numbers[6]), num((r.get("timing") or {}).get("total_s"), 1)]  # fmt: skip
+        for r, numbers in zip(runs, values, strict=True)
+    ]
+    return table(header, rows)
+
+
+def _plot_comparison(runs: list[dict[str, Any]], values: list[list[float | None]], path: Path) -> None:
+    fig = new_figure(max(7.0, 1.2 * len(COMPARE_COLUMNS) + 0.4 * len(runs)), 4.5)
+    ax = fig.add_subplot()
+    width = 0.8 / len(runs)
+    for k, (r, numbers) in enumerate(zip(runs, values, strict=True)):
+        xs = [c + (k - (len(runs) - 1) / 2) * width for c in range(len(COMPARE_COLUMNS))]
+        heights = [0.0 if v is None else 100 * v for v in numbers]
+        ax.bar(xs, heights, width, label=f"{r.get('method', '?')} ({r.get('name', '')})")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(COMPARE_COLUMNS)), COMPARE_COLUMNS, rotation=20)
+    ax.set_ylabel("%")
+    ax.set_title("Methods compared")
+    ax.legend(fontsize=7)
+    save_figure(fig, path)

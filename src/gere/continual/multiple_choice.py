@@ -1,0 +1,197 @@
+"""General ability by multiple choice: MMLU-style questions, read from files or the hub, and scored.
+
+GeRe (arXiv 2508.04676, Sec. 5) measures general ability with MMLU among others. Questions are
+``{"question", "choices", "answer", "subject", "category"?}``; the answer is read as the letter whose token
+has the largest logit after the prompt.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gere.batching import batches, eval_mode, model_device, pad_batch, pad_token_id
+from gere.continual.prompts import encode_prompt_and_target
+from gere.errors import GeReError
+from gere.io_utils import HF_PREFIX, iter_rows, load_hub_dataset
+
+CHOICE_LETTERS = "ABCDEFGHIJ"
+
+# MMLU's 57 subjects in the four reporting categories (the grouping of Hendrycks et al. 2021).
+_CATEGORY_SUBJECTS = {
+    "STEM": """abstract_algebra astronomy college_biology college_chemistry college_computer_science
+        college_mathematics college_physics computer_security conceptual_physics electrical_engineering
+        elementary_mathematics high_school_biology high_school_chemistry high_school_computer_science
+        high_school_mathematics high_school_physics high_school_statistics machine_learning""",
+    "humanities": """formal_logic high_school_european_history high_school_us_history high_school_world_history
+        international_law jurisprudence logical_fallacies moral_disputes moral_scenarios philosophy
+        prehistory professional_law world_religions""",
+    "social sciences": """econometrics high_school_geography high_school_government_and_politics
+        high_school_macroeconomics high_school_microeconomics high_school_psychology human_sexuality
+        professional_psychology public_relations security_studies sociology us_foreign_policy""",
+    "other": """anatomy business_ethics clinical_knowledge college_medicine global_facts human_aging management
+        marketing medical_genetics miscellaneous nutrition professional_accounting professional_medicine
+        virology""",
+}
+MMLU_SUBJECT_CATEGORY: dict[str, str] = {
+    subject: category for category, subjects in _CATEGORY_SUBJECTS.items() for subject in subjects.split()
+}
+MMLU_CATEGORIES = tuple(_CATEGORY_SUBJECTS)
+
+
+def subject_category(subject: str) -> str:
+    """MMLU category of `subject`; subjects outside MMLU count as "other"."""
+    return MMLU_SUBJECT_CATEGORY.get(subject, "other")
+
+
+def _check_question(q: Any, where: str) -> dict[str, Any]:
+    if not isinstance(q, dict):
+        raise GeReError(f"{where}: expected an object with question/choices/answer/subject")
+    missing = [k for k in ("question", "choices", "answer") if k not in q]
+    if missing:
+        raise GeReError(
+            f"{where}: missing {missing}; each question needs question, choices, answer (and subject)"
+        )
+    choices = q["choices"]
+    if not isinstance(choices, list) or not 2 <= len(choices) <= len(CHOICE_LETTERS):
+        raise GeReError(
+            f"{where}: `choices` must be a list of 2-{len(CHOICE_LETTERS)} options, got {choices!r}"
+        )
+    answer = q["answer"]
+    if isinstance(answer, str) and len(answer) == 1 and answer.upper() in CHOICE_LETTERS:
+        answer = CHOICE_LETTERS.index(answer.upper())
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+        raise GeReError(
+            f"{where}: `answer` must be a choice index 0-{len(choices) - 1} (or letter), got {answer!r}"
+        )
+    subject = str(q.get("subject") or "general")
+    return {
+        "question": str(q["question"]),
+        "choices": [str(c) for c in choices],
+        "answer": answer,
+        "subject": subject,
+        "category": str(q.get("category") or subject_category(subject)),
+    }
+
+
+def load_multiple_choice(path_or_hf: str | Path, split: str = "test", limit: int | None = None) -> list[dict]:
+    """Read multiple-choice questions.
+
+    Accepts a local ``.jsonl``/``.json`` file of ``{"question", "choices", "answer", "subject",
+    "category"?}`` objects, or ``hf:<dataset>[:<config>]`` in the ``cais/mmlu`` layout (columns question,
+    subject, choices, answer), e.g. ``hf:cais/mmlu:all``. A missing category is looked up from the subject.
+    """
+    source = str(path_or_hf)
+    if source.startswith(HF_PREFIX):
+        ds = load_hub_dataset(source, split)
+        located = [(f"{source} [{split}], item {i + 1}", dict(row)) for i, row in enumerate(ds)]
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise GeReError(
+                f"multiple-choice file {path} does not exist; pass a .jsonl/.json file or 'hf:cais/mmlu:all'"
+            )
+        located = list(iter_rows(path))
+    questions = [_check_question(row, where) for where, row in located]
+    return questions[:limit] if limit is not None else questions
+
+
+def format_mc_question(q: dict[str, Any], with_answer: bool) -> str:
+    lines = [q["question"]]
+    lines += [f"{CHOICE_LETTERS[k]}. {choice}" for k, choice in enumerate(q["choices"])]
+    text = "\n".join(lines) + "\nAnswer:"
+    if with_answer:
+        text += f" {CHOICE_LETTERS[q['answer']]}\n\n"
+    return text
+
+
+def format_mc_prompt(q: dict[str, Any], shots: list[dict[str, Any]]) -> str:
+    """MMLU prompt: a header naming the subject, solved `shots`, then the question ending in ``Answer:``."""
+    subject = q["subject"].replace("_", " ")
+    header = f"The following are multiple choice questions about {subject}.\n\n"
+    return header + "".join(format_mc_question(s, True) for s in shots) + format_mc_question(q, False)
+
+
+def _letter_token_ids(tokenizer, prompt: str, n: int) -> list[int]:
+    # The first token of " A" after the prompt, as the model would write it.
+    return [encode_prompt_and_target(tokenizer, prompt, f" {CHOICE_LETTERS[k]}")[1][0] for k in range(n)]
+
+
+def evaluate_multiple_choice(
+    model,
+    tokenizer,
+    questions: list[dict[str, Any]],
+    shots: int = 0,
+    dev_questions: list[dict[str, Any]] | None = None,
+    batch_size: int = 16,
+    max_length: int = 2048,
+) -> dict[str, Any]:
+    """MMLU-style accuracy: the answer is the letter whose token (" A", " B", ...) has the largest logit
+    at the last prompt position.
+
+    `shots` solved examples come from `dev_questions` of the same subject (any subject when it has too
+    few); they are dropped one by one when the prompt exceeds `max_length`. Returns ``{"accuracy"
+    (question-weighted, 0-1), "n", "correct", "per_category" {category: acc}, "per_subject" {subject: acc},
+    "category_mean" (mean over the categories present), "predictions" [choice index]}``.
+    """
+    if not questions:
+        raise GeReError("no multiple-choice questions to evaluate; check the general-ability set")
+    if shots and not dev_questions:
+        raise GeReError(f"shots={shots} needs dev_questions to draw examples from; pass them or set shots=0")
+    by_subject: dict[str, list[dict]] = defaultdict(list)
+    for d in dev_questions or []:
+        by_subject[d["subject"]].append(d)
+    prompts: list[list[int]] = []
+    letter_ids: list[list[int]] = []
+    for q in questions:
+        pool = by_subject.get(q["subject"], [])[:shots]
+        if len(pool) < shots:
+            pool = pool + [d for d in dev_questions or [] if d not in pool][: shots - len(pool)]
+        while True:
+            text = format_mc_prompt(q, pool)
+            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+            if len(ids) <= max_length or not pool:
+                break
+            pool = pool[:-1]
+        prompts.append(ids[-max_length:])
+        letter_ids.append(_letter_token_ids(tokenizer, text, len(q["choices"])))
+
+    device = model_device(model)
+    side = getattr(tokenizer, "padding_side", "right") or "right"
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    predictions = [0] * len(prompts)
+    with eval_mode(model):
+        for idx in batches(order, batch_size):
+            ids, mask, positions, offsets = pad_batch(
+                [prompts[i] for i in idx], pad_token_id(tokenizer), side, device
+            )
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+            for b, i in enumerate(idx):
+                last = logits[b, offsets[b] + len(prompts[i]) - 1]
+                letter_logits = last[torch.tensor(letter_ids[i], device=device)]
+                predictions[i] = int(torch.argmax(letter_logits).item())
+
+    hits = [int(p == q["answer"]) for p, q in zip(predictions, questions, strict=True)]
+    per_subject = _group_mean(hits, [q["subject"] for q in questions])
+    per_category = _group_mean(hits, [q["category"] for q in questions])
+    return {
+        "accuracy": sum(hits) / len(hits),
+        "n": len(hits),
+        "correct": sum(hits),
+        "per_category": per_category,
+        "per_subject": per_subject,
+        "category_mean": sum(per_category.values()) / len(per_category),
+        "predictions": predictions,
+    }
+
+
+def _group_mean(hits: list[int], keys: list[str]) -> dict[str, float]:
+    total: dict[str, int] = defaultdict(int)
+    count: dict[str, int] = defaultdict(int)
+    for h, k in zip(hits, keys, strict=True):
+        total[k] += h
+        count[k] += 1
+    return {k: total[k] / count[k] for k in sorted(count)}

@@ -1,0 +1,147 @@
+"""The plots of a run report: accuracy matrix, task accuracy across stages, general ability, loss parts.
+
+Plots use matplotlib's Agg canvas directly (no pyplot state) and are written atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gere.io_utils import atomic_path
+from gere.parts import LOGGED
+
+
+def stage_names(tasks) -> list[str]:
+    return ["base"] + [f"after {t}" for t in tasks]
+
+
+def perplexity_sets(results: dict[str, Any]) -> list[str]:
+    """Names of the held-out perplexity sets a run evaluated, in first-seen order."""
+    names: list[str] = []
+    for entry in results.get("general", []):
+        for key in entry.get("perplexity") or {}:
+            if key not in names:
+                names.append(key)
+    return names
+
+
+def new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig, path: Path) -> Path:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def plot_accuracy_matrix(results: dict[str, Any], path: Path) -> Path:
+    tasks, matrix = results["tasks"], results["accuracy_matrix"]
+    stages = results.get("stages") or stage_names(tasks)
+    fig = new_figure(max(5.0, 0.7 * len(tasks) + 2), max(4.0, 0.45 * len(stages) + 1.5))
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, label="accuracy")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
+    ax.set_yticks(range(len(stages)), stages)
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            ax.text(
+                j,
+                i,
+                f"{100 * value:.0f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="black" if value > 0.6 else "white",
+            )
+    ax.set_title("Accuracy (%) per stage and task")
+    return save_figure(fig, path)
+
+
+def plot_task_accuracy(results: dict[str, Any], path: Path) -> Path:
+    tasks, matrix = results["tasks"], results["accuracy_matrix"]
+    stages = results.get("stages") or stage_names(tasks)
+    fig = new_figure(max(6.0, 0.5 * len(stages) + 3), 4.5)
+    ax = fig.add_subplot()
+    for j, task in enumerate(tasks):
+        ax.plot(range(len(stages)), [row[j] for row in matrix], marker="o", label=task)
+    ax.set_xticks(range(len(stages)), stages, rotation=45, ha="right")
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("accuracy")
+    ax.set_title("Task accuracy across stages")
+    ax.legend(fontsize=7, ncol=max(1, len(tasks) // 8))
+    return save_figure(fig, path)
+
+
+def plot_general(results: dict[str, Any], path: Path) -> Path:
+    general = results.get("general") or []
+    fig = new_figure(7.0, 4.5)
+    ax = fig.add_subplot()
+    if not general:
+        ax.text(0.5, 0.5, "no general-ability evaluation", ha="center", va="center", transform=ax.transAxes)
+        return save_figure(fig, path)
+    x = list(range(len(general)))
+    scores = [e.get("mc_accuracy") for e in general]
+    ax.plot(
+        x,
+        [float("nan") if s is None else s for s in scores],
+        marker="o",
+        color="tab:blue",
+        label="general score",
+    )
+    ax.set_ylabel("general score (MC accuracy)", color="tab:blue")
+    ax.set_xticks(x, [e.get("stage", str(i)) for i, e in enumerate(general)], rotation=45, ha="right")
+    ppl_sets = perplexity_sets(results)
+    if ppl_sets:
+        ax2 = ax.twinx()
+        for k, name in enumerate(ppl_sets):
+            values = [(e.get("perplexity") or {}).get(name, float("nan")) for e in general]
+            ax2.plot(x, values, marker="s", linestyle="--", color=f"C{k + 1}", label=f"ppl {name}")
+        ax2.set_ylabel("held-out perplexity")
+        ax2.legend(loc="upper right", fontsize=7)
+    ax.legend(loc="upper left", fontsize=7)
+    ax.set_title("General ability across stages")
+    return save_figure(fig, path)
+
+
+def loss_series(results: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
+    """The loss plot's data: ``{logged name: [(step, value), ...]}`` for every name of `gere.parts.LOGGED`
+    that the run logged at least once, in that order."""
+    history = results.get("loss_history") or []
+    series = {name: [(h["step"], h[name]) for h in history if h.get(name) is not None] for name in LOGGED}
+    return {name: points for name, points in series.items() if points}
+
+
+def plot_loss_parts(results: dict[str, Any], path: Path) -> Path:
+    history = results.get("loss_history") or []
+    series = loss_series(results)
+    parts = list(series)
+    fig = new_figure(8.0, max(3.0, 2.2 * max(1, len(parts))))
+    if not parts:
+        ax = fig.add_subplot()
+        ax.text(0.5, 0.5, "no losses logged", ha="center", va="center", transform=ax.transAxes)
+        return save_figure(fig, path)
+    # Where the task changes, draw a line so forgetting spikes can be matched to task boundaries.
+    boundaries = [
+        h["step"] for prev, h in zip(history, history[1:], strict=False) if h.get("task") != prev.get("task")
+    ]
+    first = None
+    for k, part in enumerate(parts):
+        ax = fig.add_subplot(len(parts), 1, k + 1, sharex=first)
+        first = first or ax
+        points = series[part]
+        ax.plot([p[0] for p in points], [p[1] for p in points], linewidth=1)
+        for step in boundaries:
+            ax.axvline(step, color="grey", linestyle=":", linewidth=0.8)
+        ax.set_ylabel(part)
+        if k == len(parts) - 1:
+            ax.set_xlabel("step")
+    return save_figure(fig, path)

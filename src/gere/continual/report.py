@@ -1,0 +1,197 @@
+"""Run reports: ``results.json``, ``report.md`` and plots for one continual run, and a comparison of runs.
+
+The runner fills a *results* dict with raw data and calls `build_results` (which adds ``stages`` and
+``metrics``) and then `write_report`. The schema (accuracies and scores are fractions in [0, 1])::
+
+    {
+      "name": str,                      # run name
+      "method": str,                    # e.g. "ce", "ce+tm"
+      "config": {...},                  # the resolved run config
+      "tasks": [str],                   # T task names in training order
+      "test_sizes": [int],              # T test-set sizes
+      "accuracy_matrix": [[float]],     # (T+1) x T; row 0 base model, row i after task i
+      "stages": [str],                  # T+1 names: "base", "after <task 1>", ...
+      "general": [                      # T+1 entries, one per stage
+        {"stage": str, "mc_accuracy": float | None, "mc_per_category": {str: float},
+         "perplexity": {"<held-out set name>": float}}
+      ],
+      "metrics": {...},                 # gere.metrics.compute_metrics output
+      "loss_history": [                 # one row per logged step; keys gere.parts.LOGGED
+        {"step": int, "task": str, "loss": float, "task_ce": float, "replay_ce": float | None,
+         "replay_margin": float | None, "margin_weight": float | None, "replay_kl": ..., ...}
+      ],
+      "timing": {"total_s": float, "per_task_s": [float], "eval_s": float}
+    }
+
+Every file is written atomically; the plots are `gere.continual.plots`, a comparison of runs is
+`gere.continual.compare`. The names of the logged loss parts come from `gere.parts`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gere.continual.metrics import check_matrix, compute_metrics
+from gere.continual.plots import (
+    perplexity_sets,
+    plot_accuracy_matrix,
+    plot_general,
+    plot_loss_parts,
+    plot_task_accuracy,
+    stage_names,
+)
+from gere.errors import GeReError
+from gere.io_utils import atomic_write_json, atomic_write_text
+
+REPORT_FILES = (
+    "results.json",
+    "report.md",
+    "accuracy_matrix.png",
+    "task_accuracy.png",
+    "general.png",
+    "loss_parts.png",
+)
+
+
+def build_results(
+    name: str,
+    method: str,
+    config: dict[str, Any],
+    tasks: Sequence[str],
+    test_sizes: Sequence[int],
+    accuracy_matrix: Sequence[Sequence[float]],
+    general: Sequence[dict[str, Any]] | None = None,
+    loss_history: Sequence[dict[str, Any]] | None = None,
+    timing: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Assemble a results dict in the module's schema, computing ``stages`` and ``metrics``."""
+    matrix = check_matrix(accuracy_matrix)
+    if len(tasks) != len(matrix) - 1:
+        raise GeReError(
+            f"{len(tasks)} task names for an accuracy matrix of {len(matrix) - 1} tasks; pass one per column"
+        )
+    general = list(general or [])
+    if general and len(general) != len(matrix):
+        raise GeReError(
+            f"{len(general)} general-ability entries for {len(matrix)} stages; give one per stage (base first)"
+        )
+    return {
+        "name": name,
+        "method": method,
+        "config": config,
+        "tasks": list(tasks),
+        "test_sizes": list(test_sizes),
+        "accuracy_matrix": matrix,
+        "stages": stage_names(tasks),
+        "general": general,
+        "metrics": compute_metrics(matrix, test_sizes, general),
+        "loss_history": list(loss_history or []),
+        "timing": dict(timing or {}),
+    }
+
+
+# -------------------------------------------------------------------------------------------- formatting
+
+
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def num(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """The text of report.md: accuracy matrix, metrics, general ability per stage, timing."""
+    tasks, matrix, m = results["tasks"], results["accuracy_matrix"], results["metrics"]
+    stages = results.get("stages") or stage_names(tasks)
+    parts = [f"# {results.get('name', 'run')} ({results.get('method', '?')})", ""]
+    parts += [
+        "## Accuracy matrix (%)",
+        "",
+        "Row = stage (model after training that task), column = task.",
+        "",
+    ]
+    parts.append(
+        table(["stage", *tasks], [[s, *map(pct, row)] for s, row in zip(stages, matrix, strict=True)])
+    )
+    parts += ["", "## Metrics (%)", ""]
+    metric_rows = [
+        ("AP (mean final accuracy)", m.get("ap")),
+        ("AP, sample-weighted", m.get("ap_weighted")),
+        ("BWT", m.get("bwt")),
+        ("FWT", m.get("fwt")),
+        ("Forgetting", m.get("forgetting")),
+        ("General score (final)", m.get("general_final")),
+        ("F1 Avg (general, AP)", m.get("f1_avg")),
+    ]
+    parts.append(table(["metric", "value"], [[k, pct(v)] for k, v in metric_rows]))
+    general = results.get("general") or []
+    if general:
+        ppl_sets = perplexity_sets(results)
+        categories = sorted({c for e in general for c in (e.get("mc_per_category") or {})})
+        header = [
+            "stage",
+            "MC accuracy (%)",
+            *[f"{c} (%)" for c in categories],
+            *[f"ppl {p}" for p in ppl_sets],
+        ]
+        rows = []
+        for entry in general:
+            per_cat = entry.get("mc_per_category") or {}
+            ppl = entry.get("perplexity") or {}
+            rows.append(
+                [
+                    entry.get("stage", ""),
+                    pct(entry.get("mc_accuracy")),
+                    *[pct(per_cat.get(c)) for c in categories],
+                    *[num(ppl.get(p)) for p in ppl_sets],
+                ]
+            )
+        parts += ["", "## General ability per stage", "", table(header, rows)]
+    timing = results.get("timing") or {}
+    if timing:
+        per_task = timing.get("per_task_s") or []
+        rows = [["total", num(timing.get("total_s"), 1)], ["evaluation", num(timing.get("eval_s"), 1)]]
+        rows += [[f"train {t}", num(s, 1)] for t, s in zip(tasks, per_task, strict=False)]
+        parts += ["", "## Timing (s)", "", table(["part", "seconds"], rows)]
+    return "\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+
+
+def write_report(run_dir: str | Path, results: dict[str, Any]) -> list[Path]:
+    """Write results.json, report.md and the four PNGs into `run_dir`; return their paths.
+
+    `metrics` and `stages` are computed when missing, so a dict with the raw fields is enough.
+    """
+    run_dir = Path(run_dir)
+    missing = [k for k in ("tasks", "accuracy_matrix") if k not in results]
+    if missing:
+        raise GeReError(
+            f"results lack {missing}; fill them (see gere.report's schema) before writing a report"
+        )
+    results = dict(results)
+    results["accuracy_matrix"] = check_matrix(results["accuracy_matrix"])
+    results.setdefault("stages", stage_names(results["tasks"]))
+    if not results.get("metrics"):
+        results["metrics"] = compute_metrics(
+            results["accuracy_matrix"], results.get("test_sizes"), results.get("general")
+        )
+    paths = [run_dir / name for name in REPORT_FILES]
+    atomic_write_json(paths[0], results)
+    atomic_write_text(paths[1], render_markdown(results))
+    plot_accuracy_matrix(results, paths[2])
+    plot_task_accuracy(results, paths[3])
+    plot_general(results, paths[4])
+    plot_loss_parts(results, paths[5])
+    return paths

@@ -1,0 +1,407 @@
+"""Continual runs: train on tasks in order with GeRe replay, evaluate everything after every task.
+
+After the base model and after each task, every task of the sequence (seen and not yet seen) is evaluated,
+plus general ability (multiple choice and held-out perplexity), filling a (T+1) x T accuracy matrix. The
+one fixed replay set and its activation store are computed once, from the base model, before task 1.
+
+Files in the output folder:
+
+- ``config.yaml``: the resolved run config;
+- ``run_state.json``: finished stages with their evaluations and loss history (rewritten atomically after
+  every stage; a run resumes from it);
+- ``checkpoints/stage-<i>/``: weights (full fine-tuning) or adapter (LoRA) after task i, with the RNG
+  state; written to a temporary folder and renamed, so a crash never leaves a half checkpoint;
+- ``gere_store/``: the activation store (unless the config points elsewhere);
+- ``results.json``, ``report.md`` and plots when the run ends (see `gere.report`).
+
+A run killed at any point and started again with ``resume=True`` redoes only the unfinished stage, and on
+CPU with the same seed ends with the same metrics as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
+
+from gere.batching import IGNORE_INDEX
+from gere.continual.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
+from gere.continual.evaluation import evaluate_task, perplexity
+from gere.continual.multiple_choice import evaluate_multiple_choice, load_multiple_choice
+from gere.continual.prompts import build_train_features
+from gere.continual.report import build_results, write_report
+from gere.continual.run_config import RunConfig
+from gere.continual.tasks import TaskData, load_task
+from gere.errors import GeReError
+from gere.faults import maybe_fail, train_step_callback
+from gere.io_utils import atomic_write_json, atomic_write_text, safe_join
+from gere.modeling import load_model_and_tokenizer
+from gere.parts import LOGGED
+from gere.replay.replay_set import ReplaySet, load_replay_records
+from gere.store.extract import extract_store
+from gere.store.format import ActivationStore, open_store
+from gere.trainer import GeReTrainer
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "run_state.json"
+CONFIG_FILE = "config.yaml"
+RUN_FILES = (STATE_FILE, CONFIG_FILE, "results.json", "report.md", "checkpoints", "stages")
+
+
+def config_digest(cfg: RunConfig) -> str:
+    """Identity of a run: everything but where it is written and how many checkpoints are kept."""
+    data = cfg.to_dict()
+    for key in ("output_dir", "keep_checkpoints", "cache_dir"):
+        data.pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def prepare_output_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[Path, dict | None]:
+    """Refuse a folder holding another run unless told; return the saved state when resuming."""
+    out = Path(cfg.output_dir)
+    state_path = out / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.exists() else None
+    occupied = state is not None or (out / "results.json").exists()
+    if occupied and overwrite:
+        for name in RUN_FILES:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        state = None
+    elif occupied and not resume:
+        raise GeReError(
+            f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it "
+            "(or choose another --output-dir)"
+        )
+    elif state is not None and state["config_digest"] != config_digest(cfg):
+        raise GeReError(
+            f"{out} holds a run with a different config; --resume needs the same config "
+            "(use --overwrite to start over, or another --output-dir)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return out, state
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+class Evaluator:
+    """Evaluates every task and general ability; built once per run."""
+
+    def __init__(self, cfg: RunConfig, tasks: list[TaskData]):
+        self.cfg, self.tasks = cfg, tasks
+        ev = cfg.evaluation
+        self.mc = load_multiple_choice(ev.general_mc, limit=ev.mc_limit) if ev.general_mc else None
+        self.mc_dev = load_multiple_choice(ev.mc_dev) if ev.mc_dev else None
+        self.ppl_sets = {}
+        for name, path in ev.perplexity_sets.items():
+            texts = [text for _, text in load_replay_records(path)]
+            self.ppl_sets[name] = texts[: ev.perplexity_limit] if ev.perplexity_limit else texts
+
+    def __call__(self, model, tokenizer, stage: str, progress: bool) -> dict[str, Any]:
+        ev = self.cfg.evaluation
+        accuracies = []
+        bar = tqdm(self.tasks, desc=f"evaluate {stage}", disable=not progress, leave=False)
+        for task in bar:
+            examples = task.test[: ev.test_limit] if ev.test_limit else task.test
+            result = evaluate_task(
+                model, tokenizer, task.spec, examples, method=ev.method, batch_size=ev.batch_size, max_length=ev.max_length
+            )
+            accuracies.append(result["accuracy"])
+            maybe_fail("evaluate_task")  # crash tests (gere.faults); a no-op unless GERE_FAULT is set
+        general: dict[str, Any] = {"stage": stage, "mc_accuracy": None, "mc_per_category": {}, "perplexity": {}}
+        if self.mc:
+            mc = evaluate_multiple_choice(
+                model, tokenizer, self.mc, shots=ev.mc_shots, dev_questions=self.mc_dev, batch_size=ev.batch_size
+            )
+            general["mc_accuracy"], general["mc_per_category"] = mc["accuracy"], mc["per_category"]
+        for name, texts in self.ppl_sets.items():
+            general["perplexity"][name] = perplexity(
+                model, tokenizer, texts, max_length=ev.perplexity_max_length, batch_size=ev.batch_size
+            )
+        return {"accuracies": accuracies, "general": general}
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+def _training_args(cfg: RunConfig, task: str, stage_dir: Path, progress: bool) -> TrainingArguments:
+    t = cfg.training_for(task)
+    return TrainingArguments(
+        output_dir=str(stage_dir),
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.lr_scheduler_type,
+        optim=t.optim,
+        logging_steps=t.logging_steps,
+        bf16=t.bf16,
+        activation_checkpointing=t.activation_checkpointing,
+        save_strategy="no",
+        report_to=[],
+        seed=cfg.seed,
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,
+    )
+
+
+@dataclass
+class _Run:
+    """What one continual run holds while it trains: settings, data, model, replay, and its state."""
+
+    cfg: RunConfig
+    out: Path
+    state: dict[str, Any]
+    tasks: list[TaskData]
+    model: Any
+    tokenizer: Any
+    evaluator: Evaluator
+    replay_set: ReplaySet | None
+    store: ActivationStore | None
+    progress: bool
+    started: float
+
+    def save_state(self) -> None:
+        self.state["elapsed_s"] = time.time() - self.started
+        atomic_write_json(self.out / STATE_FILE, self.state)
+
+
+def run_continual(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    base_eval_cache: str | Path | None = None,
+) -> dict[str, Any]:
+    """Run the whole sequence and write the report; returns the results dict (see `gere.continual.report`).
+
+    ``base_eval_cache``: a JSON file where runs of one comparison share the base model's evaluation.
+    """
+    started = time.time()
+    out, state = prepare_output_dir(cfg, resume=resume, overwrite=overwrite)
+    set_seed(cfg.seed)
+    tasks = _load_tasks(cfg, out)
+    model, tokenizer = _load_model(cfg)
+    replay_set, store = _prepare_replay(cfg, model, tokenizer, out, state, progress)
+    if cfg.finetuning == "lora":
+        model = _with_lora(cfg, model)
+    run = _Run(cfg, out, state or _new_state(cfg, model, store), tasks, model, tokenizer,
+               Evaluator(cfg, tasks), replay_set, store, progress, started)  # fmt: skip
+    if state is not None:
+        _resume(run)
+    if not run.state["accuracy_matrix"]:
+        _evaluate_base(run, base_eval_cache)
+    for index in range(run.state["stages_done"], len(tasks)):
+        _run_stage(run, index)
+    return _finish(run)
+
+
+def _load_tasks(cfg: RunConfig, out: Path) -> list[TaskData]:
+    tasks = [load_task(spec) for spec in cfg.task_specs()]
+    for task in tasks:
+        safe_join(out, task.spec.name)  # task names become folder names: keep them inside the run
+    _check_classes(tasks)
+    return tasks
+
+
+def _load_model(cfg: RunConfig):
+    model, tokenizer = load_model_and_tokenizer(
+        cfg.model, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code
+    )
+    tokenizer.padding_side = "right"
+    if tokenizer.eos_token_id is None:  # found now, not after the extraction pass
+        raise GeReError(
+            f"the tokenizer of {cfg.model} has no eos token, which ends every training answer; add one "
+            "(tokenizer.add_special_tokens({'eos_token': ...}), then save_pretrained into the model folder) "
+            "or use a model whose tokenizer defines eos"
+        )
+    return model, tokenizer
+
+
+def _prepare_replay(cfg: RunConfig, model, tokenizer, out: Path, state: dict | None, progress: bool):
+    """The replay set, and the activation store from the base model (once, before any training)."""
+    gere = cfg.gere
+    if not gere.parts:
+        return None, None
+    replay_set = gere.load_replay_set()
+    if gere.reference != "store" or not gere.needs_reference:
+        return replay_set, None
+    store_dir = Path(gere.store_dir) if gere.store_dir else out / "gere_store"
+    if state is None:
+        store = extract_store(model, tokenizer, replay_set, store_dir, gere.store_spec(),
+                              regenerate=not gere.reuse_store, progress=progress)  # fmt: skip
+    else:
+        store = open_store(store_dir)
+        if store.manifest["model"] != state["base_model"]:
+            raise GeReError(f"{store_dir} no longer belongs to this run's base model; use --overwrite")
+    return replay_set, store
+
+
+def _with_lora(cfg: RunConfig, model):
+    from peft import LoraConfig, get_peft_model
+
+    lora = cfg.lora
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
+    return get_peft_model(model, config)
+
+
+def _new_state(cfg: RunConfig, model, store: ActivationStore | None) -> dict[str, Any]:
+    from gere.store.fingerprint import model_fingerprint
+
+    return {
+        "config_digest": config_digest(cfg),
+        "base_model": store.manifest["model"] if store is not None else model_fingerprint(model),
+        "stages_done": 0,
+        "accuracy_matrix": [],
+        "general": [],
+        "loss_history": [],
+        "per_task_s": [],
+        "per_task_steps": [],
+        "eval_s": 0.0,
+        "elapsed_s": 0.0,
+    }
+
+
+def _resume(run: _Run) -> None:
+    done = run.state["stages_done"]
+    run.started -= run.state.get("elapsed_s", 0.0)
+    if done > 0:
+        load_checkpoint(checkpoint_dir(run.out, done), run.model, run.cfg)
+    logger.info("resuming %s after stage %d of %d", run.out, done, len(run.tasks))
+
+
+def _evaluate_base(run: _Run, cache) -> None:
+    t0 = time.time()
+    base = _cached_base_eval(cache, run.cfg, run.state["base_model"])
+    if base is None:
+        base = run.evaluator(run.model, run.tokenizer, "base", run.progress)
+        _store_base_eval(cache, run.cfg, run.state["base_model"], base)
+    run.state["accuracy_matrix"].append(base["accuracies"])
+    run.state["general"].append(base["general"])
+    run.state["eval_s"] += time.time() - t0
+    run.save_state()
+
+
+def _run_stage(run: _Run, index: int) -> None:
+    """Train task ``index``, log its loss parts, evaluate everything, checkpoint, then record the stage."""
+    cfg, state, name = run.cfg, run.state, run.tasks[index].spec.name
+    t0 = time.time()
+    trainer = _stage_trainer(run, index)
+    trainer.train()
+    step_offset = _steps_before(state)
+    for entry in trainer.state.log_history:
+        if "loss" in entry:
+            row = {"step": step_offset + int(entry["step"]), "task": name}
+            row.update({k: entry.get(k) for k in LOGGED})
+            state["loss_history"].append(row)
+    train_s = time.time() - t0
+    t1 = time.time()
+    evaluation = run.evaluator(run.model, run.tokenizer, f"after {name}", run.progress)
+    state["eval_s"] += time.time() - t1
+    save_checkpoint(run.out, index + 1, run.model, cfg)
+    state["accuracy_matrix"].append(evaluation["accuracies"])
+    state["general"].append(evaluation["general"])
+    state["per_task_s"].append(train_s)
+    state.setdefault("per_task_steps", []).append(int(trainer.state.global_step))
+    state["stages_done"] = index + 1
+    run.save_state()
+    prune_checkpoints(run.out, cfg)
+    shutil.rmtree(run.out / "stages" / f"{index + 1}-{name}", ignore_errors=True)
+
+
+def _steps_before(state: dict[str, Any]) -> int:
+    """Optimisation steps of the finished stages: where this stage's steps start in the loss history."""
+    steps = state.get("per_task_steps")
+    if steps is not None and len(steps) == state["stages_done"]:
+        return sum(steps)
+    return max((h["step"] for h in state["loss_history"]), default=0)  # a state written before 0.2
+
+
+def _stage_trainer(run: _Run, index: int) -> GeReTrainer:
+    task, tokenizer = run.tasks[index], run.tokenizer
+    name = task.spec.name
+    features = build_train_features(task.spec, task.train, tokenizer, run.cfg.training_for(name).max_length)
+    return GeReTrainer(
+        model=run.model,
+        args=_training_args(run.cfg, name, run.out / "stages" / f"{index + 1}-{name}", run.progress),
+        train_dataset=features,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
+        processing_class=tokenizer,
+        gere_config=run.cfg.gere,
+        activation_store=run.store,
+        replay_set=run.replay_set,
+        callbacks=[train_step_callback()],  # crash tests (gere.faults); a no-op unless GERE_FAULT is set
+    )
+
+
+def _finish(run: _Run) -> dict[str, Any]:
+    cfg, state, tasks = run.cfg, run.state, run.tasks
+    results = build_results(
+        cfg.name,
+        cfg.gere.objective if cfg.gere.parts else "none",
+        cfg.to_dict(),
+        [t.spec.name for t in tasks],
+        [min(len(t.test), cfg.evaluation.test_limit or len(t.test)) for t in tasks],
+        state["accuracy_matrix"],
+        general=state["general"],
+        loss_history=state["loss_history"],
+        timing={"total_s": time.time() - run.started, "per_task_s": state["per_task_s"], "eval_s": state["eval_s"]},
+    )
+    write_report(run.out, results)
+    return results
+
+
+def _check_classes(tasks: list[TaskData]) -> None:
+    """Training on one class only teaches "always answer X": almost surely a data or field-mapping mistake."""
+    for task in tasks:
+        classes = sorted({ex.label for ex in task.train})
+        if len(classes) < 2:
+            raise GeReError(
+                f"task {task.spec.name!r}: the training data holds only the class {classes} of the label words "
+                f"{task.spec.labels}; give examples of at least two classes "
+                "(check `label_field` and `label_map`)"
+            )
+
+
+def _base_eval_key(cfg: RunConfig, base_model: str) -> str:
+    data = {"model": base_model, "tasks": [s.to_dict() for s in cfg.task_specs()], "eval": cfg.to_dict()["evaluation"]}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _cached_base_eval(path, cfg: RunConfig, base_model: str) -> dict | None:
+    """Runs of one comparison share the base model's evaluation (same model, tasks and eval settings)."""
+    if path is None or not Path(path).exists():
+        return None
+    data = json.loads(Path(path).read_text())
+    return data.get(_base_eval_key(cfg, base_model))
+
+
+def _store_base_eval(path, cfg: RunConfig, base_model: str, evaluation: dict) -> None:
+    if path is None:
+        return
+    path = Path(path)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[_base_eval_key(cfg, base_model)] = evaluation
+    atomic_write_json(path, data)

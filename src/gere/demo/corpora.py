@@ -1,0 +1,231 @@
+"""The demo's data, built from real corpora: disjoint splits, the probe, and the continual tasks.
+
+Pure functions from the corpora's text to rows; `gere.demo.assets` reads the wheels and writes files.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+from gere.errors import GeReError
+
+logger = logging.getLogger(__name__)
+
+PROBE_SECTIONS = ("capital-common-countries", "capital-world")
+#: questions-words.txt section -> relation label of the grammar task.
+GRAMMAR_SECTIONS = {
+    "gram2-opposite": "opposite",
+    "gram3-comparative": "comparative",
+    "gram4-superlative": "superlative",
+    "gram7-past-tense": "past",
+    "gram8-plural": "plural",
+}
+
+
+def split_disjoint(
+    items: Sequence[Any], sizes: Sequence[int], *, seed: int, group: Callable[[Any], Hashable] | None = None
+) -> list[list[Any]]:
+    """Shuffle `items` (with `seed`) and cut them into disjoint parts of at most `sizes[i]` items.
+
+    With `group`, items sharing a group key (e.g. the Wikipedia article) all go to the same part, so
+    held-out text never comes from an article in the replay set; surplus items of a group are dropped.
+    """
+    rng = random.Random(seed)
+    groups: dict[Hashable, list[Any]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(group(item) if group else i, []).append(item)
+    order = list(groups)
+    rng.shuffle(order)
+    parts: list[list[Any]] = [[] for _ in sizes]
+    part = 0
+    for key in order:
+        while part < len(sizes) and len(parts[part]) >= sizes[part]:
+            part += 1
+        if part == len(sizes):
+            break
+        parts[part].extend(groups[key][: sizes[part] - len(parts[part])])
+    return parts
+
+
+def stratified_split(
+    examples: Sequence[dict[str, str]], n_train: int, n_test: int, *, seed: int, name: str = "task"
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Disjoint, class-balanced train/test splits of `{"input", "label"}` examples.
+
+    Duplicate inputs are dropped first (so no input is in both splits). Classes are interleaved round-robin
+    after shuffling, so both splits are as balanced as the data allows. When the source has fewer than
+    `n_train + n_test` examples both sizes shrink in proportion (logged).
+    """
+    rng = random.Random(seed)
+    unique: dict[str, dict[str, str]] = {}
+    for ex in examples:
+        unique.setdefault(ex["input"], ex)
+    by_label: dict[str, list[dict[str, str]]] = {}
+    for ex in unique.values():
+        by_label.setdefault(ex["label"], []).append(ex)
+    for label in sorted(by_label):
+        rng.shuffle(by_label[label])
+    interleaved, columns = [], [by_label[k] for k in sorted(by_label)]
+    for i in range(max((len(c) for c in columns), default=0)):
+        interleaved.extend(c[i] for c in columns if i < len(c))
+    total = len(interleaved)
+    if total < n_train + n_test:
+        n_test_new = round(total * n_test / (n_train + n_test))
+        logger.warning(
+            "%s has %d distinct examples, fewer than %d train + %d test; using %d train + %d test",
+            name,
+            total,
+            n_train,
+            n_test,
+            total - n_test_new,
+            n_test_new,
+        )
+        n_train, n_test = total - n_test_new, n_test_new
+    test, train = interleaved[:n_test], interleaved[n_test : n_test + n_train]
+    rng.shuffle(test)
+    rng.shuffle(train)
+    return train, test
+
+
+def parse_analogy_sections(text: str) -> dict[str, list[tuple[str, str]]]:
+    """`questions-words.txt` -> {section: distinct word pairs in file order}; each line `a b c d` holds (a, b), (c, d)."""
+    sections: dict[str, dict[tuple[str, str], None]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith(":"):
+            current = sections.setdefault(line[1:].strip(), {})
+            continue
+        words = line.split()
+        if current is None or len(words) != 4:
+            continue
+        current[(words[0], words[1])] = None
+        current[(words[2], words[3])] = None
+    return {k: list(v) for k, v in sections.items()}
+
+
+def build_probe(
+    pairs: Sequence[tuple[str, str]],
+    n: int,
+    *,
+    seed: int,
+    subject: str = "world_capitals",
+    category: str = "geography",
+) -> list[dict[str, Any]]:
+    """MMLU-style 4-way questions from (capital, country) pairs, asked in both directions.
+
+    Distractors come from the same list and are never a correct answer to the question, so exactly one
+    option is right; the position of the answer is drawn with `seed`.
+    """
+    rng = random.Random(seed)
+    pairs = sorted(set(pairs))
+    capitals_of: dict[str, set[str]] = {}
+    countries_of: dict[str, set[str]] = {}
+    for capital, country in pairs:
+        capitals_of.setdefault(country, set()).add(capital)
+        countries_of.setdefault(capital, set()).add(country)
+    all_capitals, all_countries = sorted(countries_of), sorted(capitals_of)
+    candidates = []
+    for capital, country in pairs:
+        candidates.append((f"What is the capital of {country}?", capital, all_capitals, capitals_of[country]))
+        candidates.append(
+            (f"{capital} is the capital of which country?", country, all_countries, countries_of[capital])
+        )
+    rng.shuffle(candidates)
+    out = []
+    for question, correct, pool, also_correct in candidates[:n]:
+        wrong = [x for x in pool if x not in also_correct]
+        if len(wrong) < 3:
+            raise GeReError(
+                f"too few distinct answers to build the probe question {question!r}; pass more pairs"
+            )
+        choices = rng.sample(wrong, 3)
+        answer = rng.randrange(4)
+        choices.insert(answer, correct)
+        out.append(
+            {
+                "question": question,
+                "choices": choices,
+                "answer": answer,
+                "subject": subject,
+                "category": category,
+            }
+        )
+    if len(out) < n:
+        logger.warning("probe: only %d questions available, fewer than the %d asked for", len(out), n)
+    return out
+
+
+def _detokenize(sentence: str) -> str:
+    """Undo the Pang & Lee tokenisation ("it 's good , really .") into readable text."""
+    s = " ".join(sentence.split())
+    s = re.sub(r" ([,.;:!?%)\]])", r"\1", s)
+    s = re.sub(r"([(\[]) ", r"\1", s)
+    s = re.sub(r" (n't|'s|'re|'ve|'ll|'d|'m)\b", r"\1", s)
+    return s[:1].upper() + s[1:]
+
+
+def sentiment_examples(text: str) -> list[dict[str, str]]:
+    """Pang & Lee polarity sentences (`__label__pos|neg sentence`) -> `{"input", "label": Good|Bad}`."""
+    labels = {"__label__pos": "Good", "__label__neg": "Bad"}
+    out = []
+    for line in text.splitlines():
+        tag, _, sentence = line.strip().partition(" ")
+        if tag in labels and sentence.strip():
+            out.append({"input": _detokenize(sentence), "label": labels[tag]})
+    return out
+
+
+def grammar_examples(sections: dict[str, list[tuple[str, str]]]) -> list[dict[str, str]]:
+    """Word pairs from the gram* sections -> `{"input": "good : better", "label": "comparative"}`."""
+    return [
+        {"input": f"{a} : {b}", "label": label}
+        for section, label in GRAMMAR_SECTIONS.items()
+        for a, b in sections.get(section, [])
+    ]
+
+
+def similarity_examples(
+    text: str, *, similar_at: float = 7.0, different_at: float = 2.0
+) -> list[dict[str, str]]:
+    """SimLex-999 pairs rated >= `similar_at` -> "similar", <= `different_at` -> "different" (0-10 scale).
+
+    The middle of the scale is left out so that the labels are clear.
+    """
+    out = []
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if line.startswith("#") or len(parts) < 3:
+            continue
+        try:
+            score = float(parts[2])
+        except ValueError:
+            continue
+        label = "similar" if score >= similar_at else "different" if score <= different_at else None
+        if label:
+            out.append({"input": f"{parts[0].strip()} : {parts[1].strip()}", "label": label})
+    return out
+
+
+TASKS = {
+    "sentiment": "Is the sentiment of this movie review sentence Good or Bad?",
+    "grammar": "Which relation holds between the two words: opposite, comparative, superlative, past or plural?",
+    "similarity": "Are the two words similar in meaning or different?",
+}
+TASK_LABELS = {
+    "sentiment": ["Good", "Bad"],
+    "grammar": list(GRAMMAR_SECTIONS.values()),
+    "similarity": ["similar", "different"],
+}
+
+
+def truncate_at_sentence(text: str, max_chars: int) -> str:
+    text = " ".join(text.split())
+    if len(text) <= max_chars:
+        return text
+    cut = text[:max_chars]
+    end = max(cut.rfind(". "), cut.rfind("? "), cut.rfind("! "))
+    return cut[: end + 1] if end > max_chars // 3 else cut.rsplit(" ", 1)[0]

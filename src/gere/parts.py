@@ -1,0 +1,47 @@
+"""The names of replay objectives and of the loss parts they log: one table for the whole package.
+
+Training logs (`gere.trainer`), a run's loss history (`gere.continual.runner`), results, reports and plots
+(`gere.continual.report`) all read the names from here, so a part that is logged is also recorded and
+plotted. This module imports nothing heavy: `gere.config` validates settings with it without torch.
+
+An objective is written as replay parts joined by ``+`` (``ce+tm`` is the paper's best, BaselineR+TM;
+GeRe, arXiv 2508.04676, Sec. 3-4). ``ce`` is a fitting term averaged with the task cross-entropy; every
+other part is a regulariser multiplied by the regulariser weight (``margin_weight``: a number, or ``dy``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ReplayPart:
+    """One replay objective: its name in ``objective``, the loss part it logs, and its logged weight."""
+
+    name: str
+    loss: str
+    weight: str | None  # None: a fitting term (ce), not weighted
+
+
+REPLAY_PARTS: dict[str, ReplayPart] = {
+    part.name: part
+    for part in (
+        ReplayPart("ce", "replay_ce", None),  # label fitting on the replay text (BaselineR)
+        ReplayPart("tm", "replay_margin", "margin_weight"),  # threshold-based margin loss
+        ReplayPart("kl", "replay_kl", "kl_weight"),  # logit imitation
+        ReplayPart("l1", "replay_l1", "l1_weight"),  # feature imitation, absolute error
+        ReplayPart("l2", "replay_l2", "l2_weight"),  # feature imitation, squared error
+    )
+}
+# The regularisers are added to the loss in this order.
+REGULARISERS = tuple(name for name, part in REPLAY_PARTS.items() if part.weight is not None)
+
+TASK_CE = "task_ce"
+TOTAL = "loss"
+#: Every loss part and weight a training step may log, in display order.
+LOSS_PARTS = (TASK_CE, *(p.loss for p in REPLAY_PARTS.values()))
+WEIGHTS = tuple(p.weight for p in REPLAY_PARTS.values() if p.weight is not None)
+LOGGED = (TOTAL, *LOSS_PARTS, *WEIGHTS)
+
+#: How the margin loss is reduced over elements: sum / non-zero elements (the reference), / real, or sum.
+REDUCTIONS = ("nonzero", "mean", "sum")

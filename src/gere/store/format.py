@@ -1,0 +1,253 @@
+"""The activation store on disk: what it holds, how labels are packed, and reading it back.
+
+GeRe (arXiv 2508.04676, Sec. 3.2) runs the frozen base model over the replay set once and keeps its
+last-layer hidden states ("activation states") and per-dimension statistics; thresholds are
+``mean -/+ k*std``. A store folder holds only what each replay objective needs:
+
+- ``tm``: each element's label (negative / neutral / positive) packed 4 to a byte (2 bits per element),
+  memory-mapped at training time: ``tm_codes.L<layer>.npy`` ``uint8 [tokens, ceil(hidden/4)]``;
+- ``l1`` / ``l2``: hidden states in float16 or bfloat16 (stored as int16 bits):
+  ``features.L<layer>.npy`` ``[tokens, hidden]``;
+- ``kl``: the base model's top-k logits per token: ``topk_values.npy`` (float16) and ``topk_indices.npy``
+  (int32), ``[tokens, k]``.
+
+Always present: ``tokens.npy`` (int32, the replay token ids, concatenated), ``offsets.npy`` (int64,
+``[samples + 1]``), ``stats.safetensors`` (float64 count / mean / M2 / std per layer) and ``manifest.json``
+(fingerprints, settings, sha256 of every file), written last: a folder without a manifest is never
+trusted. Nothing is pickled. The manifest key ``k`` is the threshold multiplier (``threshold_k``).
+
+This module needs numpy and safetensors only; `gere.store.extract` writes stores, `gere.reference` turns
+what is read here into tensors for the losses.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file as load_numpy_file
+
+from gere.config import FEATURE_DTYPES
+from gere.errors import GeReError
+from gere.io_utils import atomic_path, sha256_file
+from gere.replay.replay_set import PAPER_MAX_LENGTH
+from gere.stats import thresholds
+
+# Label codes stored per element (2 bits each).
+CODE_NEGATIVE = 0
+CODE_NEUTRAL = 1
+CODE_POSITIVE = 2
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class StoreSpec:
+    """What to record. ``layers`` index ``hidden_states`` (0 = embeddings, -1 = last layer after the norm)."""
+
+    max_length: int = PAPER_MAX_LENGTH
+    layers: tuple[int, ...] = (-1,)
+    threshold_k: float = 1.0
+    tm: bool = True
+    features: bool = False
+    feature_dtype: str = "float16"
+    topk: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(int(x) for x in self.layers)
+        if not self.layers:
+            raise GeReError("no layers to record; pass at least one, e.g. --layers -1")
+        if self.feature_dtype not in FEATURE_DTYPES:
+            raise GeReError(f"feature dtype {self.feature_dtype!r} is not one of {', '.join(FEATURE_DTYPES)}")
+        if not self.threshold_k > 0:
+            raise GeReError(f"threshold k = {self.threshold_k} must be > 0 (--threshold-k)")
+        if self.topk < 0 or self.batch_size < 1:
+            raise GeReError("top-k must be >= 0 and the extraction batch size >= 1")
+
+    def contents(self) -> dict:
+        """The manifest's ``contents``: which arrays the store holds."""
+        return {"tm": self.tm, "features": self.features, "feature_dtype": self.feature_dtype, "topk": self.topk}
+
+    def file_names(self, layers) -> list[str]:
+        """Every file a finished store holds but the manifest, for recorded ``layers``."""
+        names = ["tokens.npy", "offsets.npy", "stats.safetensors"]
+        names += [f"tm_codes.L{layer}.npy" for layer in layers if self.tm]
+        names += [f"features.L{layer}.npy" for layer in layers if self.features]
+        names += ["topk_values.npy", "topk_indices.npy"] if self.topk else []
+        return names
+
+
+# ---------------------------------------------------------------------------------------------- labels
+
+
+def label_codes(rows: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Label of each element: 0 negative (``<= low``), 1 neutral, 2 positive (``>= high``), as ``uint8``.
+    Negative wins a tie (``low == high``, a zero-variance dimension); `gere.losses.threshold_codes` is the
+    torch twin."""
+    codes = np.full(rows.shape, CODE_NEUTRAL, dtype=np.uint8)
+    codes[rows >= high] = CODE_POSITIVE
+    codes[rows <= low] = CODE_NEGATIVE
+    return codes
+
+
+def pack_codes(codes: np.ndarray) -> np.ndarray:
+    """``uint8 [rows, hidden]`` codes in 0..2 -> ``uint8 [rows, ceil(hidden/4)]``, 2 bits each."""
+    rows, hidden = codes.shape
+    width = -(-hidden // 4)
+    padded = np.zeros((rows, width * 4), dtype=np.uint8)
+    padded[:, :hidden] = codes
+    quads = padded.reshape(rows, width, 4)
+    return (quads[..., 0] | (quads[..., 1] << 2) | (quads[..., 2] << 4) | (quads[..., 3] << 6)).astype(
+        np.uint8
+    )
+
+
+def unpack_codes(packed: np.ndarray, hidden: int) -> np.ndarray:
+    """Inverse of `pack_codes`: ``uint8 [rows, hidden]``."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8)
+    codes = (packed[..., None] >> shifts) & 3
+    return codes.reshape(packed.shape[0], -1)[:, :hidden]
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    """One ``.npy`` file, atomically, never pickled."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class ActivationStore:
+    """A finished store, memory-mapped; arrays come back as numpy. Use `open_store` or `extract_store`."""
+
+    path: Path
+    manifest: dict
+    tokens_flat: np.ndarray
+    offsets: np.ndarray
+    stats: dict[str, np.ndarray] = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(self.manifest["layers"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.manifest["hidden_size"])
+
+    @property
+    def contents(self) -> dict:
+        return self.manifest["contents"]
+
+    def tokens(self, index: int) -> list[int]:
+        return self.tokens_flat[self.offsets[index] : self.offsets[index + 1]].tolist()
+
+    def length(self, index: int) -> int:
+        return int(self.offsets[index + 1] - self.offsets[index])
+
+    def mean_std(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """float64 ``[hidden]`` mean and standard deviation of the base model's states."""
+        return self.stats[f"L{layer}.mean"], self.stats[f"L{layer}.std"]
+
+    def thresholds(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """float32 ``[hidden]`` (low, high), computed in float64 from the stored statistics."""
+        low, high = thresholds(*self.mean_std(layer), float(self.manifest["k"]))
+        return low.astype(np.float32), high.astype(np.float32)
+
+    def _memmap(self, name: str) -> np.ndarray:
+        cache = self.__dict__.setdefault("_maps", {})
+        if name not in cache:
+            if name not in self.manifest["files"]:
+                raise GeReError(
+                    f"activation store {self.path} has no {name}; it was extracted for "
+                    f"{self.contents}; re-extract with the objective you train with"
+                )
+            cache[name] = np.load(self.path / name, mmap_mode="r")
+        return cache[name]
+
+    def _rows(self, name: str, index: int) -> np.ndarray:
+        return np.array(self._memmap(name)[self.offsets[index] : self.offsets[index + 1]])
+
+    def codes(self, index: int, layer: int) -> np.ndarray:
+        """Label codes ``uint8 [length, hidden]`` of one sample."""
+        return unpack_codes(self._rows(f"tm_codes.L{layer}.npy", index), self.hidden_size)
+
+    def features(self, index: int, layer: int) -> np.ndarray:
+        """Stored hidden states ``[length, hidden]``: float16, or bfloat16 bits as int16 (see ``contents``)."""
+        return self._rows(f"features.L{layer}.npy", index)
+
+    def topk(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The base model's top-k logits ``float16 [length, k]`` and their vocabulary ids ``int32``."""
+        return self._rows("topk_values.npy", index), self._rows("topk_indices.npy", index)
+
+    def bits_per_element(self, layer: int) -> float:
+        """Payload bits per stored element (the .npy header of 128 bytes aside)."""
+        size = self._memmap(f"tm_codes.L{layer}.npy").nbytes
+        return 8.0 * size / (int(self.offsets[-1]) * self.hidden_size)
+
+    def verify(self) -> None:
+        """Check every file's size and sha256 against the manifest; a mismatch is an error."""
+        for name, info in self.manifest["files"].items():
+            path = self.path / name
+            if not path.exists():
+                raise GeReError(f"activation store file {path} is missing; re-extract with --regenerate-store")
+            if path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
+                raise GeReError(
+                    f"activation store file {path} is truncated or corrupted (checksum mismatch); "
+                    "re-extract with --regenerate-store"
+                )
+
+
+IDENTITY_KEYS = ("model", "tokenizer", "replay_set", "max_length", "k", "layers", "contents", "version")
+_WHAT = {
+    "model": "model (config or weights)",
+    "tokenizer": "tokenizer",
+    "replay_set": "replay set (texts or selection)",
+    "max_length": "replay max length",
+    "k": "threshold k",
+    "layers": "recorded layers",
+    "contents": "stored contents (objective, dtype or top-k)",
+    "version": "gere version",
+}
+
+
+def check_identity(found: dict, expected: dict, path: Path) -> None:
+    """Refuse a store whose identity (see `gere.store.fingerprint.expected_manifest`) differs, naming what."""
+    for key in IDENTITY_KEYS:
+        if found.get(key) != expected.get(key):
+            old, new = found.get(key), expected.get(key)
+            raise GeReError(
+                f"activation store {path} was made with a different {_WHAT[key]}: stored {str(old)[:40]!r}, "
+                f"now {str(new)[:40]!r}. Rebuild it with `gere extract --regenerate-store` (or "
+                "reuse_gere_hidden_state=False in GeReTrainer), or point --store-dir at a new folder"
+            )
+
+
+def open_store(path: str | Path, *, expected: dict | None = None, verify: bool = True) -> ActivationStore:
+    """Open a finished store; with ``expected`` (see `expected_manifest`) refuse one made otherwise."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        raise GeReError(f"{path} holds no finished activation store (no {MANIFEST}); run `gere extract` first")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise GeReError(f"{manifest_path} is corrupted; rebuild the store with --regenerate-store") from None
+    if expected is not None:
+        check_identity(manifest, expected, path)
+    store = ActivationStore(path, manifest, np.zeros(0, np.int32), np.zeros(1, np.int64), {})
+    if verify:
+        store.verify()
+    store.tokens_flat = np.load(path / "tokens.npy", mmap_mode="r")
+    store.offsets = np.load(path / "offsets.npy")
+    store.stats = load_numpy_file(str(path / "stats.safetensors"))
+    return store

@@ -1,0 +1,365 @@
+"""`GeReTrainer`: a drop-in `transformers.Trainer` that replays general samples while training a task.
+
+Switch an existing script by changing the class; the reference implementation's argument names work::
+
+    trainer = GeReTrainer(model=model, args=args, train_dataset=ds, data_collator=collator,
+                          processing_class=tokenizer, gere_hidden_state_saving_dir="gere_store",
+                          num_interpolate_per_batch=4, w_strategy="dy", gere_data_file="general.jsonl")
+
+This module gathers tensors and calls the pure losses (`gere.losses`); the reference targets come from
+`gere.reference`, replay batches from `gere.replay`. Replay is mixed in one of two ways (GeRe, arXiv 2508.04676, Sec. 4):
+
+- batch interpolation (``num_interpolate_per_batch = k``): exactly k replay samples inside every global
+  batch, see `gere.replay.sampler`;
+- a separate replay batch (``replay_batch_size`` per device) drawn with every micro-batch.
+
+The loss is ``CE + w * (replay regularisers)``, where CE is the task cross-entropy, averaged with the replay
+cross-entropy when the objective has ``ce`` (as the reference does), and w is a number or ``dy``
+(CE / regulariser, detached). Each part is logged separately: ``task_ce``, ``replay_ce``,
+``replay_margin``, ``replay_kl``, ``replay_l1``, ``replay_l2`` and the weights used.
+
+Several processes (torchrun / accelerate launch): every process takes part in building the activation
+store (`gere.store.extract.extract_store` splits the forward pass), batch interpolation keeps exactly k replay
+samples in every global batch across processes, separate replay batches are disjoint across processes,
+and the logged loss parts are averaged over processes. See docs/distributed.md for DDP, ZeRO and FSDP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from functools import partial
+
+import torch
+from accelerate.utils import DistributedDataParallelKwargs
+from torch.utils.data import DataLoader
+from transformers import Seq2SeqTrainer, Trainer
+from transformers.trainer_utils import seed_worker
+
+from gere.batching import check_context_length, num_hidden_states, pad_token_id, resolve_layers
+from gere.config import GeReConfig
+from gere.errors import GeReError
+from gere.losses import combine_losses, replay_losses
+from gere.parts import LOSS_PARTS, WEIGHTS
+from gere.reference import OnlineReference, StoreReference, replay_statistics
+from gere.replay.batches import (
+    REPLAY_INDEX,
+    EvenLastBlock,
+    InterpolatedDataset,
+    InterpolatingCollator,
+    SeparateReplayBatches,
+    replay_batch,
+)
+from gere.replay.replay_set import ReplaySet, tokenize_replay_set
+from gere.replay.sampler import BatchInterpolationSampler
+from gere.store.extract import extract_store
+from gere.store.format import ActivationStore
+
+LOGGED_PARTS = (*LOSS_PARTS, *WEIGHTS)
+
+
+class GeReMixin:
+    """The GeRe machinery; mixed into `Trainer` and `Seq2SeqTrainer` below."""
+
+    def __init__(
+        self,
+        *args,
+        gere_config: GeReConfig | None = None,
+        activation_store: ActivationStore | None = None,
+        replay_set: ReplaySet | None = None,
+        gere_hidden_state_saving_dir: str | None = None,
+        reuse_gere_hidden_state: bool | None = None,
+        num_interpolate_per_batch: int | None = None,
+        w_strategy: str | float | None = None,
+        gere_data_file: str | None = None,
+        **kwargs,
+    ):
+        overrides = {
+            "store_dir": gere_hidden_state_saving_dir,
+            "reuse_store": reuse_gere_hidden_state,
+            "num_interpolate_per_batch": num_interpolate_per_batch,
+            "margin_weight": w_strategy,
+            "replay_source": gere_data_file,
+        }
+        config = gere_config or GeReConfig()
+        self.gere = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+        super().__init__(*args, **kwargs)
+        # compute_loss returns a per-micro-batch mean; the Trainer divides it by the accumulation steps.
+        self.loss_is_scaled_for_ga = False
+        self._gere_store = activation_store
+        self._gere_replay_set = replay_set
+        self._gere_ready = False
+        self._replay_tokens: list[list[int]] = []
+        self._reference: StoreReference | OnlineReference | None = None
+        self._separate_batches: SeparateReplayBatches | None = None
+        self._gere_sums: dict[str, float] = {}
+        self._gere_counts: dict[str, int] = {}
+
+    # ------------------------------------------------------------------------------------------ set-up
+
+    @property
+    def gere_store(self) -> ActivationStore | None:
+        return self._gere_store
+
+    def _build_accelerator_args(self, **kwargs):
+        args = super()._build_accelerator_args(**kwargs)
+        # With batch interpolation a process runs one forward pass (task or replay rows) or two (both),
+        # depending on its micro-batch. DDP's default broadcast of buffers at every forward is a collective,
+        # so unequal counts would pair mismatched collectives and hang; the buffers of a causal LM (rotary
+        # frequencies) are identical on every process anyway, so GeRe turns the broadcast off.
+        if (
+            self.gere.parts
+            and self.gere.num_interpolate_per_batch
+            and self.args.ddp_broadcast_buffers is None
+        ):
+            for handler in args.get("kwargs_handlers", []):
+                if isinstance(handler, DistributedDataParallelKwargs):
+                    handler.broadcast_buffers = False
+        return args
+
+    def _check_interpolation_across_processes(self) -> None:
+        """Refuse set-ups where batch interpolation's unequal forward counts per process would hang."""
+        if self.args.world_size <= 1:
+            return
+        sharded = None
+        if self.is_fsdp_enabled:
+            sharded = "FSDP"
+        elif (
+            self.is_deepspeed_enabled
+            and getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
+        ):
+            sharded = "DeepSpeed ZeRO-3"
+        if sharded is None and not self.args.ddp_broadcast_buffers:
+            return
+        why = (
+            f"under {sharded} every forward pass"
+            if sharded
+            else "with ddp_broadcast_buffers=True every forward pass"
+        )
+        raise GeReError(
+            f"batch interpolation runs one or two forward passes per process and micro-batch, but {why} is a "
+            "collective that all processes must run equally often. Use a separate replay batch "
+            "(num_interpolate_per_batch=0, replay_batch_size=N)"
+            + ("" if sharded else " or leave ddp_broadcast_buffers unset")
+            + "; see docs/distributed.md"
+        )
+
+    def _unwrapped(self, model=None):
+        return self.accelerator.unwrap_model(model if model is not None else self.model)
+
+    def _gere_prepare(self) -> None:
+        """Build or open the activation store (or the online statistics) once, before training."""
+        if self._gere_ready or not self.gere.parts:
+            return
+        cfg, model = self.gere, self._unwrapped()
+        tokenizer = self.processing_class
+        if tokenizer is None:
+            raise GeReError("GeReTrainer needs the tokenizer: pass processing_class=tokenizer")
+        layers = resolve_layers(cfg.layers, num_hidden_states(model))
+        from_store = cfg.reference == "store" and (cfg.needs_reference or self._gere_store is not None)
+        if from_store:
+            store = self._gere_store or self._extract_store(model, tokenizer)
+            self._check_store_contents(store, layers)
+            self._gere_store = store
+            self._replay_tokens = [store.tokens(i) for i in range(len(store))]
+            self._reference = StoreReference(store, cfg.parts, layers) if cfg.needs_reference else None
+        else:
+            # CE replay (BaselineR) needs only the replay tokens; the online mode adds their statistics.
+            replay_set = self._gere_replay_set or cfg.load_replay_set()
+            self._replay_tokens = tokenize_replay_set(replay_set, tokenizer, cfg.replay_max_length)
+            if cfg.needs_reference:
+                self._reference = self._online_reference(model, tokenizer, layers)
+        self._gere_ready = True
+
+    def _extract_store(self, model, tokenizer) -> ActivationStore:
+        cfg = self.gere
+        replay_set = self._gere_replay_set or cfg.load_replay_set()
+        store_dir = cfg.store_dir or os.path.join(self.args.output_dir, "gere_store")
+        # Every process takes part: the forward pass is split across them (see gere.store.extract). Under
+        # DeepSpeed or FSDP the Trainer has not placed the model yet; device= runs the pass there.
+        return extract_store(
+            model, tokenizer, replay_set, store_dir, cfg.store_spec(), regenerate=not cfg.reuse_store,
+            progress=self.is_world_process_zero(), device=self.args.device,
+        )  # fmt: skip
+
+    def _online_reference(self, model, tokenizer, layers) -> OnlineReference:
+        cfg = self.gere
+        if not hasattr(model, "disable_adapter"):
+            raise GeReError(
+                "reference='online' takes the reference states from the model with its adapter disabled, "
+                "so it needs a peft (LoRA) model; use reference='store' for full fine-tuning"
+            )
+        check_context_length(model, cfg.replay_max_length)
+        with model.disable_adapter():
+            stats = replay_statistics(
+                model, tokenizer, self._replay_tokens, layers, batch_size=cfg.extract_batch_size,
+                progress=self.is_world_process_zero(), device=self.args.device,
+            )  # fmt: skip
+        return OnlineReference(stats, cfg.parts, cfg.threshold_k, cfg.kl_topk)
+
+    def _check_store_contents(self, store: ActivationStore, layers) -> None:
+        spec, contents = self.gere.store_spec(), store.contents
+        missing = [
+            name
+            for name, needed, have in (
+                ("label codes (tm)", spec.tm, contents["tm"]),
+                ("hidden states (l1/l2)", spec.features, contents["features"]),
+                ("top-k logits (kl)", bool(spec.topk), bool(contents["topk"])),
+            )
+            if needed and not have
+        ]
+        if missing:
+            raise GeReError(
+                f"activation store {store.path} lacks {', '.join(missing)} needed by objective "
+                f"{self.gere.objective!r}; re-extract it for this objective"
+            )
+        if not set(layers) <= set(store.layers):
+            raise GeReError(
+                f"activation store {store.path} records layers {list(store.layers)}, "
+                f"not {sorted(layers)}; re-extract it with --layers"
+            )
+
+    def train(self, *args, **kwargs):
+        if self.gere.parts and self.gere.num_interpolate_per_batch:
+            self._check_interpolation_across_processes()  # before the store is built, not after
+        self._gere_prepare()
+        self._separate_batches = None  # drawn afresh from the step training (re)starts at
+        return super().train(*args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------ data
+
+    def get_train_dataloader(self) -> DataLoader:
+        k = self.gere.num_interpolate_per_batch
+        if not (self.gere.parts and k):
+            return super().get_train_dataloader()
+        self._check_interpolation_across_processes()
+        self._gere_prepare()
+        if self.train_dataset is None:
+            raise GeReError("GeReTrainer: training requires a train_dataset")
+        task_dataset, collator = self.train_dataset, self.data_collator
+        import datasets
+
+        if isinstance(task_dataset, datasets.Dataset):
+            task_dataset = self._remove_unused_columns(task_dataset, description="training")
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description="training")
+        global_batch = self._train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        sampler = BatchInterpolationSampler(
+            len(task_dataset),
+            len(self._replay_tokens),
+            k,
+            global_batch,
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+        )
+        if self.args.world_size > 1:
+            sampler = EvenLastBlock(sampler, self._train_batch_size * self.args.world_size)
+        loader = DataLoader(
+            InterpolatedDataset(task_dataset, len(self._replay_tokens)),
+            batch_size=self._train_batch_size,
+            sampler=sampler,
+            collate_fn=InterpolatingCollator(collator),
+            drop_last=self.args.dataloader_drop_last,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            worker_init_fn=partial(
+                seed_worker, num_workers=self.args.dataloader_num_workers, rank=self.args.process_index
+            ),
+        )
+        return self.accelerator.prepare(loader)
+
+    def _draw_replay_indices(self) -> list[int]:
+        """Separate replay batch: the next draw, continuing from the micro-batches already trained."""
+        if self._separate_batches is None:
+            self._separate_batches = SeparateReplayBatches(
+                len(self._replay_tokens), self.gere.replay_batch_size, self.gere.replay_seed,
+                self.args.world_size, self.args.process_index,
+            )  # fmt: skip
+            self._separate_batches.restart(self.state.global_step * self.args.gradient_accumulation_steps)
+        return self._separate_batches.next()
+
+    # ------------------------------------------------------------------------------------------ loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        replay_index = inputs.pop(REPLAY_INDEX, None)
+        parts: dict[str, torch.Tensor] = {}
+        outputs = None
+        if "input_ids" in inputs or "inputs_embeds" in inputs:
+            outputs = model(**inputs)
+            if isinstance(outputs, dict) and outputs.get("loss") is None:
+                raise GeReError(
+                    "the model returned no loss for the task batch: the collator must provide labels"
+                )
+            parts["task_ce"] = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        if self.gere.parts and model.training:
+            self._gere_prepare()
+            if replay_index is not None:
+                indices = replay_index.tolist()
+            elif not self.gere.num_interpolate_per_batch:
+                indices = self._draw_replay_indices()
+            else:
+                indices = []
+            if indices:
+                parts.update(self._replay_losses(model, indices))
+        if not parts:
+            raise GeReError("empty batch: neither task nor replay samples")
+        loss, weights = combine_losses(parts, self.gere.margin_weight)
+        if not torch.isfinite(loss):
+            shown = {k: round(float(v.detach()), 6) for k, v in parts.items()}
+            raise GeReError(
+                f"the loss became {float(loss.detach())} at step {self.state.global_step + 1} (parts: {shown}); "
+                "training stopped before this update, so checkpoints saved earlier are intact. Lower "
+                "the learning rate or the margin weight, or check the inputs for NaN/Inf"
+            )
+        if model.training:
+            logged = {**{k: float(v.detach()) for k, v in parts.items()}, **weights}
+            for name, value in logged.items():
+                self._gere_sums[name] = self._gere_sums.get(name, 0.0) + value
+                self._gere_counts[name] = self._gere_counts.get(name, 0) + 1
+        return (loss, outputs) if return_outputs else loss
+
+    def _replay_losses(self, model, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Gather one replay batch, its reference targets and the model's outputs; the losses compute."""
+        cfg = self.gere
+        ids, mask, labels = replay_batch(self._replay_tokens, indices, pad_token_id(self.processing_class),
+                                         self.args.device)  # fmt: skip
+        targets = None
+        if self._reference is not None:
+            targets = self._reference.targets(self._unwrapped(model), indices, ids, mask)
+        need_hidden = bool({"tm", "l1", "l2"} & set(cfg.parts))
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=need_hidden, use_cache=False)
+        hidden = {layer: out.hidden_states[layer] for layer in self._reference.layers} if need_hidden else {}
+        return replay_losses(
+            cfg.parts, out.logits, hidden, labels, mask, targets,
+            reduction=cfg.margin_reduction, temperature=cfg.kl_temperature,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------ logging
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self._gere_counts is not None:
+            means = torch.tensor(
+                [self._gere_sums.get(n, 0.0) / max(self._gere_counts.get(n, 0), 1) for n in LOGGED_PARTS],
+                dtype=torch.float64,
+            )
+            present = torch.tensor([float(n in self._gere_counts) for n in LOGGED_PARTS], dtype=torch.float64)
+            if self.args.world_size > 1:
+                # Every process logs at the same steps, so this collective is matched across processes.
+                stacked = self.accelerator.reduce(
+                    torch.stack([means * present, present]).to(self.args.device), "sum"
+                )
+                means, present = (stacked[0] / stacked[1].clamp_min(1)).cpu(), stacked[1].cpu()
+            for name, value, seen in zip(LOGGED_PARTS, means.tolist(), present.tolist()):
+                if seen and not math.isnan(value):
+                    logs[name] = round(value, 6)
+            self._gere_sums, self._gere_counts = {}, {}
+        super().log(logs, *args, **kwargs)
+
+
+class GeReTrainer(GeReMixin, Trainer):
+    """`transformers.Trainer` with GeRe replay. See the module docstring."""
+
+
+class GeReSeq2SeqTrainer(GeReMixin, Seq2SeqTrainer):
+    """`transformers.Seq2SeqTrainer` with GeRe replay (replay itself needs a decoder-only model)."""
