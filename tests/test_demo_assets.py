@@ -14,7 +14,13 @@ import pytest
 
 from gere.demo import assets, wheels
 from gere.demo.assets import DemoSizes, build_demo_assets
-from gere.demo.corpora import build_probe, parse_analogy_sections, sentiment_examples, split_disjoint, stratified_split
+from gere.demo.corpora import (
+    build_probe,
+    parse_analogy_sections,
+    sentiment_examples,
+    split_disjoint,
+    stratified_split,
+)
 from gere.demo.wikitext import strip_wiki_markup, wiki_paragraphs
 from gere.errors import GeReError
 from gere.io_utils import sha256_file

@@ -5,8 +5,7 @@ import math
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from gere.continual.evaluation import (
     evaluate_task,
@@ -25,6 +24,8 @@ from gere.continual.prompts import encode_prompt_and_target, format_prompt
 from gere.continual.tasks import Example, TaskSpec
 from gere.errors import GeReError
 
+from tiny import bos_tokenizer, tiny_llama
+
 WORDS = (
     "The following are multiple choice questions about algebra history law . A B C D Answer : Option , "
     "Good Bad very negative positive neutral Is this review good or bad ? the movie was great awful fun "
@@ -33,35 +34,15 @@ WORDS = (
 
 
 def make_tokenizer(padding_side: str = "right") -> PreTrainedTokenizerFast:
-    vocab = {"[PAD]": 0, "[UNK]": 1, "<s>": 2, "</s>": 3}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="[PAD]", unk_token="[UNK]"
-    )
+    fast = bos_tokenizer(WORDS)
     fast.padding_side = padding_side
     return fast
 
 
 def make_model(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-        initializer_range=0.5,  # peaked distributions, so label scores are far apart
-    )
-    return LlamaForCausalLM(config).float()
+    # Untied head (bias_only_head replaces it); peaked distributions, so label scores are far apart.
+    return tiny_llama(vocab_size, seed=seed, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False,
+                      initializer_range=0.5)  # fmt: skip
 
 
 def bias_only_head(model, tokenizer, favoured: dict[str, float]) -> None:

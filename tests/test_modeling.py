@@ -9,29 +9,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from gere.errors import GeReError
 from gere.modeling import MODEL_MARKER, converted_model_is_complete, load_model_and_tokenizer
+
+from tiny import tiny_llama, word_tokenizer
 
 WORDS = ["[UNK]", "[EOS]", "the", "capital", "of", "greece", "is", "athens", "."]
 
 
 def _tiny_tokenizer(eos: bool = True) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    extra = {"eos_token": "[EOS]"} if eos else {}
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", **extra)
+    return word_tokenizer(WORDS, unk_token="[UNK]", eos_token="[EOS]" if eos else None)
 
 
 def _tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, eos_token_id=1,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(len(WORDS), max_position_embeddings=64, pad_token_id=None, eos_token_id=1,
+                      tie_word_embeddings=False).eval()  # fmt: skip
 
 
 @pytest.fixture

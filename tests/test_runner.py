@@ -143,3 +143,16 @@ def test_cli_disk_full_is_a_clear_error(setup, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(runner, "run_continual", full)
     assert main(["run", str(setup / "run.yaml"), "--output-dir", str(tmp_path / "x")]) == 2
     assert "disk is full" in capsys.readouterr().err
+
+
+def test_every_objective_part_is_logged_recorded_and_plotted(setup, tmp_path):
+    from gere.continual.plots import loss_series
+    from gere.parts import LOGGED, LOSS_PARTS, WEIGHTS
+
+    results = run(setup, tmp_path / "all", "gere.objective=ce+kl+l1+l2+tm", "gere.kl_topk=4")
+    series = loss_series(results)
+    assert set(LOSS_PARTS) | set(WEIGHTS) <= set(series)
+    assert list(series) == [name for name in LOGGED if name in series]  # display order of the table
+    assert all(len(points) == 4 for points in series.values())  # 2 steps x 2 tasks, every part every step
+    written = json.loads((tmp_path / "all" / "results.json").read_text())["loss_history"]
+    assert all(row[name] is not None for row in written for name in (*LOSS_PARTS, *WEIGHTS))

@@ -4,7 +4,6 @@ import csv
 import json
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from gere.continual.prompts import build_train_features, format_prompt
@@ -18,6 +17,8 @@ from gere.continual.tasks import (
 )
 from gere.errors import GeReError
 
+from tiny import bos_tokenizer
+
 WORDS = (
     "Is this review good or bad ? Option : Good Bad , Answer the movie was great awful and very long boring "
     "fun plot actors story a of it I liked hated"
@@ -25,15 +26,7 @@ WORDS = (
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"[PAD]": 0, "[UNK]": 1, "<s>": 2, "</s>": 3}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="[PAD]", unk_token="[UNK]"
-    )
+    return bos_tokenizer(WORDS)
 
 
 def spec_for(source, **kw) -> TaskSpec:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 WORDS = (
@@ -17,24 +17,57 @@ WORDS = (
 ).split()
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    for word in WORDS:
+def word_tokenizer(
+    vocab_words: list[str],
+    *,
+    unk_token: str,
+    pad_token: str | None = None,
+    eos_token: str | None = None,
+    bos_token: str | None = None,
+    digits: bool = False,
+) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer whose ids follow ``vocab_words`` (special tokens included, first wins).
+
+    With ``bos_token`` every encoded text starts with it; with ``digits`` numbers split into digits.
+    """
+    vocab: dict[str, int] = {}
+    for word in vocab_words:
         vocab.setdefault(word, len(vocab))
-    for ch in ".,:;?!0123456789":
-        vocab.setdefault(ch, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
-    )
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk_token))
+    splitters = [pre_tokenizers.Whitespace()] + ([pre_tokenizers.Digits(individual_digits=True)] if digits else [])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(splitters) if digits else splitters[0]
+    if bos_token is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token} $A", special_tokens=[(bos_token, vocab[bos_token])]
+        )
+    specials = {"pad_token": pad_token, "eos_token": eos_token, "bos_token": bos_token}
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+        tokenizer_object=tok, unk_token=unk_token, **{k: v for k, v in specials.items() if v is not None}
     )
 
 
-def tiny_llama(vocab_size: int = 128, hidden: int = 32, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """The default test tokenizer: ``<pad>`` 0, ``<eos>`` 1, ``<unk>`` 2, then `WORDS` and punctuation."""
+    return word_tokenizer(
+        ["<pad>", "<eos>", "<unk>", *WORDS, *".,:;?!0123456789"],
+        pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", digits=True,
+    )  # fmt: skip
+
+
+def bos_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """``[PAD]`` 0, ``[UNK]`` 1, ``<s>`` 2 (prepended to every text), ``</s>`` 3, then ``words``."""
+    return word_tokenizer(
+        ["[PAD]", "[UNK]", "<s>", "</s>", *words],
+        pad_token="[PAD]", unk_token="[UNK]", bos_token="<s>", eos_token="</s>",
+    )  # fmt: skip
+
+
+def tiny_llama(
+    vocab_size: int = 128, hidden: int = 32, layers: int = 2, seed: int = 0, **config
+) -> LlamaForCausalLM:
+    """A seeded 2-layer Llama; ``config`` overrides any `LlamaConfig` value."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    settings = dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=hidden * 2,
@@ -47,7 +80,7 @@ def tiny_llama(vocab_size: int = 128, hidden: int = 32, layers: int = 2, seed: i
         bos_token_id=1,
         tie_word_embeddings=True,
     )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(LlamaConfig(**{**settings, **config}))
 
 
 def replay_texts(n: int = 12, seed: int = 0) -> list[str]:

@@ -155,3 +155,24 @@ def forward_hidden_states(model, ids, mask, layers: Sequence[int], want_logits: 
     outputs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False, **extra)
     states = {layer: outputs.hidden_states[layer] for layer in layers}
     return states, (outputs.logits if want_logits else None)
+
+
+def forward_batches(
+    model, token_lists, batches, batch_numbers, layers, pad_id: int, *, want_logits: bool = False,
+    device=None, desc: str = "forward", progress: bool = True,
+) -> Iterator[tuple[int, dict[int, torch.Tensor], torch.Tensor | None]]:  # fmt: skip
+    """No-grad forward passes over ``batches[b]`` (lists of indices into ``token_lists``) for each b of
+    ``batch_numbers``, right-padded, in eval mode on ``device`` (see `placed_on`).
+
+    Yields ``(b, {layer: rows}, logits rows or None)`` where rows are the real tokens' ``[tokens, ...]``, one
+    sample after another (right padding puts a row's real tokens first). Close the generator (or exhaust
+    it) to put the model back: use ``contextlib.closing`` when stopping early.
+    """
+    from tqdm.auto import tqdm
+
+    with eval_mode(model), placed_on(model, device) as run_device:
+        for batch_no in tqdm(batch_numbers, desc=desc, disable=not progress):
+            ids, mask, _, _ = pad_batch([token_lists[i] for i in batches[batch_no]], pad_id, "right", run_device)
+            states, logits = forward_hidden_states(model, ids, mask, layers, want_logits)
+            real = mask.bool()
+            yield batch_no, {layer: states[layer][real] for layer in layers}, (logits[real] if want_logits else None)

@@ -52,7 +52,8 @@ def load_model_and_tokenizer(
         cache_dir: root of the gere cache (converted GGUF models go to `<cache_dir>/models/`, hub
             downloads to `<cache_dir>/hub/`). Default: `$GERE_CACHE` or `~/.cache/gere` for GGUF,
             the normal Hugging Face cache for hub ids.
-        torch_dtype: dtype of the returned model's weights (fp32 by default; see MEASURED.md on bf16 on CPU).
+        torch_dtype: dtype of the returned model's weights (fp32 by default: bf16 autocast is several times
+            slower than fp32 on common CPUs).
         trust_remote_code: passed to `from_pretrained`; off unless asked for.
         gguf_file: name of a GGUF file inside the folder `spec`.
     """
@@ -70,22 +71,7 @@ def load_model_and_tokenizer(
         _ensure_pad_token(tokenizer, str(gguf_path))
         return model, tokenizer
 
-    if path.exists():
-        if not (path.is_dir() and (path / "config.json").is_file()):
-            raise GeReError(
-                f"{path} is not a model folder (no config.json in it); pass a folder written by "
-                "save_pretrained, a .gguf file, or a Hugging Face hub id"
-            )
-        source, extra = str(path), {}
-    elif _looks_like_local_path(spec_str):
-        raise GeReError(
-            f"model path {path} does not exist; check the path, or pass a Hugging Face hub id like "
-            "'HuggingFaceTB/SmolLM2-135M-Instruct'"
-        )
-    else:
-        source = spec_str
-        extra = {"cache_dir": str(Path(cache_dir).expanduser() / "hub")} if cache_dir is not None else {}
-
+    source, extra = _pretrained_source(spec_str, path, cache_dir)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
@@ -103,6 +89,26 @@ def load_model_and_tokenizer(
     _ensure_pad_token(tokenizer, spec_str)
     model.eval()
     return model, tokenizer
+
+
+def _pretrained_source(spec_str: str, path: Path, cache_dir) -> tuple[str, dict]:
+    """What to hand `from_pretrained`: a model folder, or a hub id (with its download cache)."""
+    if path.exists():
+        if not (path.is_dir() and (path / "config.json").is_file()):
+            raise GeReError(
+                f"{path} is not a model folder (no config.json in it); pass a folder written by "
+                "save_pretrained, a .gguf file, or a Hugging Face hub id"
+            )
+        source, extra = str(path), {}
+    elif _looks_like_local_path(spec_str):
+        raise GeReError(
+            f"model path {path} does not exist; check the path, or pass a Hugging Face hub id like "
+            "'HuggingFaceTB/SmolLM2-135M-Instruct'"
+        )
+    else:
+        source = spec_str
+        extra = {"cache_dir": str(Path(cache_dir).expanduser() / "hub")} if cache_dir is not None else {}
+    return source, extra
 
 
 def _looks_like_local_path(spec: str) -> bool:
@@ -171,7 +177,7 @@ def convert_gguf(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike) -> 
     if converted_model_is_complete(target, digest):
         logger.info("reusing converted model %s", target)
         return target
-    _convert(gguf_path, target, digest)
+    _convert_gguf_to_folder(gguf_path, target, digest)
     return target
 
 
@@ -187,11 +193,11 @@ def _load_gguf_cached(gguf_path: Path, cache_root: Path, dtype: torch.dtype) -> 
         model.eval()
         logger.info("loaded converted %s from %s in %.1f s", gguf_path.name, target, time.perf_counter() - t0)
         return model, tokenizer
-    model, tokenizer = _convert(gguf_path, target, digest)
+    model, tokenizer = _convert_gguf_to_folder(gguf_path, target, digest)
     return model.to(dtype), tokenizer
 
 
-def _convert(gguf_path: Path, target: Path, digest: str) -> tuple[Any, Any]:
+def _convert_gguf_to_folder(gguf_path: Path, target: Path, digest: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()

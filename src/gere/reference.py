@@ -14,18 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from gere import distributed
-from gere.batching import (
-    check_context_length,
-    eval_mode,
-    forward_hidden_states,
-    length_sorted_batches,
-    pad_batch,
-    pad_token_id,
-    placed_on,
-)
+from gere.batching import check_context_length, forward_batches, length_sorted_batches, pad_token_id
 from gere.losses import CODE_NEUTRAL, ReplayTargets, threshold_codes
 from gere.stats import RunningStats, batch_statistics, thresholds
 from gere.store.format import ActivationStore
@@ -121,17 +112,14 @@ def replay_statistics(
     hidden = int(model.config.hidden_size)
     batches = length_sorted_batches([len(t) for t in token_lists], batch_size)
     per_batch: dict[int, dict[int, RunningStats]] = {layer: {} for layer in layers}
-    pad_id = pad_token_id(tokenizer)
+    own = range(rank, len(batches), world)
     error = None
     try:
-        with eval_mode(model), placed_on(model, device) as run_device:
-            own = range(rank, len(batches), world)
-            for batch_no in tqdm(own, desc="replay statistics", disable=not progress or rank != 0):
-                ids, mask, _, _ = pad_batch([token_lists[i] for i in batches[batch_no]], pad_id, "right", run_device)
-                states, _ = forward_hidden_states(model, ids, mask, layers)
-                real = mask.bool()
-                for layer in layers:
-                    per_batch[layer][batch_no] = batch_statistics(states[layer][real].float().cpu().numpy(), hidden)
+        for batch_no, rows, _ in forward_batches(model, token_lists, batches, own, layers, pad_token_id(tokenizer),
+                                                 device=device, desc="replay statistics",
+                                                 progress=progress and rank == 0):  # fmt: skip
+            for layer in layers:
+                per_batch[layer][batch_no] = batch_statistics(rows[layer].float().cpu().numpy(), hidden)
     except Exception as err:  # reported to the other processes, then raised
         error = err
     distributed.raise_if_any_failed(error, "replay statistics")

@@ -83,7 +83,8 @@ class GeReMixin:
             "replay_source": gere_data_file,
         }
         config = gere_config or GeReConfig()
-        self.gere = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        self.gere = dataclasses.replace(config, **overrides) if overrides else config
         super().__init__(*args, **kwargs)
         # compute_loss returns a per-micro-batch mean; the Trainer divides it by the accumulation steps.
         self.loss_is_scaled_for_ga = False

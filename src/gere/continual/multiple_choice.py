@@ -141,15 +141,22 @@ def evaluate_multiple_choice(
         raise GeReError("no multiple-choice questions to evaluate; check the general-ability set")
     if shots and not dev_questions:
         raise GeReError(f"shots={shots} needs dev_questions to draw examples from; pass them or set shots=0")
+    prompts, letter_ids = _letter_prompts(tokenizer, questions, shots, dev_questions or [], max_length)
+    predictions = _letter_predictions(model, tokenizer, prompts, letter_ids, batch_size)
+    return mc_summary(predictions, questions)
+
+
+def _letter_prompts(tokenizer, questions, shots: int, dev_questions, max_length: int):
+    """Token ids of each question's prompt (with up to ``shots`` solved examples) and of its letters."""
     by_subject: dict[str, list[dict]] = defaultdict(list)
-    for d in dev_questions or []:
+    for d in dev_questions:
         by_subject[d["subject"]].append(d)
     prompts: list[list[int]] = []
     letter_ids: list[list[int]] = []
     for q in questions:
         pool = by_subject.get(q["subject"], [])[:shots]
         if len(pool) < shots:
-            pool = pool + [d for d in dev_questions or [] if d not in pool][: shots - len(pool)]
+            pool = pool + [d for d in dev_questions if d not in pool][: shots - len(pool)]
         while True:
             text = format_mc_prompt(q, pool)
             ids = tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -158,22 +165,28 @@ def evaluate_multiple_choice(
             pool = pool[:-1]
         prompts.append(ids[-max_length:])
         letter_ids.append(_letter_token_ids(tokenizer, text, len(q["choices"])))
+    return prompts, letter_ids
 
+
+def _letter_predictions(model, tokenizer, prompts, letter_ids, batch_size: int) -> list[int]:
+    """The choice whose letter token has the largest logit at each prompt's last position."""
     device = model_device(model)
     side = getattr(tokenizer, "padding_side", "right") or "right"
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     predictions = [0] * len(prompts)
     with eval_mode(model):
         for idx in batches(order, batch_size):
-            ids, mask, positions, offsets = pad_batch(
-                [prompts[i] for i in idx], pad_token_id(tokenizer), side, device
-            )
+            ids, mask, positions, offsets = pad_batch([prompts[i] for i in idx], pad_token_id(tokenizer), side, device)
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
             for b, i in enumerate(idx):
                 last = logits[b, offsets[b] + len(prompts[i]) - 1]
                 letter_logits = last[torch.tensor(letter_ids[i], device=device)]
                 predictions[i] = int(torch.argmax(letter_logits).item())
+    return predictions
 
+
+def mc_summary(predictions: list[int], questions: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy overall, per subject and per category of predicted choice indices."""
     hits = [int(p == q["answer"]) for p, q in zip(predictions, questions, strict=True)]
     per_subject = _group_mean(hits, [q["subject"] for q in questions])
     per_category = _group_mean(hits, [q["category"] for q in questions])

@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gere.demo.assets import DemoSizes, build_demo_assets
 from gere.continual.compare import compare_runs
 from gere.continual.run_config import load_run_config
 from gere.continual.runner import run_continual
+from gere.demo.assets import DemoSizes, build_demo_assets
 
 METHODS = {
     "none": {"objective": "none"},

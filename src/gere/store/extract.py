@@ -18,6 +18,7 @@ writes the manifest last. See docs/distributed.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -26,18 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.numpy import save_file as save_numpy_file
-from tqdm.auto import tqdm
 
 from gere import distributed
-from gere.batching import (
-    check_context_length,
-    eval_mode,
-    forward_hidden_states,
-    length_sorted_batches,
-    pad_batch,
-    pad_token_id,
-    placed_on,
-)
+from gere.batching import check_context_length, forward_batches, length_sorted_batches, pad_token_id
 from gere.errors import GeReError
 from gere.faults import maybe_fail
 from gere.io_utils import atomic_path, atomic_write_json, sha256_file
@@ -208,21 +200,20 @@ def _forward_pass(model, pad_id, layout, partial, spec, progress, stop_after_bat
     progress_path = partial / _part_name("progress.json", rank, layout.world)
     done = set(json.loads(progress_path.read_text())["done"]) if progress_path.exists() else set()
     todo = [b for b in own if b not in done]
-    with eval_mode(model), placed_on(model, device) as run_device:
-        for ran, batch_no in enumerate(tqdm(todo, desc="extract", disable=not progress or rank != 0)):
-            if stop_after_batches is not None and ran >= stop_after_batches:
-                raise ExtractionStopped(f"stopped after {ran} batch(es) as asked")
-            ids, mask, _, _ = pad_batch([layout.token_lists[i] for i in layout.batches[batch_no]], pad_id,
-                                        "right", run_device)  # fmt: skip
-            states, logits = forward_hidden_states(model, ids, mask, layout.layers, want_logits=spec.topk > 0)
-            # Right padding: the real tokens of a row come first, so the masked rows are the batch's
-            # samples' tokens, one sample after another.
-            real = mask.bool()
+    if stop_after_batches is not None:
+        todo, stopped = todo[:stop_after_batches], len(todo) > stop_after_batches
+    else:
+        stopped = False
+    passes = forward_batches(model, layout.token_lists, layout.batches, todo, layout.layers, pad_id,
+                             want_logits=spec.topk > 0, device=device, desc="extract",
+                             progress=progress and rank == 0)  # fmt: skip
+    with contextlib.closing(passes):
+        for batch_no, rows, logits in passes:
             start, stop = own[batch_no]
             for layer in layout.layers:
-                maps[f"hidden.L{layer}.npy"][start:stop] = states[layer][real].float().cpu().numpy()
+                maps[f"hidden.L{layer}.npy"][start:stop] = rows[layer].float().cpu().numpy()
             if spec.topk:
-                values, indices = logits[real].float().topk(spec.topk, dim=-1)
+                values, indices = logits.float().topk(spec.topk, dim=-1)
                 maps["topk_values.npy"][start:stop] = values.cpu().numpy().astype(np.float16)
                 maps["topk_indices.npy"][start:stop] = indices.cpu().numpy().astype(np.int32)
             for array in maps.values():
@@ -230,6 +221,8 @@ def _forward_pass(model, pad_id, layout, partial, spec, progress, stop_after_bat
             done.add(batch_no)
             atomic_write_json(progress_path, {"done": sorted(done)})
             maybe_fail("extract_batch")  # crash tests (gere.faults); a no-op unless GERE_FAULT is set
+    if stopped:
+        raise ExtractionStopped(f"stopped after {stop_after_batches} batch(es) as asked")
 
 
 # ---------------------------------------------------------------------------------------------- finishing

@@ -1,0 +1,87 @@
+"""The package's shape: cheap settings, bounded modules and functions, old import paths that still work."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "gere"
+MAX_MODULE_LINES = 450
+MAX_FUNCTION_LINES = 60
+
+
+def test_reading_settings_does_not_import_torch():
+    code = (
+        "import sys\n"
+        "from gere import GeReConfig\n"
+        "cfg = GeReConfig(objective='ce+kl+tm', margin_weight='100')\n"
+        "spec = cfg.store_spec()\n"
+        "assert cfg.margin_weight == 100.0 and spec.topk == cfg.kl_topk\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def _long_function_allowed(node: ast.AST, lines: list[str]) -> bool:
+    """A long function says why at its top: a comment on the line after its signature."""
+    first_body = node.body[0]
+    start = first_body.lineno - 1
+    if isinstance(first_body, ast.Expr) and isinstance(getattr(first_body, "value", None), ast.Constant):
+        start = first_body.end_lineno  # after the docstring
+    return lines[start].strip().startswith("# long:")
+
+
+def test_modules_and_functions_stay_small():
+    too_long = []
+    for path in sorted(SRC.rglob("*.py")):
+        text = path.read_text()
+        lines = text.splitlines()
+        name = path.relative_to(SRC.parent)
+        if len(lines) > MAX_MODULE_LINES and not lines[0].startswith("# long:"):
+            too_long.append(f"{name}: {len(lines)} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES and not _long_function_allowed(node, lines):
+                    too_long.append(f"{name}:{node.lineno} {node.name}: {length} lines")
+    assert too_long == []
+
+
+@pytest.mark.parametrize(
+    "old, new, name",
+    [
+        ("gere.gere_trainer", "gere.trainer", "GeReTrainer"),
+        ("gere.gere_config", "gere.config", "GeReConfig"),
+        ("gere.runner", "gere.continual.runner", "run_continual"),
+    ],
+)
+def test_old_module_paths_forward_with_a_warning(old, new, name):
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=new.replace(".", r"\.")):
+        module = importlib.import_module(old)
+    assert getattr(module, name) is getattr(importlib.import_module(new), name)
+
+
+def test_store_package_keeps_its_names_and_forwards_moved_helpers():
+    import gere.batching
+    import gere.store
+    import gere.store.extract
+    import gere.store.format
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the store's own names are not deprecated
+        assert gere.store.extract_store is gere.store.extract.extract_store
+        assert gere.store.open_store is gere.store.format.open_store
+        assert gere.store.StoreSpec is gere.store.format.StoreSpec
+    with pytest.warns(DeprecationWarning, match=r"gere\.batching\.length_sorted_batches"):
+        assert gere.store.length_sorted_batches is gere.batching.length_sorted_batches
+    with pytest.warns(DeprecationWarning, match="pad_batch"):
+        ids, mask = gere.store.pad_right([[5, 6, 7], [8]], 0, "cpu")
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
