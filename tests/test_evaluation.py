@@ -257,3 +257,49 @@ def test_shared_prompt_logprobs_match_slow_reference_with_multi_token_targets(mo
     got = shared_prompt_logprobs(model, tok, prompts, targets, batch_size=3)
     want = [slow_logprob(model, p, t) for p in prompts for t in targets]
     assert got == pytest.approx(want, abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ cloze scoring
+
+CLOZE = [
+    {"question": "the movie was what ?", "stem": "the movie was", "choices": ["great fun", "awful", "boring x"],
+     "answer": 0, "subject": "film"},
+    {"question": "what is 1 2 ?", "choices": ["3", "4 4", "x"], "answer": 1, "subject": "algebra"},
+    {"question": "Is this review good or bad ?", "stem": "this review is",
+     "choices": ["Good", "Bad", "very negative", "neutral"], "answer": 3, "subject": "film"},
+]  # fmt: skip
+
+
+def test_cloze_scores_match_slow_reference_and_use_the_stem(model, tok):
+    from gere.continual.evaluation import continuation_logprobs
+
+    questions = load_multiple_choice_rows(CLOZE)
+    prompts = [tok(q.get("stem", q["question"]))["input_ids"] for q in questions]
+    options = [[encode_prompt_and_target(tok, q.get("stem", q["question"]), " " + c)[1] for c in q["choices"]]
+               for q in questions]  # fmt: skip
+    expected = [[slow_logprob(model, p, o) for o in opts] for p, opts in zip(prompts, options, strict=True)]
+    for batch_size in (1, 2, 3):
+        got = continuation_logprobs(model, tok, prompts, options, batch_size=batch_size)
+        torch.testing.assert_close(torch.tensor([x for r in got for x in r]),
+                                   torch.tensor([x for r in expected for x in r]), rtol=1e-4, atol=1e-4)  # fmt: skip
+    by_char = [max(range(len(r)), key=lambda k, r=r, q=q: r[k] / len(q["choices"][k]))
+               for r, q in zip(expected, questions, strict=True)]  # fmt: skip
+    result = evaluate_multiple_choice(model, tok, questions, mc_format="cloze", batch_size=2)
+    assert result["format"] == "cloze" and result["predictions"] == by_char
+    assert result["predictions_sum"] == [max(range(len(r)), key=r.__getitem__) for r in expected]
+    # Scored after the question instead of the stem, the first question's options get other values.
+    after_question = slow_logprob(model, tok(questions[0]["question"])["input_ids"], options[0][0])
+    assert abs(after_question - expected[0][0]) > 1e-3
+
+
+def test_cloze_known_preference_sum_and_per_character_differ(tok):
+    model = make_model(len(tok), seed=1)
+    # Constant next-token distribution: "very" alone beats "Good Good Good" in summed log-likelihood,
+    # but per character the long, likely option wins.
+    bias_only_head(model, tok, {"Good": 5.0, "very": 4.0})
+    q = {"question": "the movie was", "choices": ["very", "Good Good Good", "Bad"], "answer": 1, "subject": "film"}
+    result = evaluate_multiple_choice(model, tok, load_multiple_choice_rows([q] * 3), mc_format="cloze")
+    assert result["predictions_sum"] == [0, 0, 0] and result["accuracy_sum"] == 0.0
+    assert result["predictions"] == [1, 1, 1] and result["accuracy"] == 1.0
+    with pytest.raises(GeReError, match="not one of letter, cloze"):
+        evaluate_multiple_choice(model, tok, load_multiple_choice_rows([q]), mc_format="word")

@@ -79,3 +79,13 @@ def test_bad_matrix(matrix, message):
 def test_bad_test_sizes():
     with pytest.raises(GeReError, match="one test size per task"):
         compute_metrics(R, test_sizes=[1, 2])
+
+
+def test_not_learned_is_less_than_five_points_gained_on_its_own_training():
+    from gere.continual.metrics import not_learned
+
+    # Task 0: 0.30 -> 0.90 learned; task 1: 0.45 -> 0.49 (+4 points) not; task 2: 0.60 -> 0.50 not.
+    matrix = [[0.30, 0.40, 0.50], [0.90, 0.45, 0.55], [0.95, 0.49, 0.60], [0.70, 0.75, 0.50]]
+    assert not_learned(matrix) == [1, 2]
+    assert compute_metrics(matrix)["not_learned"] == [1, 2]
+    assert not_learned(R) == []  # gains of 60, 40 and 35 points

@@ -120,3 +120,15 @@ def test_compare_runs(tmp_path):
     check_png(paths[1])
     with pytest.raises(GeReError, match="results.json"):
         compare_runs([tmp_path / "missing"], tmp_path / "cmp")
+
+
+def test_report_warns_about_a_task_its_training_did_not_teach(tmp_path):
+    results = synthetic_results("none")
+    results["accuracy_matrix"] = [[0.50, 0.40, 0.50], [0.52, 0.45, 0.55], [0.95, 0.85, 0.60], [0.70, 0.75, 0.95]]
+    write_report(tmp_path, results)
+    report = (tmp_path / "report.md").read_text()
+    assert "## Warnings" in report
+    assert "task 'mnli' was not learned: 50.00% before its training, 52.00% after" in report
+    assert "'cb'" not in report.split("## Accuracy matrix")[0]  # 45 -> 85: learned
+    write_report(tmp_path / "fine", synthetic_results("none"))
+    assert "Warnings" not in (tmp_path / "fine" / "report.md").read_text()

@@ -1,4 +1,4 @@
-"""The `gere` command: ``extract``, ``run``, ``compare`` and ``demo``.
+"""The `gere` command: ``extract``, ``run``, ``sweep``, ``compare`` and ``demo``.
 
 Errors a user can fix are printed as one line naming the problem and the fix, with exit status 2.
 """
@@ -48,6 +48,20 @@ def _add_run(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="Runs over a grid of settings and seeds; mean +- sd and paired differences.")
+    p.add_argument("config", help="Run config YAML (see configs/).")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="Values of one config key, e.g. --grid gere.objective=ce,ce+tm (repeatable: the product).")  # fmt: skip
+    p.add_argument("--seeds", default="0", help="Seeds, e.g. 0,1,2 (default 0).")
+    p.add_argument("--baseline", default=None,
+                   help="The cell the others are compared with, e.g. gere.objective=ce (default: the first).")  # fmt: skip
+    p.add_argument("--out", default="runs/sweep", help="Folder of the cells' runs and of sweep.md/.json/.png.")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="Override a value of every cell's config (repeatable).")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true")
+
+
 def _add_compare(sub) -> None:
     p = sub.add_parser("compare", help="One table and plot across finished runs.")
     p.add_argument("runs", nargs="+", help="Run folders holding results.json.")
@@ -63,6 +77,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--full", action="store_true", help="Larger settings for a GPU.")
     p.add_argument("--smallest", action="store_true", help="The smallest settings (integration test).")
     p.add_argument("--methods", nargs="+", default=None, help="Subset of methods to run.")
+    p.add_argument("--seeds", default=None, help="Seeds, e.g. 0,1,2: every method once per seed, then mean +- sd.")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="Override a value of every method's run config.")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
@@ -75,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_extract(sub)
     _add_run(sub)
+    _add_sweep(sub)
     _add_compare(sub)
     _add_demo(sub)
     return parser
@@ -141,6 +157,19 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from gere.continual.aggregate import render_aggregate
+    from gere.continual.sweep import grid_cells, parse_grid, parse_seeds, run_sweep, sweep_loader
+
+    cells = grid_cells(parse_grid(args.grid))
+    seeds = parse_seeds(args.seeds)
+    load = sweep_loader(args.config, args.overrides)
+    result = run_sweep(load, cells, seeds, args.out, baseline=args.baseline, progress=not args.no_progress)
+    print(render_aggregate(result, "Sweep"))
+    print(f"sweep: {Path(args.out) / 'sweep.md'}")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from gere.continual.compare import compare_runs
 
@@ -152,6 +181,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from gere.continual.sweep import parse_seeds
     from gere.demo.run import run_demo
 
     run_demo(
@@ -161,13 +191,14 @@ def cmd_demo(args) -> int:
         gensim_wheel=args.gensim_wheel,
         size="full" if args.full else "smallest" if args.smallest else "default",
         methods=args.methods,
+        seeds=None if args.seeds is None else parse_seeds(args.seeds),
         overrides=args.overrides,
         progress=not args.no_progress,
     )
     return 0
 
 
-COMMANDS = {"extract": cmd_extract, "run": cmd_run, "compare": cmd_compare, "demo": cmd_demo}
+COMMANDS = {"extract": cmd_extract, "run": cmd_run, "sweep": cmd_sweep, "compare": cmd_compare, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

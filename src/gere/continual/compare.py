@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gere.continual.aggregate import aggregate_runs, render_aggregate, write_aggregate
 from gere.continual.metrics import compute_metrics
 from gere.continual.plots import new_figure, save_figure
 from gere.continual.report import num, pct, table
@@ -34,9 +35,39 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Pa
     out_dir = Path(out_dir)
     md_path, png_path = out_dir / "comparison.md", out_dir / "comparison.png"
     text = "# Comparison of runs\n\nAll metrics in %, except perplexity (final stage) and wall time.\n\n"
+    groups = group_by_method(runs)
+    if any(len(g) > 1 for g in groups.values()) and all(_distinct_seeds(g) for g in groups.values()):
+        # Several seeds of one method: the mean +- sd and paired differences say more than single runs.
+        result = aggregate_runs(groups)
+        text = render_aggregate(result, "Comparison of runs") + "\n## Each run\n\n"
+        write_aggregate(result, out_dir, "Comparison of runs", stem="comparison_seeds")
     atomic_write_text(md_path, text + _comparison_table(runs, values) + "\n")
     _plot_comparison(runs, values, png_path)
     return [md_path, png_path]
+
+
+_NOT_METHOD = ("seed", "output_dir", "name", "cache_dir", "keep_checkpoints")
+
+
+def _distinct_seeds(runs: Sequence[dict[str, Any]]) -> bool:
+    seeds = [(r.get("config") or {}).get("seed") for r in runs]
+    return None not in seeds and len(set(seeds)) == len(seeds)
+
+
+def group_by_method(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Runs whose configs differ only in seed (and where they were written) form one group, labelled by the
+    run name, or by the method when names repeat across groups."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        config = {k: v for k, v in (r.get("config") or {}).items() if k not in _NOT_METHOD}
+        key = json.dumps([r.get("method"), config], sort_keys=True)
+        groups.setdefault(key, []).append(r)
+    names = [g[0].get("name", "run") for g in groups.values()]
+    methods = [g[0].get("method", "?") for g in groups.values()]
+    labels = names if len(set(names)) == len(names) else methods
+    if len(set(labels)) != len(labels):
+        labels = [f"{m} #{i + 1}" for i, m in enumerate(methods)]
+    return dict(zip(labels, groups.values(), strict=True))
 
 
 def read_runs(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:

@@ -80,44 +80,73 @@ def shared_prompt_logprobs(
     targets: Sequence[list[int]],
     batch_size: int = 16,
 ) -> list[float]:
-    """``sequence_logprobs`` for every (prompt, target) pair, prompt-major, running each prompt once.
+    """``sequence_logprobs`` for every (prompt, target) pair, prompt-major: `continuation_logprobs` with the
+    same targets after every prompt, flattened."""
+    nested = continuation_logprobs(model, tokenizer, prompts, [list(targets)] * len(prompts), batch_size)
+    return [score for row in nested for score in row]
 
-    The prompts of a batch are left-padded and encoded once with a key/value cache; each target is then
-    scored as a short continuation, and the cache is cropped back to the prompt before the next target.
-    Equal to `sequence_logprobs` on the concatenations (up to float rounding), at about 1/len(targets) of
-    the cost when targets are short.
+
+def continuation_logprobs(
+    model,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    continuations: Sequence[Sequence[list[int]]],
+    batch_size: int = 16,
+) -> list[list[float]]:
+    """Sum of log p(continuation tokens | prompt) for each prompt's own continuations, running each prompt
+    once.
+
+    The prompts of a batch are left-padded and encoded once with a key/value cache; the j-th continuation
+    of every prompt in the batch is then scored together (right-padded to the longest), and the cache is
+    cropped back to the prompts before the next j. Equal to `sequence_logprobs` on the concatenations (up
+    to float rounding), at about 1/len(continuations) of the cost when continuations are short.
     """
     device = model_device(model)
     cache_arg = _cache_argument(model)
+    pad_id = pad_token_id(tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    scores = [0.0] * (len(prompts) * len(targets))
+    scores = [[0.0] * len(options) for options in continuations]
     with eval_mode(model):
         for idx in batches(order, batch_size):
-            ids, mask, positions, _ = pad_batch([prompts[i] for i in idx], pad_token_id(tokenizer), "left", device)
+            ids, mask, positions, _ = pad_batch([prompts[i] for i in idx], pad_id, "left", device)
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-            cache = _output_cache(out)
+            context = (_output_cache(out), mask, positions[:, -1:] + 1, cache_arg)
             first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-            next_pos = positions[:, -1:] + 1
-            for t, target in enumerate(targets):
-                lp = first[:, target[0]].clone()
-                if len(target) > 1:
-                    rest = torch.tensor(target[:-1], device=device).expand(len(idx), -1)
-                    cont_mask = torch.cat([mask, torch.ones_like(rest)], dim=1)
-                    cont_pos = next_pos + torch.arange(len(target) - 1, device=device)
-                    logits = model(
-                        input_ids=rest,
-                        attention_mask=cont_mask,
-                        position_ids=cont_pos,
-                        **{cache_arg: cache},
-                        use_cache=True,
-                    ).logits.float()
-                    logp = torch.log_softmax(logits, dim=-1)
-                    follow = torch.tensor(target[1:], device=device)
-                    lp += logp.gather(2, follow.expand(len(idx), -1).unsqueeze(-1)).squeeze(-1).sum(1)
-                    cache.crop(-(len(target) - 1))  # back to the prompt alone
-                for b, i in enumerate(idx):
-                    scores[i * len(targets) + t] = float(lp[b])
+            for j in range(max(len(continuations[i]) for i in idx)):
+                rows = {b: continuations[i][j] for b, i in enumerate(idx) if j < len(continuations[i])}
+                for b, value in _score_step(model, context, first, rows, pad_id).items():
+                    scores[idx[b]][j] = value
     return scores
+
+
+def _score_step(model, context, first, rows: dict[int, list[int]], pad_id: int) -> dict[int, float]:
+    """Scores of one continuation per batch row (``rows``: row -> token ids) after the cached prompts."""
+    cache, mask, next_pos, cache_arg = context
+    device = first.device
+    scores = {b: first[b, target[0]].clone() for b, target in rows.items()}
+    width = max(len(target) - 1 for target in rows.values())
+    if width > 0:
+        rest = torch.full((mask.shape[0], width), pad_id, dtype=torch.long, device=device)
+        follow = torch.zeros_like(rest)
+        real = torch.zeros_like(rest)
+        for b, target in rows.items():
+            n = len(target) - 1
+            rest[b, :n] = torch.tensor(target[:-1], device=device)
+            follow[b, :n] = torch.tensor(target[1:], device=device)
+            real[b, :n] = 1
+        logits = model(
+            input_ids=rest,
+            attention_mask=torch.cat([mask, real], dim=1),
+            position_ids=next_pos + torch.arange(width, device=device),
+            **{cache_arg: cache},
+            use_cache=True,
+        ).logits.float()
+        token_lp = torch.log_softmax(logits, dim=-1).gather(2, follow.unsqueeze(-1)).squeeze(-1)
+        totals = (token_lp * real).sum(1)
+        for b in rows:
+            scores[b] = scores[b] + totals[b]
+        cache.crop(-width)  # back to the prompts alone
+    return {b: float(v) for b, v in scores.items()}
 
 
 def score_labels(

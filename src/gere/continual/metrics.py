@@ -103,6 +103,17 @@ def f1_average(general_score: float | None, ap: float | None) -> float | None:
     return 2 * general_score * ap / (general_score + ap)
 
 
+#: A task whose accuracy right after its own training is less than this above the accuracy just before it
+#: was not learned; its forgetting and transfer numbers then measure nothing.
+LEARNED_MARGIN = 0.05
+
+
+def not_learned(matrix: Sequence[Sequence[float]], margin: float = LEARNED_MARGIN) -> list[int]:
+    """Columns j whose accuracy after training task j, R[j+1][j], is less than ``margin`` above R[j][j]."""
+    rows = check_matrix(matrix)
+    return [j for j in range(len(rows) - 1) if rows[j + 1][j] - rows[j][j] < margin]
+
+
 def general_scores(general: Sequence[dict[str, Any]] | None) -> list[float | None]:
     """The general score of each stage: its multiple-choice accuracy (`mc_accuracy`, 0-1) or None."""
     return [entry.get("mc_accuracy") for entry in (general or [])]
@@ -121,8 +132,8 @@ def compute_metrics(
         general: per-stage general-ability entries ``{"stage", "mc_accuracy", "perplexity": {...}}``.
 
     Returns ``{"units": "fraction", "num_tasks", "ap", "ap_weighted", "bwt", "fwt", "forgetting",
-    "final_accuracy" [T], "learned_accuracy" [T] (R[j+1][j]), "general_scores" [T+1 or 0],
-    "general_final", "f1_avg"}``; undefined values are None.
+    "final_accuracy" [T], "learned_accuracy" [T] (R[j+1][j]), "not_learned" [column indices, see
+    `not_learned`], "general_scores" [T+1 or 0], "general_final", "f1_avg"}``; undefined values are None.
     """
     rows = check_matrix(matrix)
     t = len(rows) - 1
@@ -141,6 +152,7 @@ def compute_metrics(
         "forgetting": forgetting(rows),
         "final_accuracy": rows[t],
         "learned_accuracy": [rows[j + 1][j] for j in range(t)],
+        "not_learned": not_learned(rows),
         "general_scores": scores,
         "general_final": general_final,
         "f1_avg": f1_average(general_final, ap),

@@ -14,11 +14,13 @@ from typing import Any
 import torch
 
 from gere.batching import batches, eval_mode, model_device, pad_batch, pad_token_id
+from gere.continual.evaluation import continuation_logprobs
 from gere.continual.prompts import encode_prompt_and_target
 from gere.errors import GeReError
 from gere.io_utils import HF_PREFIX, iter_rows, load_hub_dataset
 
 CHOICE_LETTERS = "ABCDEFGHIJ"
+MC_FORMATS = ("letter", "cloze")
 
 # MMLU's 57 subjects in the four reporting categories (the grouping of Hendrycks et al. 2021).
 _CATEGORY_SUBJECTS = {
@@ -68,13 +70,16 @@ def _check_question(q: Any, where: str) -> dict[str, Any]:
             f"{where}: `answer` must be a choice index 0-{len(choices) - 1} (or letter), got {answer!r}"
         )
     subject = str(q.get("subject") or "general")
-    return {
+    checked = {
         "question": str(q["question"]),
         "choices": [str(c) for c in choices],
         "answer": answer,
         "subject": subject,
         "category": str(q.get("category") or subject_category(subject)),
     }
+    if q.get("stem") is not None:
+        checked["stem"] = str(q["stem"])
+    return checked
 
 
 def load_multiple_choice(path_or_hf: str | Path, split: str = "test", limit: int | None = None) -> list[dict]:
@@ -128,42 +133,68 @@ def evaluate_multiple_choice(
     dev_questions: list[dict[str, Any]] | None = None,
     batch_size: int = 16,
     max_length: int = 2048,
+    mc_format: str = "letter",
 ) -> dict[str, Any]:
-    """MMLU-style accuracy: the answer is the letter whose token (" A", " B", ...) has the largest logit
-    at the last prompt position.
+    """Multiple-choice accuracy, read in one of two ways (``mc_format``):
+
+    - ``letter`` (MMLU-style): the answer is the letter whose token (" A", " B", ...) has the largest logit
+      after a prompt listing the lettered options. Suits large models; small ones sit at chance this way.
+    - ``cloze``: each option's text is scored as a continuation of the question's ``stem`` (when it has one,
+      e.g. "The capital of Iran is"; otherwise of the question itself), as lm-evaluation-harness does:
+      ``accuracy`` picks the largest log-likelihood per character of the option (``acc_norm``) and
+      ``accuracy_sum`` the largest summed log-likelihood (``acc``).
 
     `shots` solved examples come from `dev_questions` of the same subject (any subject when it has too
-    few); they are dropped one by one when the prompt exceeds `max_length`. Returns ``{"accuracy"
-    (question-weighted, 0-1), "n", "correct", "per_category" {category: acc}, "per_subject" {subject: acc},
-    "category_mean" (mean over the categories present), "predictions" [choice index]}``.
+    few); they are dropped one by one when the prompt exceeds `max_length`. Returns ``{"format",
+    "accuracy" (question-weighted, 0-1), "n", "correct", "per_category" {category: acc}, "per_subject"
+    {subject: acc}, "category_mean" (mean over the categories present), "predictions" [choice index]}``,
+    and for cloze also ``"accuracy_sum"`` and ``"predictions_sum"``.
     """
     if not questions:
         raise GeReError("no multiple-choice questions to evaluate; check the general-ability set")
     if shots and not dev_questions:
         raise GeReError(f"shots={shots} needs dev_questions to draw examples from; pass them or set shots=0")
-    prompts, letter_ids = _letter_prompts(tokenizer, questions, shots, dev_questions or [], max_length)
+    if mc_format not in MC_FORMATS:
+        raise GeReError(f"multiple-choice format {mc_format!r} is not one of {', '.join(MC_FORMATS)}")
+    pools = _shot_pools(questions, shots, dev_questions or [])
+    if mc_format == "cloze":
+        return _evaluate_cloze(model, tokenizer, questions, pools, batch_size, max_length)
+    prompts, letter_ids = _letter_prompts(tokenizer, questions, pools, max_length)
     predictions = _letter_predictions(model, tokenizer, prompts, letter_ids, batch_size)
-    return mc_summary(predictions, questions)
+    return {"format": "letter", **mc_summary(predictions, questions)}
 
 
-def _letter_prompts(tokenizer, questions, shots: int, dev_questions, max_length: int):
-    """Token ids of each question's prompt (with up to ``shots`` solved examples) and of its letters."""
+def _shot_pools(questions, shots: int, dev_questions) -> list[list[dict]]:
+    """Up to ``shots`` solved examples per question: its subject's first, then any subject's."""
     by_subject: dict[str, list[dict]] = defaultdict(list)
     for d in dev_questions:
         by_subject[d["subject"]].append(d)
-    prompts: list[list[int]] = []
-    letter_ids: list[list[int]] = []
+    pools = []
     for q in questions:
         pool = by_subject.get(q["subject"], [])[:shots]
         if len(pool) < shots:
             pool = pool + [d for d in dev_questions if d not in pool][: shots - len(pool)]
-        while True:
-            text = format_mc_prompt(q, pool)
-            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-            if len(ids) <= max_length or not pool:
-                break
-            pool = pool[:-1]
-        prompts.append(ids[-max_length:])
+        pools.append(pool)
+    return pools
+
+
+def _fitted_prompt(tokenizer, render, pool: list[dict], max_length: int) -> tuple[str, list[int]]:
+    """``render(pool)`` and its ids, dropping solved examples from the end until it fits ``max_length``."""
+    while True:
+        text = render(pool)
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if len(ids) <= max_length or not pool:
+            return text, ids[-max_length:]
+        pool = pool[:-1]
+
+
+def _letter_prompts(tokenizer, questions, pools, max_length: int):
+    """Token ids of each question's lettered prompt and of its letters."""
+    prompts: list[list[int]] = []
+    letter_ids: list[list[int]] = []
+    for q, pool in zip(questions, pools, strict=True):
+        text, ids = _fitted_prompt(tokenizer, lambda shots, q=q: format_mc_prompt(q, shots), pool, max_length)
+        prompts.append(ids)
         letter_ids.append(_letter_token_ids(tokenizer, text, len(q["choices"])))
     return prompts, letter_ids
 
@@ -183,6 +214,36 @@ def _letter_predictions(model, tokenizer, prompts, letter_ids, batch_size: int) 
                 letter_logits = last[torch.tensor(letter_ids[i], device=device)]
                 predictions[i] = int(torch.argmax(letter_logits).item())
     return predictions
+
+
+def cloze_context(q: dict[str, Any], shots: list[dict[str, Any]]) -> str:
+    """The text a cloze option continues: solved shots (stem and answer), then the question's stem."""
+    solved = "".join(f"{s.get('stem', s['question'])} {s['choices'][s['answer']]}\n\n" for s in shots)
+    return solved + q.get("stem", q["question"])
+
+
+def _evaluate_cloze(model, tokenizer, questions, pools, batch_size: int, max_length: int) -> dict[str, Any]:
+    prompts, options = [], []
+    for q, pool in zip(questions, pools, strict=True):
+        longest = max(len(tokenizer(" " + c, add_special_tokens=False)["input_ids"]) for c in q["choices"])
+        text, ids = _fitted_prompt(tokenizer, lambda shots, q=q: cloze_context(q, shots), pool,
+                                   max_length - longest)  # fmt: skip
+        prompts.append(ids)
+        options.append([encode_prompt_and_target(tokenizer, text, " " + c)[1] for c in q["choices"]])
+    scores = continuation_logprobs(model, tokenizer, prompts, options, batch_size)
+    by_sum = [_first_argmax(row) for row in scores]
+    by_char = [
+        _first_argmax([v / max(len(c), 1) for v, c in zip(row, q["choices"], strict=True)])
+        for row, q in zip(scores, questions, strict=True)
+    ]
+    summed = mc_summary(by_sum, questions)
+    return {"format": "cloze", **mc_summary(by_char, questions), "accuracy_sum": summed["accuracy"],
+            "predictions_sum": by_sum}  # fmt: skip
+
+
+def _first_argmax(values: list[float]) -> int:
+    """Index of the largest value; ties go to the earlier option."""
+    return max(range(len(values)), key=lambda k: (values[k], -k))
 
 
 def mc_summary(predictions: list[int], questions: list[dict[str, Any]]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gere.continual.metrics import check_matrix, compute_metrics
+from gere.continual.metrics import LEARNED_MARGIN, check_matrix, compute_metrics, not_learned
 from gere.continual.plots import (
     perplexity_sets,
     plot_accuracy_matrix,
@@ -109,11 +109,27 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def learning_warnings(results: dict[str, Any]) -> list[str]:
+    """One line per task that its own training did not teach (see `gere.continual.metrics.not_learned`)."""
+    tasks, matrix = results["tasks"], results["accuracy_matrix"]
+    lines = []
+    for j in not_learned(matrix):
+        lines.append(
+            f"task {tasks[j]!r} was not learned: {pct(matrix[j][j])}% before its training, "
+            f"{pct(matrix[j + 1][j])}% after (less than {100 * LEARNED_MARGIN:.0f} points gained); AP, BWT "
+            "and forgetting then say little about it. Train it longer or with a higher learning rate"
+        )
+    return lines
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     """The text of report.md: accuracy matrix, metrics, general ability per stage, timing."""
     tasks, matrix, m = results["tasks"], results["accuracy_matrix"], results["metrics"]
     stages = results.get("stages") or stage_names(tasks)
     parts = [f"# {results.get('name', 'run')} ({results.get('method', '?')})", ""]
+    warnings = learning_warnings(results)
+    if warnings:
+        parts += ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
     parts += [
         "## Accuracy matrix (%)",
         "",

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from gere.config import GeReConfig
+from gere.continual.multiple_choice import MC_FORMATS
 from gere.continual.tasks import TaskSpec
 from gere.errors import GeReError
 
@@ -59,6 +60,13 @@ class EvalSettings:
     test_limit: int | None = field(default=None, metadata={"help": "Evaluate at most this many test samples per task."})
     general_mc: str | None = field(
         default=None, metadata={"help": "Multiple-choice general-ability set: local JSONL/JSON or hf:cais/mmlu:all."}
+    )
+    mc_format: str = field(
+        default="letter",
+        metadata={
+            "help": "'letter' (the answer's letter after lettered options, MMLU-style; for large models) or "
+            "'cloze' (each option's text after the question's stem, per-character log-likelihood)."
+        },
     )
     mc_shots: int = field(default=0, metadata={"help": "Few-shot examples per MC question (0 or 5 for MMLU)."})
     mc_dev: str | None = field(default=None, metadata={"help": "Where the few-shot examples come from."})
@@ -104,6 +112,8 @@ class RunConfig:
             raise GeReError(f"finetuning = {self.finetuning!r} must be one of {FINETUNING}")
         if self.evaluation.method not in EVAL_METHODS:
             raise GeReError(f"evaluation.method = {self.evaluation.method!r} must be one of {EVAL_METHODS}")
+        if self.evaluation.mc_format not in MC_FORMATS:
+            raise GeReError(f"evaluation.mc_format = {self.evaluation.mc_format!r} must be one of {MC_FORMATS}")
         known = {f.name for f in fields(TrainingSettings)}
         for task, overrides in self.per_task.items():
             bad = set(overrides) - known

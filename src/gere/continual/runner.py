@@ -39,7 +39,7 @@ from gere.continual.checkpoint import checkpoint_dir, load_checkpoint, prune_che
 from gere.continual.evaluation import evaluate_task, perplexity
 from gere.continual.multiple_choice import evaluate_multiple_choice, load_multiple_choice
 from gere.continual.prompts import build_train_features
-from gere.continual.report import build_results, write_report
+from gere.continual.report import build_results, learning_warnings, write_report
 from gere.continual.run_config import RunConfig
 from gere.continual.tasks import TaskData, load_task
 from gere.errors import GeReError
@@ -47,6 +47,7 @@ from gere.faults import maybe_fail, train_step_callback
 from gere.io_utils import atomic_write_json, atomic_write_text, safe_join
 from gere.modeling import load_model_and_tokenizer
 from gere.parts import LOGGED
+from gere.provenance import provenance
 from gere.replay.replay_set import ReplaySet, load_replay_records
 from gere.store.extract import extract_store
 from gere.store.format import ActivationStore, open_store
@@ -126,9 +127,12 @@ class Evaluator:
         general: dict[str, Any] = {"stage": stage, "mc_accuracy": None, "mc_per_category": {}, "perplexity": {}}
         if self.mc:
             mc = evaluate_multiple_choice(
-                model, tokenizer, self.mc, shots=ev.mc_shots, dev_questions=self.mc_dev, batch_size=ev.batch_size
-            )
+                model, tokenizer, self.mc, shots=ev.mc_shots, dev_questions=self.mc_dev, batch_size=ev.batch_size,
+                mc_format=ev.mc_format,
+            )  # fmt: skip
             general["mc_accuracy"], general["mc_per_category"] = mc["accuracy"], mc["per_category"]
+            if "accuracy_sum" in mc:  # cloze: the summed log-likelihood's pick, beside the per-character one
+                general["mc_accuracy_sum"] = mc["accuracy_sum"]
         for name, texts in self.ppl_sets.items():
             general["perplexity"][name] = perplexity(
                 model, tokenizer, texts, max_length=ev.perplexity_max_length, batch_size=ev.batch_size
@@ -367,9 +371,13 @@ def _finish(run: _Run) -> dict[str, Any]:
         state["accuracy_matrix"],
         general=state["general"],
         loss_history=state["loss_history"],
-        timing={"total_s": time.time() - run.started, "per_task_s": state["per_task_s"], "eval_s": state["eval_s"]},
+        timing={"total_s": time.time() - run.started, "per_task_s": state["per_task_s"], "eval_s": state["eval_s"],
+                "train_steps": _steps_before(state)},  # fmt: skip
     )
+    results["provenance"] = provenance()
     write_report(run.out, results)
+    for line in learning_warnings(results):
+        logger.warning("%s: %s", cfg.name, line)
     return results
 
 

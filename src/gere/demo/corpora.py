@@ -115,7 +115,8 @@ def build_probe(
     subject: str = "world_capitals",
     category: str = "geography",
 ) -> list[dict[str, Any]]:
-    """MMLU-style 4-way questions from (capital, country) pairs, asked in both directions.
+    """4-way questions from (capital, country) pairs, asked in both directions, with a cloze ``stem``
+    ("The capital of X is" / "Y is the capital of") that an option's text completes.
 
     Distractors come from the same list and are never a correct answer to the question, so exactly one
     option is right; the position of the answer is drawn with `seed`.
@@ -130,13 +131,13 @@ def build_probe(
     all_capitals, all_countries = sorted(countries_of), sorted(capitals_of)
     candidates = []
     for capital, country in pairs:
-        candidates.append((f"What is the capital of {country}?", capital, all_capitals, capitals_of[country]))
-        candidates.append(
-            (f"{capital} is the capital of which country?", country, all_countries, countries_of[capital])
-        )
+        candidates.append((f"What is the capital of {country}?", f"The capital of {country} is", capital,
+                           all_capitals, capitals_of[country]))  # fmt: skip
+        candidates.append((f"{capital} is the capital of which country?", f"{capital} is the capital of", country,
+                           all_countries, countries_of[capital]))  # fmt: skip
     rng.shuffle(candidates)
     out = []
-    for question, correct, pool, also_correct in candidates[:n]:
+    for question, stem, correct, pool, also_correct in candidates[:n]:
         wrong = [x for x in pool if x not in also_correct]
         if len(wrong) < 3:
             raise GeReError(
@@ -148,6 +149,7 @@ def build_probe(
         out.append(
             {
                 "question": question,
+                "stem": stem,
                 "choices": choices,
                 "answer": answer,
                 "subject": subject,
