@@ -6,7 +6,13 @@ import math
 
 import pytest
 
-from gere.continual.aggregate import aggregate_runs, paired_difference, render_aggregate, t975, write_aggregate
+from gere.continual.aggregate import (
+    aggregate_runs,
+    paired_difference,
+    render_aggregate,
+    t975,
+    write_aggregate,
+)
 from gere.errors import GeReError
 
 

@@ -17,14 +17,30 @@ pytestmark = pytest.mark.integration
 
 def test_smallest_demo_end_to_end(tmp_path, capsys):
     cache = os.environ.get("GERE_CACHE") or str(tmp_path / "cache")
-    results = run_demo(output_dir=tmp_path / "demo", cache_dir=cache, size="smallest", progress=False)
-    assert [r["method"] for r in results] == ["none", "ce", "ce+tm"]
+    result = run_demo(output_dir=tmp_path / "demo", cache_dir=cache, size="smallest", progress=False)
+    assert list(result["cells"]) == ["none", "ce", "ce+tm"]
     out = capsys.readouterr().out
-    assert "| ce+tm" in out and "| base model" in out
-    for method in ("none", "ce", "ce_tm"):
-        data = json.loads((tmp_path / "demo" / method / "results.json").read_text())
+    assert "| ce+tm |" in out and "base model: probe" in out
+    for method in ("none", "ce", "ce+tm"):
+        data = json.loads((tmp_path / "demo" / method / "seed-0" / "results.json").read_text())
         assert len(data["accuracy_matrix"]) == 4 and len(data["accuracy_matrix"][0]) == 3
-        assert data["general"][-1]["perplexity"]["news"] > 1
-    ce_tm = json.loads((tmp_path / "demo" / "ce_tm" / "results.json").read_text())
+        assert data["general"][-1]["perplexity"]["news"] > 1 and data["general"][0]["mc_accuracy_sum"] is not None
+    ce_tm = json.loads((tmp_path / "demo" / "ce+tm" / "seed-0" / "results.json").read_text())
     assert all(h["replay_margin"] is not None for h in ce_tm["loss_history"])
-    assert (tmp_path / "demo" / "comparison" / "comparison.md").exists()
+    assert (tmp_path / "demo" / "sweep.md").exists()
+
+
+def test_smallest_demo_repeats_exactly(tmp_path):
+    """The same command twice on one machine gives the same metrics, to the last bit."""
+    cache = os.environ.get("GERE_CACHE") or str(tmp_path / "cache")
+    first = run_demo(output_dir=tmp_path / "a", cache_dir=cache, size="smallest", progress=False,
+                     methods=["none", "ce+tm"])  # fmt: skip
+    second = run_demo(output_dir=tmp_path / "b", cache_dir=cache, size="smallest", progress=False,
+                      methods=["none", "ce+tm"])  # fmt: skip
+    for cell in ("none", "ce+tm"):
+        for name in ("AP %", "general %", "ppl wiki", "ppl news", "ppl replay"):
+            assert first["cells"][cell][name]["values"] == second["cells"][cell][name]["values"], (cell, name)
+        a = json.loads((tmp_path / "a" / cell / "seed-0" / "results.json").read_text())
+        b = json.loads((tmp_path / "b" / cell / "seed-0" / "results.json").read_text())
+        assert a["accuracy_matrix"] == b["accuracy_matrix"] and a["general"] == b["general"]
+        assert [h["loss"] for h in a["loss_history"]] == [h["loss"] for h in b["loss_history"]]

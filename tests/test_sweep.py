@@ -37,9 +37,9 @@ def test_grid_is_the_product_in_the_order_given():
 def test_sweep_runs_every_cell_and_seed_then_skips_and_resumes(setup, tmp_path):  # noqa: F811
     calls = []
 
-    def counting_run(cfg, resume=False, progress=True):
+    def counting_run(cfg, resume=False, overwrite=False, progress=True):
         calls.append((cfg.output_dir, resume))
-        return run_continual(cfg, resume=resume, progress=False)
+        return run_continual(cfg, resume=resume, overwrite=overwrite, progress=False)
 
     load = sweep_loader(setup / "run.yaml", ["training.max_steps=1"])
     cells = grid_cells(parse_grid(["gere.objective=none,ce"]))

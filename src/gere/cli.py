@@ -78,6 +78,9 @@ def _add_demo(sub) -> None:
     p.add_argument("--smallest", action="store_true", help="The smallest settings (integration test).")
     p.add_argument("--methods", nargs="+", default=None, help="Subset of methods to run.")
     p.add_argument("--seeds", default=None, help="Seeds, e.g. 0,1,2: every method once per seed, then mean +- sd.")
+    p.add_argument("--resume", action="store_true", help="Keep finished runs in --output-dir; run the rest.")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="Cross every method with these values, e.g. --grid training.learning_rate=1e-5,3e-5.")  # fmt: skip
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="Override a value of every method's run config.")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
@@ -181,7 +184,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from gere.continual.sweep import parse_seeds
+    from gere.continual.sweep import grid_cells, parse_grid, parse_seeds
     from gere.demo.run import run_demo
 
     run_demo(
@@ -192,8 +195,10 @@ def cmd_demo(args) -> int:
         size="full" if args.full else "smallest" if args.smallest else "default",
         methods=args.methods,
         seeds=None if args.seeds is None else parse_seeds(args.seeds),
+        grid=grid_cells(parse_grid(args.grid)) if args.grid else None,
         overrides=args.overrides,
         progress=not args.no_progress,
+        resume=args.resume,
     )
     return 0
 

@@ -31,7 +31,7 @@ def provenance() -> dict[str, object]:
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs"
         + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""),
         "threads": torch.get_num_threads(),
-        "argv": " ".join(sys.argv),
+        "argv": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
     }
 
 

@@ -117,7 +117,23 @@ def aggregate_runs(groups: dict[str, Sequence[dict[str, Any]]], baseline: str | 
             cells[label][metric] = _summary(list(per_seed.values())) if per_seed else None
             if label != baseline:
                 differences[label][metric] = paired_difference(per_seed, _by_seed(groups[baseline], metric))
-    return {"metrics": metrics, "baseline": baseline, "cells": cells, "differences": differences}
+    produced = [r.get("provenance") for runs in groups.values() for r in runs if r.get("provenance")]
+    return {"metrics": metrics, "baseline": baseline, "cells": cells, "differences": differences,
+            "provenance": _common_provenance(produced)}  # fmt: skip
+
+
+def _common_provenance(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What the runs were made with; a field that differs between runs lists every value seen."""
+    if not entries:
+        return None
+    out: dict[str, Any] = {}
+    for key in ("argv", "commit", "dirty", "gere", "torch", "transformers", "python", "machine", "threads"):
+        seen = []
+        for e in entries:
+            if e.get(key) not in seen:
+                seen.append(e.get(key))
+        out[key] = seen[0] if len(seen) == 1 else seen
+    return out
 
 
 def _mean_sd(entry: dict[str, Any] | None) -> str:
@@ -148,6 +164,12 @@ def render_aggregate(result: dict[str, Any], title: str) -> str:
                   "Method minus baseline on the same seeds: mean [95% interval, Student's t].", ""]  # fmt: skip
         rows = [[label, *[_interval(result["differences"][label][m]) for m in metrics]] for label in others]
         lines.append(table(["method", *metrics], rows))
+    made = result.get("provenance")
+    if made:
+        dirty = " (with uncommitted changes)" if made["dirty"] is True else ""
+        lines += ["", f"Command: `{made['argv']}`.", "",
+                  f"Made by gere {made['gere']}, commit {made['commit']}{dirty}; torch {made['torch']}, "
+                  f"transformers {made['transformers']}; {made['machine']}, {made['threads']} threads."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -84,12 +84,15 @@ def run_sweep(
     baseline: str | None = None,
     progress: bool = True,
     run: Callable[..., dict[str, Any]] | None = None,
+    fresh: bool = False,
 ) -> dict[str, Any]:
     """Run every cell with every seed (skipping finished runs), then aggregate; returns the aggregate.
 
     ``load_config(overrides)`` builds a cell's config from ``--set``-style overrides (the cell's, then
     ``seed`` and ``output_dir``). ``baseline``: the label of the cell the others are compared with
-    (default: the first). ``run`` replaces `gere.continual.runner.run_continual` (same arguments).
+    (default: the first). ``run`` replaces `gere.continual.runner.run_continual` (called with ``resume``, ``overwrite`` and
+    ``progress``).
+    ``fresh``: run every cell anew, replacing runs already in ``out_dir``.
     """
     if run is None:
         from gere.continual.runner import run_continual as run
@@ -106,7 +109,10 @@ def run_sweep(
         for seed in seeds:
             folder = out_dir / cell.folder / f"seed-{seed}"
             cfg = load_config([*cell.overrides, f"seed={seed}", f"output_dir={folder}"])
-            groups[cell.label].append(_run_or_reuse(cfg, folder, run, progress, out_dir))
+            if fresh:
+                groups[cell.label].append(run(cfg, resume=False, overwrite=True, progress=progress))
+            else:
+                groups[cell.label].append(_run_or_reuse(cfg, folder, run, progress, out_dir))
     result = aggregate_runs(groups, baseline=baseline or labels[0])
     write_aggregate(result, out_dir, title="Sweep")
     return result
@@ -125,7 +131,7 @@ def _run_or_reuse(cfg: RunConfig, folder: Path, run, progress: bool, out_dir: Pa
         )
     if state is not None and results_path.exists() and state["stages_done"] == len(cfg.task_specs()):
         return json.loads(results_path.read_text())
-    return run(cfg, resume=state is not None, progress=progress)
+    return run(cfg, resume=state is not None, overwrite=False, progress=progress)
 
 
 def sweep_loader(config_path: str | Path, overrides: Sequence[str]) -> Callable[[list[str]], RunConfig]:

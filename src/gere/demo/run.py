@@ -1,16 +1,19 @@
 """`gere demo`: a real pretrained LLM, real text, three continual tasks, methods side by side.
 
-SmolLM2-135M-Instruct is fine-tuned on three tasks in a row (movie-review sentiment, a grammar relation
-between two words, word similarity) with the same seeds under each method:
+SmolLM2-135M-Instruct is fine-tuned on three real tasks in a row (`gere.demo.corpora.TASKS`) under each
+method, with the same data and seeds:
 
 - ``none``: plain sequential fine-tuning;
 - ``ce``: replay of general Wikipedia paragraphs with cross-entropy (the paper's BaselineR);
 - ``ce+tm``: BaselineR plus the threshold-based margin loss (GeRe).
 
-After every task each method is evaluated on all tasks, on a general-knowledge multiple-choice probe
-(capitals) and on the perplexity of held-out Wikipedia and news text, and a comparison table is printed.
-The default size finishes in about 10 minutes on a 2-core CPU with a warm cache (see docs/demo.md for the
-measured figures); ``--full`` runs larger settings through the same code for a GPU.
+`METHODS` holds more (every replay objective, fixed weights, batch interpolation, LoRA with the online
+reference); docs/study.md runs them all. After every task each run is evaluated on all tasks, on a
+general-knowledge probe (capitals, scored as a cloze) and on the perplexity of held-out Wikipedia and
+news text and of the replay set. Methods run as cells of a sweep (`gere.continual.sweep`), once per seed,
+and the table shows the mean +- sd over seeds and paired differences against ``none``. The default size
+finishes in about 10 minutes on a 2-core CPU with a warm cache (docs/demo.md); ``--full`` runs larger
+settings through the same code for a GPU.
 """
 
 from __future__ import annotations
@@ -20,25 +23,40 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gere.continual.compare import compare_runs
+from gere.continual.aggregate import render_aggregate
+from gere.continual.report import learning_warnings
 from gere.continual.run_config import load_run_config
 from gere.continual.runner import run_continual
+from gere.continual.sweep import Cell, run_sweep
 from gere.demo.assets import DemoSizes, build_demo_assets
+from gere.errors import GeReError
 
-METHODS = {
-    "none": {"objective": "none"},
-    "ce": {"objective": "ce"},
-    "ce+tm": {"objective": "ce+tm", "margin_weight": "dy"},
+#: Each method: overrides of the demo's run config.
+METHODS: dict[str, dict[str, Any]] = {
+    "none": {"gere.objective": "none"},
+    "ce": {"gere.objective": "ce"},
+    "kl": {"gere.objective": "kl"},
+    "l1": {"gere.objective": "l1"},
+    "l2": {"gere.objective": "l2"},
+    "tm": {"gere.objective": "tm"},
+    "ce+tm": {"gere.objective": "ce+tm", "gere.margin_weight": "dy"},
+    "ce+tm-w1": {"gere.objective": "ce+tm", "gere.margin_weight": 1},
+    "ce+tm-w100": {"gere.objective": "ce+tm", "gere.margin_weight": 100},
+    "ce+tm-bi": {"gere.objective": "ce+tm", "gere.num_interpolate_per_batch": 2},
+    "none-lora": {"gere.objective": "none", "finetuning": "lora"},
+    "ce+tm-lora": {"gere.objective": "ce+tm", "finetuning": "lora", "gere.reference": "online"},
 }
+DEFAULT_METHODS = ("none", "ce", "ce+tm")
 
-# Sizes: "default" fits ~10 minutes on a 2-core CPU; "smallest" is for the integration test; "full" is for
-# a GPU. Each entry: asset sizes, per-task training, evaluation sizes, replay settings.
+# Sizes: "default" fits ~10 minutes on a 2-core CPU; "smallest" is for the integration tests; "full" is
+# for a GPU. Each entry: asset sizes, per-task training, evaluation sizes, replay settings.
 SIZES: dict[str, dict[str, Any]] = {
     "default": {
         "assets": {"replay": 128, "heldout_wiki": 32, "heldout_news": 32, "probe": 150, "task_train": 200,
                    "task_test": 100},
         "task_train": 96, "task_test": 24,
         "training": {"max_steps": 12, "per_device_train_batch_size": 8, "learning_rate": 3e-4, "max_length": 96},
+        "lora": {"learning_rate": 1e-3},
         "evaluation": {"mc_limit": 40, "perplexity_limit": 8, "perplexity_max_length": 96, "batch_size": 16},
         "gere": {"num_replay_samples": 64, "replay_max_length": 64, "replay_batch_size": 4},
     },
@@ -46,7 +64,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "assets": {"replay": 16, "heldout_wiki": 4, "heldout_news": 4, "probe": 8, "task_train": 16,
                    "task_test": 8},
         "task_train": 8, "task_test": 4,
-        "training": {"max_steps": 1, "per_device_train_batch_size": 4, "learning_rate": 3e-4, "max_length": 64},
+        "training": {"max_steps": 1, "per_device_train_batch_size": 4, "learning_rate": 3e-5, "max_length": 64},
+        "lora": {"learning_rate": 3e-4},
         "evaluation": {"mc_limit": 4, "perplexity_limit": 2, "perplexity_max_length": 32, "batch_size": 8},
         "gere": {"num_replay_samples": 8, "replay_max_length": 32, "replay_batch_size": 2},
     },
@@ -54,76 +73,55 @@ SIZES: dict[str, dict[str, Any]] = {
         "assets": {"replay": 256, "heldout_wiki": 64, "heldout_news": 64, "probe": 200, "task_train": 400,
                    "task_test": 100},
         "task_train": 400, "task_test": 100,
-        "training": {"num_train_epochs": 2, "per_device_train_batch_size": 16, "learning_rate": 3e-4,
+        "training": {"num_train_epochs": 2, "per_device_train_batch_size": 16, "learning_rate": 3e-5,
                      "max_length": 160},
+        "lora": {"learning_rate": 3e-4},
         "evaluation": {"perplexity_max_length": 256, "batch_size": 32},
         "gere": {"num_replay_samples": 256, "replay_max_length": 256, "replay_batch_size": 8},
     },
 }  # fmt: skip
 
 
-def demo_config(assets, method: str, size: str, output_dir: Path, seed: int = 0) -> dict[str, Any]:
-    """The run config (as a mapping) of one method of the demo."""
+def demo_config(assets, size: str, output_dir: Path) -> dict[str, Any]:
+    """The demo's base run config (as a mapping); a method's overrides and the seed go on top."""
     s = SIZES[size]
     training = {"optim": "adamw_torch_fused", "logging_steps": 1, **s["training"]}
     return {
-        "name": f"demo-{method}",
-        "output_dir": str(output_dir / method.replace("+", "_")),
+        "name": "demo",
+        "output_dir": str(output_dir),
         "model": str(assets.model_dir),
-        "seed": seed,
+        "seed": 0,
         "finetuning": "full",
-        "tasks": [
-            {"source": str(d), "train_size": s["task_train"], "test_size": s["task_test"], "seed": seed}
-            for d in assets.task_dirs
-        ],
-        "gere": {"replay_source": str(assets.replay), "replay_seed": seed, **s["gere"], **METHODS[method]},
+        # Task data are sampled with a fixed seed: every method and run seed sees the same train and test
+        # sets, so differences between methods are paired on the same questions.
+        "tasks": [{"source": str(d), "train_size": s["task_train"], "test_size": s["task_test"], "seed": 0}
+                  for d in assets.task_dirs],  # fmt: skip
+        "gere": {"replay_source": str(assets.replay), **s["gere"]},
         "training": training,
+        "per_task": {},
         "evaluation": {
             "general_mc": str(assets.probe),
-            "perplexity_sets": {"wiki": str(assets.heldout_wiki), "news": str(assets.heldout_news)},
+            "mc_format": "cloze",
+            "perplexity_sets": {"wiki": str(assets.heldout_wiki), "news": str(assets.heldout_news),
+                                "replay": str(assets.replay)},  # fmt: skip
             **s["evaluation"],
         },
     }
 
 
-def _row(results: dict[str, Any]) -> list[str]:
-    m, general = results["metrics"], results["general"][-1]
-    ppl = general["perplexity"]
-
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.1f}"
-
-    return [
-        results["method"],
-        pct(m["ap"]),
-        pct(m["bwt"]),
-        pct(general["mc_accuracy"]),
-        f"{ppl.get('wiki', float('nan')):.1f}",
-        f"{ppl.get('news', float('nan')):.1f}",
-        pct(m["f1_avg"]),
-        f"{results['timing']['total_s']:.0f}",
-    ]
-
-
-def format_table(all_results: list[dict[str, Any]], base: dict[str, Any]) -> str:
-    header = ["method", "AP %", "BWT %", "probe acc %", "ppl wiki", "ppl news", "F1 Avg %", "wall s"]
-    base_ppl = base["perplexity"]
-    first = [
-        "base model",
-        "-",
-        "-",
-        f"{100 * base['mc_accuracy']:.1f}" if base["mc_accuracy"] is not None else "-",
-        f"{base_ppl.get('wiki', float('nan')):.1f}",
-        f"{base_ppl.get('news', float('nan')):.1f}",
-        "-",
-        "-",
-    ]
-    rows = [first] + [_row(r) for r in all_results]
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    body = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
-    return "\n".join([line, sep, *body])
+def method_cells(methods: list[str], size: str, grid: list[Cell] | None = None) -> list[Cell]:
+    """One sweep cell per method (its overrides, plus the LoRA learning rate for LoRA methods), or per
+    method and grid cell, the grid's overrides last."""
+    cells = []
+    for name in methods:
+        overrides = dict(METHODS[name])
+        if overrides.get("finetuning") == "lora":
+            overrides.update({f"training.{k}": v for k, v in SIZES[size]["lora"].items()})
+        own = tuple(f"{k}={v}" for k, v in overrides.items())
+        for extra in grid or [Cell("", ())]:
+            label = f"{name} {extra.label}" if extra.label else name
+            cells.append(Cell(label, own + extra.overrides))
+    return cells
 
 
 def run_demo(
@@ -133,40 +131,62 @@ def run_demo(
     gensim_wheel: str | None = None,
     size: str = "default",
     methods: list[str] | None = None,
+    seeds: list[int] | None = None,
+    grid: list[Cell] | None = None,
     overrides: list[str] | None = None,
     progress: bool = True,
-    seed: int = 0,
-) -> list[dict[str, Any]]:
-    from gere.errors import GeReError
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Run the demo's methods once per seed and print the comparison; returns the sweep aggregate.
 
+    ``grid`` (`gere.continual.sweep.grid_cells`) crosses every method with more settings, e.g. learning
+    rates. Without ``resume`` every run starts afresh; with it, finished runs in ``output_dir`` are kept.
+    """
     if size not in SIZES:
         raise GeReError(f"demo size {size!r} is not one of {', '.join(SIZES)}")
-    methods = methods or list(METHODS)
+    methods = list(methods or DEFAULT_METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise GeReError(f"unknown demo method(s) {unknown}; choose from {', '.join(METHODS)}")
+    seeds = list(seeds or [0])
     started = time.time()
     assets = build_demo_assets(
-        cache_dir, smollm_wheel=smollm2_wheel, gensim_wheel=gensim_wheel, seed=seed,
+        cache_dir, smollm_wheel=smollm2_wheel, gensim_wheel=gensim_wheel, seed=0,
         sizes=DemoSizes(**SIZES[size]["assets"]),
     )  # fmt: skip
     print(f"assets ready in {time.time() - started:.1f} s under {assets.root}")
     output_dir = Path(output_dir)
-    all_results = []
-    for method in methods:
-        cfg = load_run_config(
-            None, overrides, base=copy.deepcopy(demo_config(assets, method, size, output_dir, seed))
-        )
-        print(f"\n== {method}: {len(cfg.tasks)} tasks, {cfg.training.max_steps} steps each ==")
-        results = run_continual(
-            cfg, overwrite=True, progress=progress, base_eval_cache=output_dir / "base_eval.json"
-        )
-        all_results.append(results)
-    compare_runs([Path(r["config"]["output_dir"]) for r in all_results], output_dir / "comparison")
-    print(
-        "\nTasks:", ", ".join(all_results[0]["tasks"]), "| probe: capitals (4 options) | ppl: held-out text"
-    )
-    print(format_table(all_results, all_results[0]["general"][0]))
-    print(f"\ntotal {time.time() - started:.0f} s; reports in {output_dir}/<method>/report.md, comparison in "
-          f"{output_dir}/comparison/comparison.md")  # fmt: skip
-    return all_results
+    base = demo_config(assets, size, output_dir)
+
+    def load(cell_overrides: list[str]):
+        return load_run_config(None, [*(overrides or []), *cell_overrides], base=copy.deepcopy(base))
+
+    runs: list[dict[str, Any]] = []
+
+    def run(cfg, resume=False, overwrite=False, progress=True):
+        print(f"\n== {Path(cfg.output_dir).relative_to(output_dir)}: {len(cfg.tasks)} tasks ==")
+        results = run_continual(cfg, resume=resume, overwrite=overwrite, progress=progress,
+                                base_eval_cache=output_dir / "base_eval.json")  # fmt: skip
+        runs.append(results)
+        return results
+
+    cells = method_cells(methods, size, grid)
+    result = run_sweep(load, cells, seeds, output_dir, baseline=cells[0].label,
+                       progress=progress, run=run, fresh=not resume)  # fmt: skip
+    _print_summary(result, runs, output_dir, time.time() - started)
+    return result
+
+
+def _print_summary(result: dict[str, Any], runs: list[dict[str, Any]], output_dir: Path, seconds: float) -> None:
+    if runs:
+        first = runs[0]
+        base = first["general"][0]
+        ppl = ", ".join(f"{k} {v:.1f}" for k, v in base["perplexity"].items())
+        print(f"\nTasks: {', '.join(first['tasks'])}; base model: probe {100 * base['mc_accuracy']:.1f}%, "
+              f"perplexity {ppl}; task accuracy {[round(100 * a, 1) for a in first['accuracy_matrix'][0]]}")  # fmt: skip
+    unlearned = [r["config"]["output_dir"] for r in runs if learning_warnings(r)]
+    if unlearned:
+        print(f"WARNING: {len(unlearned)} run(s) did not learn every task (see their report.md): {', '.join(unlearned)}")
+    print()
+    print(render_aggregate(result, "Demo"))
+    print(f"total {seconds:.0f} s; runs in {output_dir}/<method>/seed-<s>/, summary in {output_dir}/sweep.md")
