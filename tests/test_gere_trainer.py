@@ -26,9 +26,10 @@ def replay_file(tmp_path, n=10):
     return path
 
 
-def make_trainer(tmp_path, model, tok, config, steps=3, bs=4, ga=1, **kwargs):
+def make_trainer(tmp_path, model, tok, config, steps=3, bs=4, ga=1, optim="adamw_torch", **kwargs):
     args = TrainingArguments(
         output_dir=str(tmp_path / "out"),
+        optim=optim,
         per_device_train_batch_size=bs,
         gradient_accumulation_steps=ga,
         max_steps=steps,
@@ -197,3 +198,40 @@ def test_objective_none_is_plain_training(tmp_path):
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert all("task_ce" in h and "replay_ce" not in h for h in logged)
     assert not (tmp_path / "out" / "gere_store").exists()
+
+
+def test_reference_scripts_tokenizer_argument_is_the_processing_class(tmp_path):
+    tok, model = tiny_tokenizer(), tiny_llama()
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), report_to=[], use_cpu=True, max_steps=1)
+    trainer = GeReTrainer(model=model, args=args, train_dataset=task_dataset(tok), tokenizer=tok,
+                          data_collator=DataCollatorForSeq2Seq(tok, padding=True),
+                          gere_config=GeReConfig(objective="none"))  # fmt: skip
+    assert trainer.processing_class is tok
+    with pytest.raises(GeReError, match="tokenizer once"):
+        GeReTrainer(model=model, args=args, tokenizer=tok, processing_class=tok)
+
+
+@pytest.mark.parametrize("objective", ["none", "ce+tm"])
+def test_gradient_accumulation_averages_micro_batches(tmp_path, objective):
+    """Two accumulated micro-batches of 2 rows update the model as one batch of 4 (rows of equal length)."""
+    tok = tiny_tokenizer()
+    config = GeReConfig(objective=objective, replay_source=str(replay_file(tmp_path)), num_replay_samples=8,
+                        replay_max_length=16, replay_batch_size=2, margin_weight=1.0)  # fmt: skip
+    updates, losses = [], []
+    for bs, ga in ((4, 1), (2, 2)):
+        model = tiny_llama()
+        before = trainable_snapshot(model)
+        # Plain SGD: an update proportional to the gradient shows a doubled loss (Adam's first step would not).
+        trainer = make_trainer(tmp_path / f"{bs}x{ga}", model, tok, config, steps=1, bs=bs, ga=ga, optim="sgd")
+        trainer.train()
+        updates.append({n: p.detach() - before[n] for n, p in model.named_parameters()})
+        losses.append(trainer.state.log_history[0])
+    logged = losses[1]
+    if objective == "none":
+        for name, delta in updates[0].items():
+            torch.testing.assert_close(updates[1][name], delta, rtol=1e-4, atol=1e-6)
+        assert logged["loss"] == pytest.approx(losses[0]["loss"], rel=1e-4)
+    else:
+        # The logged loss is the mean over micro-batches of CE + w * margin, not their sum.
+        ce = (logged["task_ce"] + logged["replay_ce"]) / 2
+        assert logged["loss"] == pytest.approx(ce + logged["replay_margin"], rel=1e-3)

@@ -85,8 +85,17 @@ class GeReMixin:
         config = gere_config or GeReConfig()
         overrides = {k: v for k, v in overrides.items() if v is not None}
         self.gere = dataclasses.replace(config, **overrides) if overrides else config
+        if "tokenizer" in kwargs:
+            # transformers 5 removed Trainer's `tokenizer=`; scripts written for the reference still pass it.
+            if kwargs.get("processing_class") is not None:
+                raise GeReError("pass the tokenizer once: tokenizer= or processing_class=, not both")
+            kwargs["processing_class"] = kwargs.pop("tokenizer")
         super().__init__(*args, **kwargs)
-        # compute_loss returns a per-micro-batch mean; the Trainer divides it by the accumulation steps.
+        # compute_loss returns a per-micro-batch mean, so the Trainer must divide it by the accumulation
+        # steps and must not count items across processes for the model's loss: with batch interpolation a
+        # process may hold only replay rows, and the count's all_gather would then pair with another
+        # process's backward pass and hang. Both flags say so, to transformers releases old and new.
+        self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         self._gere_store = activation_store
         self._gere_replay_set = replay_set
