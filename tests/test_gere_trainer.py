@@ -235,3 +235,44 @@ def test_gradient_accumulation_averages_micro_batches(tmp_path, objective):
         # The logged loss is the mean over micro-batches of CE + w * margin, not their sum.
         ce = (logged["task_ce"] + logged["replay_ce"]) / 2
         assert logged["loss"] == pytest.approx(ce + logged["replay_margin"], rel=1e-3)
+
+
+def test_concat_mixing_replays_each_text_once_per_epoch(tmp_path):
+    """The reference's way without interpolation: replay rows shuffled among the task rows, one epoch."""
+    tok, model = tiny_tokenizer(), tiny_llama()
+    config = GeReConfig(replay_mixing="concat", replay_source=str(replay_file(tmp_path, n=6)), num_replay_samples=6,
+                        replay_max_length=16)  # fmt: skip
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), per_device_train_batch_size=3, num_train_epochs=1,
+                             learning_rate=5e-3, logging_steps=1, report_to=[], use_cpu=True, seed=0,
+                             disable_tqdm=True, save_strategy="no")  # fmt: skip
+    trainer = GeReTrainer(model=model, args=args, train_dataset=task_dataset(tok, n=12), processing_class=tok,
+                          data_collator=DataCollatorForSeq2Seq(tok, padding=True), gere_config=config)  # fmt: skip
+    seen, calls = [], []
+    original = trainer._replay_losses
+
+    def spy(model, indices):
+        seen.extend(indices)
+        calls.append(trainer.state.global_step)
+        return original(model, indices)
+
+    trainer._replay_losses = spy
+    trainer.train()
+    assert trainer.state.global_step == 6  # (12 task + 6 replay rows) / 3 per batch
+    assert sorted(seen) == list(range(6))  # every replay text exactly once
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    # Replay parts are logged exactly at the steps whose batch held replay rows; the others train task CE.
+    assert [h["step"] - 1 for h in logged if "replay_margin" in h] == sorted(set(calls))
+
+
+def test_reference_argument_names_bring_the_reference_defaults(tmp_path):
+    tok, model = tiny_tokenizer(), tiny_llama()
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), report_to=[], use_cpu=True, max_steps=1)
+    ref = GeReTrainer(model=model, args=args, tokenizer=tok, gere_data_file=str(replay_file(tmp_path)),
+                      gere_hidden_state_saving_dir=str(tmp_path / "store"))  # fmt: skip
+    assert ref.gere.margin_weight == 100.0 and ref.gere.mixing == "concat"
+    bi = GeReTrainer(model=model, args=args, tokenizer=tok, num_interpolate_per_batch=2, w_strategy="dy")
+    assert bi.gere.margin_weight == "dy" and bi.gere.mixing == "interpolate"
+    own = GeReTrainer(model=model, args=args, tokenizer=tok, gere_config=GeReConfig(), gere_data_file="x.jsonl")
+    assert own.gere.margin_weight == "dy" and own.gere.mixing == "batch"  # an explicit config keeps its values
+    with pytest.raises(GeReError, match="applies to replay_mixing 'interpolate'"):
+        GeReConfig(replay_mixing="concat", num_interpolate_per_batch=2)

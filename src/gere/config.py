@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from gere.store.format import StoreSpec
 
 REFERENCE_MODES = ("store", "online")
+#: How replay samples join training (see `GeReConfig.replay_mixing`).
+MIXINGS = ("auto", "concat", "interpolate", "batch")
 #: Dtypes of the hidden states stored for the l1 / l2 objectives.
 FEATURE_DTYPES = ("float16", "bfloat16")
 DYNAMIC = "dy"
@@ -119,11 +121,19 @@ class GeReConfig:
     reuse_store: bool = field(
         default=True, metadata={"help": "Reuse a matching store; False rebuilds it (--regenerate-store)."}
     )
+    replay_mixing: str = field(
+        default="auto",
+        metadata={
+            "help": "How replay samples join training: 'interpolate' (batch interpolation: "
+            "num_interpolate_per_batch replay samples inside every global batch), 'concat' (the replay set "
+            "appended to the task data and shuffled with it: each replay text once per epoch, the reference "
+            "implementation's way without interpolation), 'batch' (replay_batch_size replay samples drawn "
+            "with every micro-batch); 'auto': interpolate when num_interpolate_per_batch > 0, else batch."
+        },
+    )
     num_interpolate_per_batch: int = field(
         default=0,
-        metadata={
-            "help": "Batch interpolation: replay samples inside every global batch (0 = separate replay batch)."
-        },
+        metadata={"help": "Batch interpolation: replay samples inside every global batch (0 = none)."},
     )
     replay_batch_size: int = field(
         default=4, metadata={"help": "Without BI: replay samples per device in each micro-batch."}
@@ -143,6 +153,7 @@ class GeReConfig:
             (self.margin_reduction in REDUCTIONS, "margin_reduction", f"one of {REDUCTIONS}"),
             (self.feature_dtype in FEATURE_DTYPES, "feature_dtype", f"one of {FEATURE_DTYPES}"),
             (self.reference in REFERENCE_MODES, "reference", f"one of {REFERENCE_MODES}"),
+            (self.replay_mixing in MIXINGS, "replay_mixing", f"one of {MIXINGS}"),
             (self.num_replay_samples >= 1, "num_replay_samples", "at least 1"),
             (self.replay_max_length >= 2, "replay_max_length", "at least 2"),
             (self.threshold_k > 0, "threshold_k", "greater than 0"),
@@ -156,6 +167,21 @@ class GeReConfig:
         for ok, name, need in checks:
             if not ok:
                 raise GeReError(f"{name} = {getattr(self, name)!r} is not valid: it must be {need}")
+        k = self.num_interpolate_per_batch
+        if self.replay_mixing == "interpolate" and k == 0:
+            raise GeReError("replay_mixing = 'interpolate' needs num_interpolate_per_batch >= 1")
+        if self.replay_mixing in ("concat", "batch") and k > 0:
+            raise GeReError(
+                f"num_interpolate_per_batch = {k} applies to replay_mixing 'interpolate', not "
+                f"{self.replay_mixing!r}; set one of them"
+            )
+
+    @property
+    def mixing(self) -> str:
+        """The resolved replay mixing: 'interpolate', 'concat' or 'batch'."""
+        if self.replay_mixing != "auto":
+            return self.replay_mixing
+        return "interpolate" if self.num_interpolate_per_batch else "batch"
 
     @property
     def needs_reference(self) -> bool:

@@ -7,11 +7,16 @@ Switch an existing script by changing the class; the reference implementation's 
                           num_interpolate_per_batch=4, w_strategy="dy", gere_data_file="general.jsonl")
 
 This module gathers tensors and calls the pure losses (`gere.losses`); the reference targets come from
-`gere.reference`, replay batches from `gere.replay`. Replay is mixed in one of two ways (GeRe, arXiv 2508.04676, Sec. 4):
+`gere.reference`, replay batches from `gere.replay`. Replay samples join training in one of three ways
+(``replay_mixing``; GeRe, arXiv 2508.04676, Sec. 4):
 
-- batch interpolation (``num_interpolate_per_batch = k``): exactly k replay samples inside every global
-  batch, see `gere.replay.sampler`;
-- a separate replay batch (``replay_batch_size`` per device) drawn with every micro-batch.
+- ``interpolate``, batch interpolation (``num_interpolate_per_batch = k``): exactly k replay samples inside
+  every global batch, see `gere.replay.sampler`;
+- ``concat``: the replay set appended to the task data and shuffled with it, each replay text once per
+  epoch; the reference implementation's way without interpolation, and the default when a script uses its
+  argument names (with its margin weight, 100) without a `GeReConfig`;
+- ``batch``: a separate replay batch (``replay_batch_size`` per device) drawn with every micro-batch; the
+  default of `GeReConfig` without interpolation.
 
 The loss is ``CE + w * (replay regularisers)``, where CE is the task cross-entropy, averaged with the replay
 cross-entropy when the objective has ``ce`` (as the reference does), and w is a number or ``dy``
@@ -33,7 +38,7 @@ from functools import partial
 
 import torch
 from accelerate.utils import DistributedDataParallelKwargs
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import seed_worker
 
@@ -57,6 +62,10 @@ from gere.store.extract import extract_store
 from gere.store.format import ActivationStore
 
 LOGGED_PARTS = (*LOSS_PARTS, *WEIGHTS)
+#: What the reference implementation does when its argument names are used and a setting is left out:
+#: margin weight 100 (its ``w_strategy`` default) and, without interpolation, the replay set concatenated
+#: to the task data. A `GeReConfig` passed explicitly keeps its own values (docs/fidelity.md).
+REFERENCE_DEFAULTS = {"margin_weight": 100.0, "replay_mixing": "concat"}
 
 
 class GeReMixin:
@@ -82,8 +91,12 @@ class GeReMixin:
             "margin_weight": w_strategy,
             "replay_source": gere_data_file,
         }
-        config = gere_config or GeReConfig()
         overrides = {k: v for k, v in overrides.items() if v is not None}
+        if gere_config is None and overrides:
+            overrides = {**REFERENCE_DEFAULTS, **overrides}  # a script written for the reference implementation
+            if overrides.get("num_interpolate_per_batch"):
+                overrides["replay_mixing"] = "interpolate"
+        config = gere_config or GeReConfig()
         self.gere = dataclasses.replace(config, **overrides) if overrides else config
         if "tokenizer" in kwargs:
             # transformers 5 removed Trainer's `tokenizer=`; scripts written for the reference still pass it.
@@ -114,22 +127,23 @@ class GeReMixin:
 
     def _build_accelerator_args(self, **kwargs):
         args = super()._build_accelerator_args(**kwargs)
-        # With batch interpolation a process runs one forward pass (task or replay rows) or two (both),
-        # depending on its micro-batch. DDP's default broadcast of buffers at every forward is a collective,
-        # so unequal counts would pair mismatched collectives and hang; the buffers of a causal LM (rotary
-        # frequencies) are identical on every process anyway, so GeRe turns the broadcast off.
-        if (
-            self.gere.parts
-            and self.gere.num_interpolate_per_batch
-            and self.args.ddp_broadcast_buffers is None
-        ):
+        # With replay rows inside the task batches (interpolate, concat) a process runs one forward pass (task
+        # or replay rows) or two (both), depending on its micro-batch. DDP's default broadcast of buffers at
+        # every forward is a collective, so unequal counts would pair mismatched collectives and hang; the
+        # buffers of a causal LM (rotary frequencies) are identical on every process anyway, so GeRe turns
+        # the broadcast off.
+        if self._replay_rows_in_batches and self.args.ddp_broadcast_buffers is None:
             for handler in args.get("kwargs_handlers", []):
                 if isinstance(handler, DistributedDataParallelKwargs):
                     handler.broadcast_buffers = False
         return args
 
+    @property
+    def _replay_rows_in_batches(self) -> bool:
+        return bool(self.gere.parts) and self.gere.mixing in ("interpolate", "concat")
+
     def _check_interpolation_across_processes(self) -> None:
-        """Refuse set-ups where batch interpolation's unequal forward counts per process would hang."""
+        """Refuse set-ups where replay rows' unequal forward counts per process would hang."""
         if self.args.world_size <= 1:
             return
         sharded = None
@@ -148,9 +162,9 @@ class GeReMixin:
             else "with ddp_broadcast_buffers=True every forward pass"
         )
         raise GeReError(
-            f"batch interpolation runs one or two forward passes per process and micro-batch, but {why} is a "
-            "collective that all processes must run equally often. Use a separate replay batch "
-            "(num_interpolate_per_batch=0, replay_batch_size=N)"
+            f"replay_mixing {self.gere.mixing!r} runs one or two forward passes per process and micro-batch, "
+            f"but {why} is a collective that all processes must run equally often. Use a separate replay "
+            "batch (replay_mixing='batch', num_interpolate_per_batch=0, replay_batch_size=N)"
             + ("" if sharded else " or leave ddp_broadcast_buffers unset")
             + "; see docs/distributed.md"
         )
@@ -231,7 +245,7 @@ class GeReMixin:
             )
 
     def train(self, *args, **kwargs):
-        if self.gere.parts and self.gere.num_interpolate_per_batch:
+        if self._replay_rows_in_batches:
             self._check_interpolation_across_processes()  # before the store is built, not after
         self._gere_prepare()
         self._separate_batches = None  # drawn afresh from the step training (re)starts at
@@ -240,8 +254,7 @@ class GeReMixin:
     # ------------------------------------------------------------------------------------------ data
 
     def get_train_dataloader(self) -> DataLoader:
-        k = self.gere.num_interpolate_per_batch
-        if not (self.gere.parts and k):
+        if not self._replay_rows_in_batches:
             return super().get_train_dataloader()
         self._check_interpolation_across_processes()
         self._gere_prepare()
@@ -254,16 +267,17 @@ class GeReMixin:
             task_dataset = self._remove_unused_columns(task_dataset, description="training")
         else:
             collator = self._get_collator_with_removed_columns(collator, description="training")
-        global_batch = self._train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-        sampler = BatchInterpolationSampler(
-            len(task_dataset),
-            len(self._replay_tokens),
-            k,
-            global_batch,
-            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
-        )
-        if self.args.world_size > 1:
-            sampler = EvenLastBlock(sampler, self._train_batch_size * self.args.world_size)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        if self.gere.mixing == "concat":
+            # The replay set appended to the task data, shuffled with it: each replay text once per epoch.
+            sampler = RandomSampler(range(len(task_dataset) + len(self._replay_tokens)),
+                                    generator=torch.Generator().manual_seed(seed))  # fmt: skip
+        else:
+            global_batch = self._train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+            sampler = BatchInterpolationSampler(len(task_dataset), len(self._replay_tokens),
+                                                self.gere.num_interpolate_per_batch, global_batch, seed=seed)  # fmt: skip
+            if self.args.world_size > 1:
+                sampler = EvenLastBlock(sampler, self._train_batch_size * self.args.world_size)
         loader = DataLoader(
             InterpolatedDataset(task_dataset, len(self._replay_tokens)),
             batch_size=self._train_batch_size,
@@ -306,7 +320,7 @@ class GeReMixin:
             self._gere_prepare()
             if replay_index is not None:
                 indices = replay_index.tolist()
-            elif not self.gere.num_interpolate_per_batch:
+            elif self.gere.mixing == "batch":
                 indices = self._draw_replay_indices()
             else:
                 indices = []
