@@ -18,6 +18,7 @@ import torch
 from dist_worker import NUM_TASK, local_rows, replay_set, run_extraction, run_training
 
 from gere import distributed
+from gere.config import GeReConfig
 from gere.errors import GeReError
 from gere.replay.batches import EvenLastBlock
 from gere.replay.sampler import BatchInterpolationSampler
@@ -250,6 +251,7 @@ def test_fsdp_and_meta_parameters_are_refused_clearly():
 )
 def test_batch_interpolation_is_refused_where_forward_passes_are_collectives(setup, message):
     fake = types.SimpleNamespace(
+        gere=GeReConfig(num_interpolate_per_batch=1),
         args=types.SimpleNamespace(world_size=2, ddp_broadcast_buffers=setup.get("ddp_broadcast_buffers")),
         is_fsdp_enabled=setup.get("is_fsdp_enabled", False),
         is_deepspeed_enabled="zero_stage" in setup,
