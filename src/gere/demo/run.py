@@ -129,6 +129,7 @@ def run_demo(
     cache_dir: str | Path | None = None,
     smollm2_wheel: str | None = None,
     gensim_wheel: str | None = None,
+    wordnet_sdist: str | None = None,
     size: str = "default",
     methods: list[str] | None = None,
     seeds: list[int] | None = None,
@@ -151,7 +152,7 @@ def run_demo(
     seeds = list(seeds or [0])
     started = time.time()
     assets = build_demo_assets(
-        cache_dir, smollm_wheel=smollm2_wheel, gensim_wheel=gensim_wheel, seed=0,
+        cache_dir, smollm_wheel=smollm2_wheel, gensim_wheel=gensim_wheel, wordnet_sdist=wordnet_sdist, seed=0,
         sizes=DemoSizes(**SIZES[size]["assets"]),
     )  # fmt: skip
     print(f"assets ready in {time.time() - started:.1f} s under {assets.root}")
