@@ -23,6 +23,7 @@ from gere.demo.corpora import (
     sentiment_examples,
     split_disjoint,
     stratified_split,
+    without_words,
 )
 from gere.demo.wikitext import strip_wiki_markup, wiki_paragraphs
 from gere.errors import GeReError
@@ -85,6 +86,7 @@ def make_gensim_wheel(path: Path) -> tuple[Path, dict[str, str]]:
     for section, pairs in GRAMMAR.items():
         questions += [f": {section}", *_analogy_lines(pairs)]
     polarity = [f"__label__pos a warm , funny and moving film number {i} ." for i in range(10)]
+    polarity += ["__label__pos a warm tale set in paris ."]  # names a probe capital: kept out of the task
     polarity += [f"__label__neg it 's a dull , tedious mess number {i} ." for i in range(10)]
     news = [f"Police in city {i} said on Tuesday that a storm had closed roads. " * 4 for i in range(6)]
     with zipfile.ZipFile(path, "w") as z:
@@ -279,7 +281,8 @@ def test_build_from_local_wheel(tmp_path, gensim_wheel, monkeypatch):
         assert (len(train), len(test)) == (6, 4)
         assert not {e["input"] for e in train} & {e["input"] for e in test}
         assert {e["label"] for e in train + test} <= set(meta["labels"]) and meta["instruction"]
-        assert not any(set(e["input"].replace(":", " ").split()) & probe_words for e in train + test)
+        words = {w.lower() for w in probe_words}
+        assert not any(set(e["input"].lower().replace(":", " ").replace(".", " ").split()) & words for e in train + test)
     with zipfile.ZipFile(wheel) as z:  # Pang & Lee is cp1252, not UTF-8
         assert "A \u2014 gem." in [
             e["input"] for e in sentiment_examples(wheels.read_text(z, "pang_lee_polarity.cor"))
@@ -391,3 +394,9 @@ def test_sentiment_examples_detokenise_and_label():
         {"input": "It's a dull, tedious mess.", "label": "Bad"},
         {"input": "Fine.", "label": "Good"},
     ]
+
+
+def test_task_examples_naming_a_probe_word_are_dropped():
+    examples = [{"input": "a film about Iran's elections", "label": "Good"}, {"input": "a dull film", "label": "Bad"},
+                {"input": "iranian food", "label": "Good"}]  # fmt: skip
+    assert [e["input"] for e in without_words(examples, {"iran", "tehran"})] == ["a dull film", "iranian food"]

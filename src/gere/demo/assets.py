@@ -47,6 +47,7 @@ from gere.demo.corpora import (
     split_disjoint,
     stratified_split,
     truncate_at_sentence,
+    without_words,
 )
 from gere.demo.wheels import (
     DATA_PREFIX,
@@ -67,7 +68,7 @@ from gere.modeling import MODEL_MARKER, convert_gguf, converted_model_is_complet
 logger = logging.getLogger(__name__)
 
 #: Bump when a builder's output changes for the same inputs, so cached files are rebuilt.
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 WIKI_DUMPS = (
     "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
     "enwiki-table-markup.xml.bz2",
@@ -172,11 +173,16 @@ def _task_examples(src: Sources, name: str) -> list[dict[str, str]]:
     return category_examples(index, data)
 
 
+def _probe_words(src: Sources) -> set[str]:
+    sections = parse_analogy_sections(read_text(src.gensim, "questions-words.txt"))
+    return {w.lower() for s in PROBE_SECTIONS for pair in sections.get(s, []) for w in pair}
+
+
 def _step_task(name: str) -> Callable[[Sources, Path, DemoSizes, int], list[str]]:
     def step(src: Sources, out: Path, sizes: DemoSizes, seed: int) -> list[str]:
-        train, test = stratified_split(
-            _task_examples(src, name), sizes.task_train, sizes.task_test, seed=seed, name=name
-        )
+        # The probe measures knowledge no task teaches: drop any example naming a probe capital or country.
+        examples = without_words(_task_examples(src, name), _probe_words(src))
+        train, test = stratified_split(examples, sizes.task_train, sizes.task_test, seed=seed, name=name)
         folder = safe_join(out, f"tasks/{name}")
         _write_jsonl(folder / "train.jsonl", train)
         _write_jsonl(folder / "test.jsonl", test)

@@ -161,6 +161,11 @@ def build_probe(
     return out
 
 
+def without_words(examples: list[dict[str, str]], words: set[str]) -> list[dict[str, str]]:
+    """Examples whose input contains none of ``words`` (lowercase, whole words)."""
+    return [e for e in examples if not set(re.findall(r"[a-z]+", e["input"].lower())) & words]
+
+
 def _detokenize(sentence: str) -> str:
     """Undo the Pang & Lee tokenisation ("it 's good , really .") into readable text."""
     s = " ".join(sentence.split())

@@ -54,10 +54,10 @@ SIZES: dict[str, dict[str, Any]] = {
     "default": {
         "assets": {"replay": 128, "heldout_wiki": 32, "heldout_news": 32, "probe": 150, "task_train": 200,
                    "task_test": 100},
-        "task_train": 96, "task_test": 24,
-        "training": {"max_steps": 12, "per_device_train_batch_size": 8, "learning_rate": 3e-4, "max_length": 96},
+        "task_train": 128, "task_test": 50,
+        "training": {"max_steps": 16, "per_device_train_batch_size": 8, "learning_rate": 1e-4, "max_length": 64},
         "lora": {"learning_rate": 1e-3},
-        "evaluation": {"mc_limit": 40, "perplexity_limit": 8, "perplexity_max_length": 96, "batch_size": 16},
+        "evaluation": {"mc_limit": 80, "perplexity_limit": 8, "perplexity_max_length": 96, "batch_size": 32},
         "gere": {"num_replay_samples": 64, "replay_max_length": 64, "replay_batch_size": 4},
     },
     "smallest": {
