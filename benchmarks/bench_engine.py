@@ -152,7 +152,8 @@ def load_model(args, texts: list[str]):
             pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=True,
         )  # fmt: skip
         return LlamaForCausalLM(config), tokenizer, "in-code Llama (hidden 256, 4 layers, char vocab)"
-    from gere.modeling import default_cache_dir, load_model_and_tokenizer
+    from gere.io_utils import default_cache_dir
+    from gere.modeling import load_model_and_tokenizer
 
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
     gguf = cache / "bench" / Path(SMOLLM_MEMBER).name

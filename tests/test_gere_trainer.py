@@ -175,9 +175,16 @@ def test_online_mode_needs_peft(tmp_path):
         make_trainer(tmp_path, model, tok, config).train()
 
 
-def test_missing_replay_source_is_a_clear_error(tmp_path):
+def test_missing_replay_source_offline_is_a_clear_error(tmp_path, monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("the Hub cannot be reached")
+
+    monkeypatch.setenv("GERE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(datasets, "load_dataset", offline)
     tok, model = tiny_tokenizer(), tiny_llama()
-    with pytest.raises(GeReError, match="replay-source"):
+    with pytest.raises(GeReError, match="default replay set.*could not be fetched.*--replay-source"):
         make_trainer(tmp_path, model, tok, GeReConfig()).train()
 
 

@@ -90,3 +90,26 @@ def test_hub_loader_on_local_files(tmp_path):
 def test_duplicate_ids_refused():
     with pytest.raises(GeReError, match="more than once"):
         select_replay_set([("x", "a b"), ("x", "c d")], 2)
+
+
+def test_default_replay_set_is_fetched_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    """The Hub-loading code, run on a local dataset in the same layout (a train split with 'text')."""
+    import datasets
+
+    from gere.replay.default_set import default_replay_file
+
+    source = write_jsonl(tmp_path / "slim.jsonl", [{"text": f"the city {i}", "meta": {"set": "x"}} for i in range(7)])
+    path = default_replay_file(tmp_path / "cache", dataset="json", count=5, data_files=str(source))
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["text"] for r in rows] == [f"the city {i}" for i in range(5)] and rows[0]["id"] == "json:train:0"
+    assert load_replay_set(path, 5).texts[4] == "the city 4"
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    again = default_replay_file(tmp_path / "cache", dataset="json", count=5, data_files=str(source))
+    assert again == path  # verified by its checksum, not fetched
+    path.write_text(path.read_text().replace("city 3", "town 3"))
+    with pytest.raises(GeReError, match="could not be fetched: ConnectionError: no network.*replay_source"):
+        default_replay_file(tmp_path / "cache", dataset="json", count=5, data_files=str(source))

@@ -59,7 +59,8 @@ class GeReConfig:
     replay_source: str | None = field(
         default=None,
         metadata={
-            "help": "General texts to replay: a JSONL/JSON/text file, a folder of .txt, or hf:<name>[:<config>]."
+            "help": "General texts to replay: a JSONL/JSON/text file, a folder of .txt, or hf:<name>[:<config>]. "
+            "Unset: the paper's source, the first 1,000 texts of DKYoon/SlimPajama-6B, fetched once and cached."
         },
     )
     replay_text_field: str = field(
@@ -192,13 +193,13 @@ class GeReConfig:
         """The replay set these settings select (`gere.replay.replay_set.load_replay_set`)."""
         from gere.replay.replay_set import load_replay_set
 
-        if not self.replay_source:
-            raise GeReError(
-                "no replay texts: set replay_source (--replay-source, gere_data_file=) to general text, "
-                "or pass an activation store"
-            )
+        source = self.replay_source
+        if not source:
+            from gere.replay.default_set import default_replay_file
+
+            source = default_replay_file()
         return load_replay_set(
-            self.replay_source,
+            source,
             self.num_replay_samples,
             selection=self.replay_selection,
             seed=self.replay_seed,

@@ -67,6 +67,13 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot write {type(obj).__name__} to JSON")
 
 
+def default_cache_dir() -> Path:
+    """gere's cache (converted models, demo data, the default replay set): `$GERE_CACHE`, else
+    `~/.cache/gere`."""
+    env = os.environ.get("GERE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "gere"
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -22,18 +22,12 @@ from typing import Any
 import torch
 
 from gere.errors import GeReError
-from gere.io_utils import atomic_write_json, sha256_file
+from gere.io_utils import atomic_write_json, default_cache_dir, sha256_file
 
 logger = logging.getLogger(__name__)
 
 #: Written last into a converted-model folder; its presence (and matching contents) marks the folder complete.
 MODEL_MARKER = "gere_model.json"
-
-
-def default_cache_dir() -> Path:
-    """`$GERE_CACHE` if set, else `~/.cache/gere`."""
-    env = os.environ.get("GERE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "gere"
 
 
 def load_model_and_tokenizer(

@@ -62,8 +62,8 @@ from gere.demo.wheels import (
 )
 from gere.demo.wikitext import iter_wiki_pages, wiki_paragraphs
 from gere.errors import GeReError
-from gere.io_utils import atomic_path, atomic_write_json, safe_join, sha256_file
-from gere.modeling import MODEL_MARKER, convert_gguf, converted_model_is_complete, default_cache_dir
+from gere.io_utils import atomic_path, atomic_write_json, default_cache_dir, safe_join, sha256_file
+from gere.modeling import MODEL_MARKER, convert_gguf, converted_model_is_complete
 
 logger = logging.getLogger(__name__)
 
