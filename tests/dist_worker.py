@@ -100,13 +100,14 @@ class RecordingTrainer(GeReTrainer):
         return super()._replay_losses(model, indices)
 
 
-def run_training(out: Path, mode: str, grad_accum: int) -> dict:
+def run_training(out: Path, mode: str, grad_accum: int, per_device: int = PER_DEVICE_BATCH) -> dict:
     """One epoch of full fine-tuning with ce+tm: 4 steps (``bi``) or 3 steps (``separate``, 12 samples)."""
     tok, model = tiny_tokenizer(), tiny_llama()
     bi = mode == "bi"
+    name = f"{mode}-{per_device}"
     args = TrainingArguments(
-        output_dir=str(out / f"train-{mode}"),
-        per_device_train_batch_size=PER_DEVICE_BATCH,
+        output_dir=str(out / f"train-{name}"),
+        per_device_train_batch_size=per_device,
         gradient_accumulation_steps=grad_accum,
         max_steps=-1 if bi else 3,
         num_train_epochs=1,
@@ -128,7 +129,7 @@ def run_training(out: Path, mode: str, grad_accum: int) -> dict:
         num_interpolate_per_batch=1 if bi else 0,
         replay_batch_size=2,
         extract_batch_size=3,
-        store_dir=str(out / f"store-{mode}"),
+        store_dir=str(out / f"store-{name}"),
     )
     trainer = RecordingTrainer(
         model=model,
@@ -155,6 +156,9 @@ def main(out: Path) -> None:
     result["extraction"] = run_extraction(out / "store")
     for mode in ("bi", "separate"):
         result[mode] = run_training(out, mode, grad_accum=1)
+    # Per-device batch 1 with accumulation 2: some micro-batches hold one replay row and nothing else, so
+    # one process runs a replay-only micro-batch while the other runs a task one.
+    result["bi_batch1"] = run_training(out, "bi", grad_accum=2, per_device=1)
     (out / f"rank{distributed.rank()}.json").write_text(json.dumps(result))
     distributed.barrier()
 

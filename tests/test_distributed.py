@@ -126,6 +126,17 @@ def test_batch_interpolation_holds_k_replay_samples_in_every_global_batch(runs):
     assert r0["bi"]["param_checksum"] == r1["bi"]["param_checksum"]
 
 
+def test_replay_only_micro_batches_do_not_hang_under_ddp(runs):
+    """Per-device batch 1, accumulation 2, k = 1: one process holds a lone replay row while the other holds
+    a task row. The run finishing at all is the check (a count of items across processes used to pair
+    with the other process's backward and hang); both processes end with the same weights."""
+    r0, r1, _, _, _ = runs
+    micro = [m for r in (r0, r1) for m in r["bi_batch1"]["micro"]]
+    assert any(m["task"] == 0 and m["replay"] for m in micro)  # a replay-only micro-batch happened
+    assert r0["bi_batch1"]["param_checksum"] == r1["bi_batch1"]["param_checksum"]
+    assert [h["step"] for h in r0["bi_batch1"]["logs"]] == [h["step"] for h in r1["bi_batch1"]["logs"]]
+
+
 def test_separate_replay_batches_are_disjoint_across_processes(runs):
     r0, r1, single, _, _ = runs
     two, one = per_step([r0, r1], "separate"), per_step([single], "separate")

@@ -9,6 +9,7 @@ _EXPORTS = {
     "GeReConfig": "gere.config",
     "GeReTrainer": "gere.trainer",
     "GeReSeq2SeqTrainer": "gere.trainer",
+    "GeReSFTTrainer": "gere.trl_trainer",
     "GeReError": "gere.errors",
     "margin_loss": "gere.losses",
     "load_replay_set": "gere.replay.replay_set",

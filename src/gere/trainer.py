@@ -310,12 +310,7 @@ class GeReMixin:
         parts: dict[str, torch.Tensor] = {}
         outputs = None
         if "input_ids" in inputs or "inputs_embeds" in inputs:
-            outputs = model(**inputs)
-            if isinstance(outputs, dict) and outputs.get("loss") is None:
-                raise GeReError(
-                    "the model returned no loss for the task batch: the collator must provide labels"
-                )
-            parts["task_ce"] = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+            parts["task_ce"], outputs = self._task_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.gere.parts and model.training:
             self._gere_prepare()
             if replay_index is not None:
@@ -342,6 +337,21 @@ class GeReMixin:
                 self._gere_sums[name] = self._gere_sums.get(name, 0.0) + value
                 self._gere_counts[name] = self._gere_counts.get(name, 0) + 1
         return (loss, outputs) if return_outputs else loss
+
+    def _task_loss(self, model, inputs, return_outputs: bool, num_items_in_batch):
+        """The task loss as the parent trainer computes it (label smoothing, ``compute_loss_func``, TRL's
+        SFT losses and metrics all apply), and the model outputs when asked for."""
+        try:
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        except ValueError as err:
+            if "did not return a loss" not in str(err):
+                raise
+            raise GeReError(
+                "the model returned no loss for the task batch: the collator must provide labels"
+            ) from None
+        return result if return_outputs else (result, None)
 
     def _replay_losses(self, model, indices: list[int]) -> dict[str, torch.Tensor]:
         """Gather one replay batch, its reference targets and the model's outputs; the losses compute."""

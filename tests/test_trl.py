@@ -1,0 +1,105 @@
+"""GeReSFTTrainer: TRL's SFTTrainer with replay, on a tiny model (skipped without TRL)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from gere.config import GeReConfig  # noqa: E402
+from gere.trl_trainer import GeReSFTTrainer  # noqa: E402
+
+from tiny import replay_texts, tiny_llama, tiny_tokenizer  # noqa: E402
+
+SFT_METRICS = ("mean_token_accuracy", "entropy", "num_tokens")
+
+
+def prompt_completion(n: int = 12):
+    rows = [{"prompt": f"review the movie was {'good' if i % 2 else 'bad'} answer :",
+             "completion": " good" if i % 2 else " bad"} for i in range(n)]  # fmt: skip
+    return datasets.Dataset.from_list(rows)
+
+
+def replay_config(tmp_path, **kw) -> GeReConfig:
+    path = tmp_path / "general.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in replay_texts(8)))
+    return GeReConfig(replay_source=str(path), num_replay_samples=8, replay_max_length=16, replay_batch_size=2,
+                      **kw)  # fmt: skip
+
+
+def sft_args(tmp_path, **kw):
+    # fp32 and no activation checkpointing: SFTConfig turns both on by default, which tiny CPU tests do not need.
+    settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=3, logging_steps=1,
+                    learning_rate=5e-3, report_to=[], use_cpu=True, max_length=32, bf16=False,
+                    activation_checkpointing=False, save_strategy="no", seed=0, disable_tqdm=True)  # fmt: skip
+    return trl.SFTConfig(**{**settings, **kw})
+
+
+def trained(trainer):
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(v, after[n].detach()) for n, v in before.items())
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_sft_loss_and_metrics_with_replay_parts(tmp_path, packing):
+    trainer = GeReSFTTrainer(model=tiny_llama(), args=sft_args(tmp_path, packing=packing),
+                             train_dataset=prompt_completion(), processing_class=tiny_tokenizer(),
+                             gere_config=replay_config(tmp_path))  # fmt: skip
+    logs = trained(trainer)
+    assert len(logs) == 3
+    for entry in logs:
+        assert all(name in entry for name in SFT_METRICS)  # SFTTrainer's own metrics still come
+        assert {"task_ce", "replay_ce", "replay_margin", "margin_weight"} <= set(entry)
+        assert entry["loss"] == pytest.approx((entry["task_ce"] + entry["replay_ce"]) / 2
+                                              + entry["margin_weight"] * entry["replay_margin"], rel=1e-3)  # fmt: skip
+    assert logs[0]["replay_margin"] < 1e-5  # the unchanged model sits inside its own bands
+    assert (tmp_path / "out" / "gere_store" / "manifest.json").exists()
+
+
+def test_sft_lora_with_the_online_reference_and_accumulation(tmp_path):
+    from peft import LoraConfig
+
+    trainer = GeReSFTTrainer(
+        model=tiny_llama(), args=sft_args(tmp_path, gradient_accumulation_steps=2, per_device_train_batch_size=2),
+        train_dataset=prompt_completion(), processing_class=tiny_tokenizer(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+        gere_config=replay_config(tmp_path, reference="online", margin_weight=1.0),
+    )  # fmt: skip
+    logs = trained(trainer)
+    assert all(n.count("lora_") for n, p in trainer.model.named_parameters() if p.requires_grad)
+    assert not (tmp_path / "out" / "gere_store").exists()  # the online reference writes nothing
+    for entry in logs:  # a mean over the two micro-batches, not their sum
+        ce = (entry["task_ce"] + entry["replay_ce"]) / 2
+        assert entry["loss"] == pytest.approx(ce + entry["replay_margin"], rel=1e-3)
+        assert all(name in entry for name in SFT_METRICS)
+
+
+def test_two_processes_train_with_the_separate_replay_batch_and_refuse_interpolation(tmp_path):
+    """A real torchrun of 2 gloo processes: SFT's metric gathering and GeRe's collectives line up."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from test_distributed import TORCHRUN, free_port
+
+    if not TORCHRUN.exists():
+        pytest.skip("torchrun is not installed next to this Python")
+    here = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(here)}
+    command = [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+               str(free_port()), str(here / "trl_dist_worker.py"), str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for result in ranks:
+        assert len(result["logs"]) == 2 and all("replay_margin" in h and "mean_token_accuracy" in h
+                                                for h in result["logs"])  # fmt: skip
+        assert "replay_mixing='batch'" in result["refused"]
+    assert ranks[0]["logs"] == ranks[1]["logs"]  # logged values are averaged over the processes
