@@ -9,8 +9,9 @@ from gere.replay.sampler import BatchInterpolationSampler
 @pytest.mark.parametrize(
     "num_task,num_replay,k,global_batch", [(50, 7, 2, 8), (64, 100, 3, 16), (5, 3, 1, 4)]
 )
-def test_every_global_batch_has_k_replay_and_task_seen_once(num_task, num_replay, k, global_batch):
-    sampler = BatchInterpolationSampler(num_task, num_replay, k, global_batch, seed=3)
+@pytest.mark.parametrize("placement", ["even", "random"])
+def test_every_global_batch_has_k_replay_and_task_seen_once(num_task, num_replay, k, global_batch, placement):
+    sampler = BatchInterpolationSampler(num_task, num_replay, k, global_batch, seed=3, placement=placement)
     for epoch in range(2):
         sampler.set_epoch(epoch)
         order = list(sampler)
@@ -45,3 +46,14 @@ def test_epochs_differ_and_are_reproducible():
 def test_bad_k():
     with pytest.raises(GeReError, match="num_interpolate_per_batch"):
         BatchInterpolationSampler(10, 5, 8, 8)
+
+
+def test_random_placement_moves_replay_but_keeps_the_task_and_replay_order():
+    even = list(BatchInterpolationSampler(60, 10, 4, 16, seed=0))
+    rand = list(BatchInterpolationSampler(60, 10, 4, 16, seed=0, placement="random"))
+    assert [i for i in rand if i < 60] == [i for i in even if i < 60]
+    assert [i for i in rand if i >= 60] == [i for i in even if i >= 60]
+    blocks = [rand[i : i + 16] for i in range(0, len(rand), 16)]
+    per_micro = [[sum(i >= 60 for i in b[m : m + 4]) for m in range(0, 16, 4)] for b in blocks]
+    assert any(counts != [1, 1, 1, 1] for counts in per_micro)  # some micro-batches get 2+ replay, some none
+    assert rand == list(BatchInterpolationSampler(60, 10, 4, 16, seed=0, placement="random"))  # seeded

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 REFERENCE_MODES = ("store", "online")
 #: How replay samples join training (see `GeReConfig.replay_mixing`).
 MIXINGS = ("auto", "concat", "interpolate", "batch")
+PLACEMENTS = ("even", "random")
 #: Dtypes of the hidden states stored for the l1 / l2 objectives.
 FEATURE_DTYPES = ("float16", "bfloat16")
 DYNAMIC = "dy"
@@ -136,6 +137,14 @@ class GeReConfig:
         default=0,
         metadata={"help": "Batch interpolation: replay samples inside every global batch (0 = none)."},
     )
+    interpolation_placement: str = field(
+        default="even",
+        metadata={
+            "help": "Where batch interpolation puts the replay samples of a global batch: 'even' (spread over "
+            "its micro-batches, so replay terms come with as many micro-batches as possible and the task CE "
+            "keeps the same share of each) or 'random' (random positions, the reference implementation's way)."
+        },
+    )
     replay_batch_size: int = field(
         default=4, metadata={"help": "Without BI: replay samples per device in each micro-batch."}
     )
@@ -155,6 +164,7 @@ class GeReConfig:
             (self.feature_dtype in FEATURE_DTYPES, "feature_dtype", f"one of {FEATURE_DTYPES}"),
             (self.reference in REFERENCE_MODES, "reference", f"one of {REFERENCE_MODES}"),
             (self.replay_mixing in MIXINGS, "replay_mixing", f"one of {MIXINGS}"),
+            (self.interpolation_placement in PLACEMENTS, "interpolation_placement", f"one of {PLACEMENTS}"),
             (self.num_replay_samples >= 1, "num_replay_samples", "at least 1"),
             (self.replay_max_length >= 2, "replay_max_length", "at least 2"),
             (self.threshold_k > 0, "threshold_k", "greater than 0"),

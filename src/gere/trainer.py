@@ -63,9 +63,9 @@ from gere.store.format import ActivationStore
 
 LOGGED_PARTS = (*LOSS_PARTS, *WEIGHTS)
 #: What the reference implementation does when its argument names are used and a setting is left out:
-#: margin weight 100 (its ``w_strategy`` default) and, without interpolation, the replay set concatenated
-#: to the task data. A `GeReConfig` passed explicitly keeps its own values (docs/fidelity.md).
-REFERENCE_DEFAULTS = {"margin_weight": 100.0, "replay_mixing": "concat"}
+#: margin weight 100 (its ``w_strategy`` default), without interpolation the replay set concatenated to the
+#: task data, with interpolation replay samples at random positions of each global batch. A `GeReConfig` passed explicitly keeps its own values (docs/fidelity.md).
+REFERENCE_DEFAULTS = {"margin_weight": 100.0, "replay_mixing": "concat", "interpolation_placement": "random"}
 
 
 class GeReMixin:
@@ -275,7 +275,8 @@ class GeReMixin:
         else:
             global_batch = self._train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
             sampler = BatchInterpolationSampler(len(task_dataset), len(self._replay_tokens),
-                                                self.gere.num_interpolate_per_batch, global_batch, seed=seed)  # fmt: skip
+                                                self.gere.num_interpolate_per_batch, global_batch, seed=seed,
+                                                placement=self.gere.interpolation_placement)  # fmt: skip
             if self.args.world_size > 1:
                 sampler = EvenLastBlock(sampler, self._train_batch_size * self.args.world_size)
         loader = DataLoader(

@@ -12,8 +12,10 @@ in blocks of one global batch (``per_device_batch x gradient_accumulation x proc
 exactly once and the replay set is cycled through in a shuffled order. The last block holds the remaining
 task samples plus k replay samples.
 
-Replay indices are spread evenly across each block, so with gradient accumulation or several processes
-they land in different micro-batches rather than all in the first. The Trainer's data loader (through
+Replay indices are spread evenly across each block (``placement="even"``), so with gradient accumulation or
+several processes they land in different micro-batches rather than all in the first; or they take random
+positions of the block (``"random"``, as the reference implementation does), so that a micro-batch may hold
+several replay samples or none. The Trainer's data loader (through
 accelerate) hands process ``p`` the micro-batches ``p, p + P, ...`` of this stream, so a block is exactly
 one optimisation step across all processes.
 """
@@ -25,6 +27,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from gere.config import PLACEMENTS
 from gere.errors import GeReError
 
 # Rounds of the replay order are seeded with seed * _ROUND_STRIDE + round, so that nearby seeds do not
@@ -65,6 +68,7 @@ class BatchInterpolationSampler(Sampler[int]):
         global_batch: int,
         seed: int = 0,
         shuffle: bool = True,
+        placement: str = "even",
     ):
         if num_replay < 1:
             raise GeReError("batch interpolation needs at least one replay sample")
@@ -74,8 +78,10 @@ class BatchInterpolationSampler(Sampler[int]):
                 f"minus 1 ({global_batch - 1}: per-device batch x gradient accumulation x processes)"
             )
         self.num_task, self.num_replay = num_task, num_replay
+        if placement not in PLACEMENTS:
+            raise GeReError(f"interpolation_placement {placement!r} is not one of {', '.join(PLACEMENTS)}")
         self.replay_per_batch = replay_per_batch
-        self.global_batch, self.seed, self.shuffle = global_batch, seed, shuffle
+        self.global_batch, self.seed, self.shuffle, self.placement = global_batch, seed, shuffle, placement
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -89,8 +95,11 @@ class BatchInterpolationSampler(Sampler[int]):
         blocks = -(-self.num_task // self.task_per_block)
         return self.num_task + blocks * self.replay_per_batch
 
-    def slots(self, block_size: int) -> list[int]:
-        """Positions of the replay samples in a block of ``block_size`` (evenly spread)."""
+    def slots(self, block_size: int, generator: torch.Generator | None = None) -> list[int]:
+        """Positions of the replay samples in a block of ``block_size``: evenly spread, or (``random``
+        placement) distinct positions drawn with ``generator``."""
+        if self.placement == "random":
+            return sorted(torch.randperm(block_size, generator=generator)[: self.replay_per_batch].tolist())
         return sorted({(i * block_size) // self.replay_per_batch for i in range(self.replay_per_batch)})
 
     def __iter__(self) -> Iterator[int]:
@@ -103,11 +112,13 @@ class BatchInterpolationSampler(Sampler[int]):
         # Replay order continues across epochs so that all replay samples get their turn.
         cursor = self.epoch * (-(-self.num_task // self.task_per_block)) * self.replay_per_batch
         order = ReplayOrder(self.num_replay, self.seed)
+        # Placement draws have their own stream, so the task order is the same for either placement.
+        positions = torch.Generator().manual_seed(self.seed * _ROUND_STRIDE + 7919 + self.epoch)
 
         for start in range(0, self.num_task, self.task_per_block):
             chunk = task[start : start + self.task_per_block]
             size = len(chunk) + self.replay_per_batch
-            slots = set(self.slots(size))
+            slots = set(self.slots(size, positions))
             it = iter(chunk)
             for position in range(size):
                 if position in slots:
