@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -33,9 +34,12 @@ def replay_config(tmp_path, **kw) -> GeReConfig:
 
 def sft_args(tmp_path, **kw):
     # fp32 and no activation checkpointing: SFTConfig turns both on by default, which tiny CPU tests do not need.
+    # transformers renamed gradient_checkpointing to activation_checkpointing during 5.x.
+    names = {f.name for f in dataclasses.fields(trl.SFTConfig)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=3, logging_steps=1,
                     learning_rate=5e-3, report_to=[], use_cpu=True, max_length=32, bf16=False,
-                    activation_checkpointing=False, save_strategy="no", seed=0, disable_tqdm=True)  # fmt: skip
+                    save_strategy="no", seed=0, disable_tqdm=True, **{checkpointing: False})  # fmt: skip
     return trl.SFTConfig(**{**settings, **kw})
 
 

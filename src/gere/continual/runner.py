@@ -20,6 +20,7 @@ CPU with the same seed ends with the same metrics as an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -143,6 +144,13 @@ class Evaluator:
 # ------------------------------------------------------------------------------------------ the run
 
 
+# transformers renamed `gradient_checkpointing` to `activation_checkpointing` during 5.x; use the one it has.
+_CHECKPOINTING = next(
+    (f.name for f in dataclasses.fields(TrainingArguments) if f.name == "activation_checkpointing"),
+    "gradient_checkpointing",
+)
+
+
 def _training_args(cfg: RunConfig, task: str, stage_dir: Path, progress: bool) -> TrainingArguments:
     t = cfg.training_for(task)
     return TrainingArguments(
@@ -158,7 +166,7 @@ def _training_args(cfg: RunConfig, task: str, stage_dir: Path, progress: bool) -
         optim=t.optim,
         logging_steps=t.logging_steps,
         bf16=t.bf16,
-        activation_checkpointing=t.activation_checkpointing,
+        **{_CHECKPOINTING: t.activation_checkpointing},
         save_strategy="no",
         report_to=[],
         seed=cfg.seed,
