@@ -26,6 +26,7 @@ from gere.continual.run_config import load_run_config
 from gere.continual.runner import run_continual
 from gere.errors import GeReError
 from gere.io_utils import atomic_path
+from gere.modeling import load_model_and_tokenizer
 from gere.replay.replay_set import ReplaySet
 from gere.store import StoreSpec, extract_store, open_store
 
@@ -206,12 +207,16 @@ def test_replay_longer_than_the_context_is_refused(config, tmp_path, capsys):
     assert cli_run(config, out, "--set", "gere.replay_max_length=1000") == 2
     err = capsys.readouterr().err
     assert "replay max length 1000 is longer than the model's context (256 positions)" in err
-    assert "--replay-max-length 256 or less" in err
+    assert "set gere.replay_max_length (--set gere.replay_max_length=...) to 256 or less" in err  # gere run's way
     assert not (out / "gere_store").exists()
     data = yaml.safe_load(config.read_text())
     assert main(["extract", "--model", data["model"], "--replay-source", data["gere"]["replay_source"],
                  "--replay-max-length", "1000", "--store-dir", str(tmp_path / "s")]) == 2  # fmt: skip
-    assert "--replay-max-length 256 or less" in capsys.readouterr().err
+    assert "pass --replay-max-length 256 or less" in capsys.readouterr().err  # gere extract's flag
+    model, tok = load_model_and_tokenizer(data["model"])
+    with pytest.raises(GeReError, match="set replay_max_length to 256 or less") as python:  # Python's name
+        extract_store(model, tok, ReplaySet(("a",), ("the river city",)), tmp_path / "p", StoreSpec(max_length=1000))
+    assert "--" not in str(python.value)
 
 
 def test_nan_loss_in_a_continual_run_stops_and_keeps_the_previous_stage(config, tmp_path, capsys):

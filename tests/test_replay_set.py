@@ -33,7 +33,7 @@ def test_jsonl_first_and_random_selection(tmp_path):
 def test_custom_text_field_and_missing_field(tmp_path):
     src = write_jsonl(tmp_path / "g.jsonl", [{"body": "a b c"}])
     assert load_replay_set(src, 1, text_field="body").texts == ("a b c",)
-    with pytest.raises(GeReError, match=r"line 1: no field 'text'.*--replay-text-field"):
+    with pytest.raises(GeReError, match=r"line 1: no field 'text'.*set replay_text_field"):
         load_replay_set(src, 1)
 
 
@@ -66,7 +66,7 @@ def test_non_utf8_and_empty_texts(tmp_path):
 
 def test_zero_samples_and_short_texts(tmp_path):
     src = write_jsonl(tmp_path / "g.jsonl", [{"text": "the"}, {"text": "the river"}])
-    with pytest.raises(GeReError, match="at least 1"):
+    with pytest.raises(GeReError, match="num_replay_samples to 1 or more"):
         load_replay_set(src, 0)
     rs = load_replay_set(src, 2)
     with pytest.raises(GeReError, match="1 token"):

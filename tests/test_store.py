@@ -73,7 +73,7 @@ def test_reuse_and_refusals(parts, tmp_path):
     again = extract_store(model, tok, rs, tmp_path / "s", spec, progress=False)
     assert again.manifest == first.manifest
     other_model = tiny_llama(seed=1)
-    with pytest.raises(GeReError, match="different model.*regenerate-store"):
+    with pytest.raises(GeReError, match="different model.*set reuse_store to false"):
         extract_store(other_model, tok, rs, tmp_path / "s", spec, progress=False)
     with pytest.raises(GeReError, match="different replay set"):
         extract_store(model, tok, make_set(seed=3), tmp_path / "s", spec, progress=False)

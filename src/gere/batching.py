@@ -142,7 +142,8 @@ def check_context_length(model, max_length: int) -> None:
     if limit is not None and max_length > int(limit):
         raise GeReError(
             f"replay max length {max_length} is longer than the model's context ({limit} positions); "
-            f"pass --replay-max-length {limit} or less"
+            f"set replay_max_length to {limit} or less",
+            setting="replay_max_length",
         )
 
 

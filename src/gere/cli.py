@@ -205,6 +205,27 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# `gere extract`'s flag for each GeReConfig setting an error may name (other commands use --set gere.<name>).
+EXTRACT_FLAGS = {"replay_max_length": "--replay-max-length", "replay_text_field": "--replay-text-field",
+                 "num_replay_samples": "--num-replay-samples", "replay_source": "--replay-source",
+                 "layers": "--layers", "threshold_k": "--threshold-k", "store_dir": "--store-dir"}  # fmt: skip
+
+
+def for_command(err: GeReError, command: str) -> str:
+    """The error's message with the setting it names spelled as this command takes it."""
+    message, setting = str(err), getattr(err, "setting", None)
+    if not setting:
+        return message
+    if command == "extract":
+        message = message.replace("set reuse_store to false", "pass --regenerate-store")
+        message = message.replace("point store_dir", "point --store-dir")
+        flag = EXTRACT_FLAGS.get(setting)
+        if flag:
+            message = message.replace(f"set {setting} to ", f"pass {flag} ").replace(f"set {setting}", f"pass {flag}")
+        return message
+    return message.replace(f"set {setting}", f"set gere.{setting} (--set gere.{setting}=...)")
+
+
 COMMANDS = {"extract": cmd_extract, "run": cmd_run, "sweep": cmd_sweep, "compare": cmd_compare, "demo": cmd_demo}
 
 
@@ -214,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except GeReError as err:
-        print(f"gere: error: {err}", file=sys.stderr)
+        print(f"gere: error: {for_command(err, args.command)}", file=sys.stderr)
         return 2
     except OSError as err:
         if err.errno != errno.ENOSPC:

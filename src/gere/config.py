@@ -121,7 +121,7 @@ class GeReConfig:
         default=None, metadata={"help": "Activation store folder (default: <output_dir>/gere_store)."}
     )
     reuse_store: bool = field(
-        default=True, metadata={"help": "Reuse a matching store; False rebuilds it (--regenerate-store)."}
+        default=True, metadata={"help": "Reuse a matching store; False rebuilds it (gere extract --regenerate-store)."}
     )
     replay_mixing: str = field(
         default="auto",

@@ -241,7 +241,8 @@ class GeReMixin:
         if not set(layers) <= set(store.layers):
             raise GeReError(
                 f"activation store {store.path} records layers {list(store.layers)}, "
-                f"not {sorted(layers)}; re-extract it with --layers"
+                f"not {sorted(layers)}; re-extract it with these layers (set layers)",
+                setting="layers",
             )
 
     def train(self, *args, **kwargs):

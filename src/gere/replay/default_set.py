@@ -60,8 +60,9 @@ def _first_rows(dataset: str, count: int, data_files) -> list[str]:
         raise GeReError(
             f"no replay_source was given, and the default replay set (the first {count} texts of the Hugging "
             f"Face dataset {dataset!r}) could not be fetched: {type(err).__name__}: {err}. Pass general text "
-            "yourself: a JSONL file with a 'text' field, a text file or a folder of .txt files, as "
-            "replay_source (GeReConfig / run config), --replay-source (gere extract) or gere_data_file="
+            "yourself: set replay_source (gere_data_file= in a reference-style script) to a JSONL file with a "
+            "'text' field, a text file or a folder of .txt files",
+            setting="replay_source",
         ) from None
     if len(rows) < count:
         raise GeReError(f"the default replay dataset {dataset!r} gave {len(rows)} texts, fewer than {count}")

@@ -49,7 +49,8 @@ class ReplaySet:
 def _record(where: str, obj: dict, text_field: str, id_field: str | None, default_id: str) -> tuple[str, str]:
     if text_field not in obj:
         raise GeReError(
-            f"{where}: no field {text_field!r} (found {sorted(obj)}); pass the right name with --replay-text-field"
+            f"{where}: no field {text_field!r} (found {sorted(obj)}); set replay_text_field to the right name",
+            setting="replay_text_field",
         )
     text = obj[text_field]
     if not isinstance(text, str):
@@ -102,7 +103,8 @@ def _records_from_hub(
     if text_field not in ds.column_names:
         raise GeReError(
             f"dataset {name!r} has no column {text_field!r} (columns: {ds.column_names}); "
-            "pass the right one with --replay-text-field"
+            "set replay_text_field to the right one",
+            setting="replay_text_field",
         )
     ids = (
         ds[id_field] if id_field and id_field in ds.column_names else [f"{name}:{i}" for i in range(len(ds))]
@@ -119,10 +121,11 @@ def select_replay_set(
         raise GeReError(f"replay selection {selection!r} is not one of {', '.join(SELECTIONS)}")
     if num_samples < 1:
         raise GeReError(
-            f"number of replay samples is {num_samples}; it must be at least 1 (--num-replay-samples)"
+            f"number of replay samples is {num_samples}; set num_replay_samples to 1 or more",
+            setting="num_replay_samples",
         )
     if not records:
-        raise GeReError("the replay source holds no texts; point --replay-source at general text")
+        raise GeReError("the replay source holds no texts; point replay_source at general text", setting="replay_source")
     if selection == "first":
         chosen = records[:num_samples]
     else:
@@ -146,7 +149,8 @@ def tokenize_replay_set(replay_set: ReplaySet, tokenizer, max_length: int = PAPE
     """Token ids of each text, without special tokens, cut to ``max_length``. A text of fewer than two
     tokens has nothing to predict and is an error."""
     if max_length < 2:
-        raise GeReError(f"replay max length is {max_length}; it must be at least 2 (--replay-max-length)")
+        raise GeReError(f"replay max length is {max_length}; set replay_max_length to 2 or more",
+                        setting="replay_max_length")  # fmt: skip
     encoded = tokenizer(
         list(replay_set.texts), add_special_tokens=False, truncation=True, max_length=max_length
     )

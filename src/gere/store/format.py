@@ -59,11 +59,11 @@ class StoreSpec:
     def __post_init__(self) -> None:
         self.layers = tuple(int(x) for x in self.layers)
         if not self.layers:
-            raise GeReError("no layers to record; pass at least one, e.g. --layers -1")
+            raise GeReError("no layers to record; set layers to at least one, e.g. [-1]", setting="layers")
         if self.feature_dtype not in FEATURE_DTYPES:
             raise GeReError(f"feature dtype {self.feature_dtype!r} is not one of {', '.join(FEATURE_DTYPES)}")
         if not self.threshold_k > 0:
-            raise GeReError(f"threshold k = {self.threshold_k} must be > 0 (--threshold-k)")
+            raise GeReError(f"threshold k = {self.threshold_k}; set threshold_k above 0", setting="threshold_k")
         if self.topk < 0 or self.batch_size < 1:
             raise GeReError("top-k must be >= 0 and the extraction batch size >= 1")
 
@@ -199,11 +199,13 @@ class ActivationStore:
         for name, info in self.manifest["files"].items():
             path = self.path / name
             if not path.exists():
-                raise GeReError(f"activation store file {path} is missing; re-extract with --regenerate-store")
+                raise GeReError(f"activation store file {path} is missing; re-extract it (set reuse_store to false)",
+                                setting="reuse_store")  # fmt: skip
             if path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
                 raise GeReError(
                     f"activation store file {path} is truncated or corrupted (checksum mismatch); "
-                    "re-extract with --regenerate-store"
+                    "re-extract it (set reuse_store to false)",
+                    setting="reuse_store",
                 )
 
 
@@ -227,8 +229,9 @@ def check_identity(found: dict, expected: dict, path: Path) -> None:
             old, new = found.get(key), expected.get(key)
             raise GeReError(
                 f"activation store {path} was made with a different {_WHAT[key]}: stored {str(old)[:40]!r}, "
-                f"now {str(new)[:40]!r}. Rebuild it with `gere extract --regenerate-store` (or "
-                "reuse_gere_hidden_state=False in GeReTrainer), or point --store-dir at a new folder"
+                f"now {str(new)[:40]!r}. Rebuild it (set reuse_store to false, reuse_gere_hidden_state=False "
+                "in a reference-style script), or point store_dir at a new folder",
+                setting="reuse_store",
             )
 
 
@@ -241,7 +244,8 @@ def open_store(path: str | Path, *, expected: dict | None = None, verify: bool =
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise GeReError(f"{manifest_path} is corrupted; rebuild the store with --regenerate-store") from None
+        raise GeReError(f"{manifest_path} is corrupted; rebuild the store (set reuse_store to false)",
+                        setting="reuse_store") from None  # fmt: skip
     if expected is not None:
         check_identity(manifest, expected, path)
     store = ActivationStore(path, manifest, np.zeros(0, np.int32), np.zeros(1, np.int64), {})
