@@ -137,6 +137,21 @@ def test_replay_only_micro_batches_do_not_hang_under_ddp(runs):
     assert [h["step"] for h in r0["bi_batch1"]["logs"]] == [h["step"] for h in r1["bi_batch1"]["logs"]]
 
 
+def test_fsdp2_on_cpu_builds_the_store_then_trains_with_a_separate_replay_batch(tmp_path):
+    """A real torchrun under FSDP2 (gloo, CPU): the store comes from the full model before sharding."""
+    if not TORCHRUN.exists():
+        pytest.skip("torchrun is not installed next to this Python")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    command = [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+               str(free_port()), str(TESTS / "fsdp_worker.py"), str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and len(ranks[0]) == 2
+    assert ranks[0][0]["replay_margin"] == 0.0 and ranks[0][1]["replay_margin"] > 0  # bands from the base model
+    assert (tmp_path / "store" / "manifest.json").exists()
+
+
 def test_separate_replay_batches_are_disjoint_across_processes(runs):
     r0, r1, single, _, _ = runs
     two, one = per_step([r0, r1], "separate"), per_step([single], "separate")
