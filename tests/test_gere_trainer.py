@@ -285,3 +285,29 @@ def test_reference_argument_names_bring_the_reference_defaults(tmp_path):
     assert own.gere.interpolation_placement == "even"
     with pytest.raises(GeReError, match="applies to replay_mixing 'interpolate'"):
         GeReConfig(replay_mixing="concat", num_interpolate_per_batch=2)
+
+
+def test_a_script_shaped_like_the_reference_readme_runs_unchanged(tmp_path):
+    """The reference README's call, word for word but the class: tokenizer=, its four GeRe arguments and a
+    replay file. It trains the reference's way: replay set appended to the task data, weight 100."""
+    tok, model = tiny_tokenizer(), tiny_llama(max_position_embeddings=1024)  # room for 563-token replay texts
+    training_args = TrainingArguments(output_dir=str(tmp_path / "o"), per_device_train_batch_size=4,
+                                      num_train_epochs=1, logging_steps=1, report_to=[], use_cpu=True,
+                                      save_strategy="no", disable_tqdm=True)  # fmt: skip
+    trainer = GeReTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=task_dataset(tok, n=12),
+        data_collator=DataCollatorForSeq2Seq(tok, padding=True),
+        tokenizer=tok,
+        gere_hidden_state_saving_dir=str(tmp_path / "tiny_gere_saving"),
+        reuse_gere_hidden_state=True,
+        num_interpolate_per_batch=0,
+        w_strategy="100",
+        gere_data_file=str(replay_file(tmp_path, n=8)),
+    )
+    trainer.train()
+    assert trainer.state.global_step == 5  # (12 task + 8 replay rows) / 4: the reference's epoch
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert {h["margin_weight"] for h in logged if "margin_weight" in h} == {100.0}
+    assert (tmp_path / "tiny_gere_saving" / "manifest.json").exists()
