@@ -273,7 +273,7 @@ def test_build_from_local_wheel(tmp_path, gensim_wheel, monkeypatch):
     assert not any("Talk:" in r["id"] or "Redirected" in r["id"] for r in replay)
     assert len(_read_jsonl(a.heldout_news)) == 3 and len(_read_jsonl(a.probe)) == 10
 
-    assert [d.name for d in a.task_dirs] == ["sentiment", "grammar", "category"]
+    assert [d.name for d in a.task_dirs] == ["grammar", "sentiment", "category"]
     probe_words = {w for pair in CAPITALS for w in pair}
     for d in a.task_dirs:
         meta = json.loads((d / "task.json").read_text())

@@ -68,7 +68,7 @@ from gere.modeling import MODEL_MARKER, convert_gguf, converted_model_is_complet
 logger = logging.getLogger(__name__)
 
 #: Bump when a builder's output changes for the same inputs, so cached files are rebuilt.
-BUILDER_VERSION = 3
+BUILDER_VERSION = 4
 WIKI_DUMPS = (
     "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
     "enwiki-table-markup.xml.bz2",

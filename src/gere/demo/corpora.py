@@ -234,14 +234,16 @@ def category_examples(index_text: str, data_text: str, categories: dict[int, str
     return out
 
 
+# In training order. Grammar first: at the demo's learning rate, sentiment trained first on the fresh model
+# is unstable (it swings between 50% and 83% from one step count to the next); trained second it is learned.
 TASKS = {
+    "grammar": "Which relation holds between the two words?",
     "sentiment": "Is the sentiment of this movie review sentence Good or Bad?",
-    "grammar": "Which relation holds between the two words: opposite, comparative, superlative, past or plural?",
     "category": "What kind of thing does this word name?",
 }
 TASK_LABELS = {
-    "sentiment": ["Good", "Bad"],
     "grammar": list(GRAMMAR_SECTIONS.values()),
+    "sentiment": ["Good", "Bad"],
     "category": list(NOUN_CATEGORIES.values()),
 }
 
