@@ -4,18 +4,14 @@ The two-process run is a real ``torchrun`` subprocess running tests/dist_worker.
 same functions in this process with gradient accumulation 2, so both see the same global batches.
 """
 
-import json
-import os
-import socket
-import subprocess
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from dist_worker import NUM_TASK, local_rows, replay_set, run_extraction, run_training
+from launch import TESTS, torchrun
 
 from gere import distributed
 from gere.config import GeReConfig
@@ -29,31 +25,14 @@ from gere.trainer import GeReTrainer
 
 from tiny import tiny_llama, tiny_tokenizer
 
-TESTS = Path(__file__).parent
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 PARTS = ("loss", "task_ce", "replay_ce", "replay_margin", "margin_weight")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """``(rank 0 result, rank 1 result, single-process result, dist folder, single folder)``."""
-    if not TORCHRUN.exists():
-        pytest.skip("torchrun is not installed next to this Python")
     dist_dir = tmp_path_factory.mktemp("two")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
-    command = [
-        str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), str(TESTS / "dist_worker.py"), str(dist_dir),
-    ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    ranks = [json.loads((dist_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = torchrun("dist_worker.py", dist_dir)
 
     single_dir = tmp_path_factory.mktemp("one")
     # One thread like each worker: float32 matmuls may round differently with more threads.
@@ -139,14 +118,7 @@ def test_replay_only_micro_batches_do_not_hang_under_ddp(runs):
 
 def test_fsdp2_on_cpu_builds_the_store_then_trains_with_a_separate_replay_batch(tmp_path):
     """A real torchrun under FSDP2 (gloo, CPU): the store comes from the full model before sharding."""
-    if not TORCHRUN.exists():
-        pytest.skip("torchrun is not installed next to this Python")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
-    command = [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-               str(free_port()), str(TESTS / "fsdp_worker.py"), str(tmp_path)]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = torchrun("fsdp_worker.py", tmp_path)
     assert ranks[0] == ranks[1] and len(ranks[0]) == 2
     assert ranks[0][0]["replay_margin"] == 0.0 and ranks[0][1]["replay_margin"] > 0  # bands from the base model
     assert (tmp_path / "store" / "manifest.json").exists()

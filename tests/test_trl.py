@@ -87,21 +87,9 @@ def test_sft_lora_with_the_online_reference_and_accumulation(tmp_path):
 
 def test_two_processes_train_with_the_separate_replay_batch_and_refuse_interpolation(tmp_path):
     """A real torchrun of 2 gloo processes: SFT's metric gathering and GeRe's collectives line up."""
-    import os
-    import subprocess
-    from pathlib import Path
+    from launch import torchrun
 
-    from test_distributed import TORCHRUN, free_port
-
-    if not TORCHRUN.exists():
-        pytest.skip("torchrun is not installed next to this Python")
-    here = Path(__file__).parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(here)}
-    command = [str(TORCHRUN), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-               str(free_port()), str(here / "trl_dist_worker.py"), str(tmp_path)]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = torchrun("trl_dist_worker.py", tmp_path)
     for result in ranks:
         assert len(result["logs"]) == 2 and all("replay_margin" in h and "mean_token_accuracy" in h
                                                 for h in result["logs"])  # fmt: skip
