@@ -311,3 +311,20 @@ def test_a_script_shaped_like_the_reference_readme_runs_unchanged(tmp_path):
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert {h["margin_weight"] for h in logged if "margin_weight" in h} == {100.0}
     assert (tmp_path / "tiny_gere_saving" / "manifest.json").exists()
+
+
+def test_a_store_of_another_model_is_refused(tmp_path):
+    from gere.store import StoreSpec, extract_store
+
+    tok = tiny_tokenizer()
+    config = GeReConfig(replay_source=str(replay_file(tmp_path)), num_replay_samples=8, replay_max_length=16)
+    other = extract_store(tiny_llama(seed=1), tok, config.load_replay_set(), tmp_path / "other",
+                          StoreSpec(max_length=16), progress=False)  # fmt: skip
+    with pytest.raises(GeReError, match="different model.*check_store_model=False"):
+        make_trainer(tmp_path, tiny_llama(), tok, config, steps=1, activation_store=other).train()
+    trainer = make_trainer(tmp_path, tiny_llama(), tok, config, steps=1, activation_store=other,
+                           check_store_model=False)  # a later stage trained from the store's model  # fmt: skip
+    trainer.train()
+    own = extract_store(tiny_llama(), tok, config.load_replay_set(), tmp_path / "own", StoreSpec(max_length=16),
+                        progress=False)  # fmt: skip
+    make_trainer(tmp_path, tiny_llama(), tok, config, steps=1, activation_store=own).train()

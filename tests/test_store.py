@@ -165,3 +165,38 @@ def test_context_too_short_is_refused(parts, tmp_path):
     model, tok, rs = parts
     with pytest.raises(GeReError, match="context"):
         extract_store(model, tok, rs, tmp_path / "s", StoreSpec(max_length=100000), progress=False)
+
+
+def test_a_folder_that_is_not_a_store_is_never_cleared(parts, tmp_path):
+    model, tok, rs = parts
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "manifest.json").write_text(json.dumps({"name": "my app", "version": 3}))
+    (app / "keep.txt").write_text("user data")
+    (app / "sub").mkdir()
+    for regenerate in (False, True):
+        with pytest.raises(GeReError, match="not the manifest of a gere activation store.*nothing in it was changed"):
+            extract_store(model, tok, rs, app, StoreSpec(max_length=16), regenerate=regenerate, progress=False)
+    assert sorted(p.name for p in app.iterdir()) == ["keep.txt", "manifest.json", "sub"]
+
+
+def test_regenerating_removes_only_the_stores_own_files(parts, tmp_path):
+    model, tok, rs = parts
+    store = extract_store(model, tok, rs, tmp_path / "s", StoreSpec(max_length=16), progress=False)
+    assert store.manifest["format"] == "gere-activation-store"
+    (tmp_path / "s" / "notes.txt").write_text("mine")
+    again = extract_store(tiny_llama(seed=1), tok, rs, tmp_path / "s", StoreSpec(max_length=16), regenerate=True,
+                          progress=False)  # fmt: skip
+    assert again.manifest["model"] != store.manifest["model"]
+    assert (tmp_path / "s" / "notes.txt").read_text() == "mine"
+
+
+def test_a_manifest_edited_by_hand_is_refused_on_open(parts, tmp_path):
+    model, tok, rs = parts
+    extract_store(model, tok, rs, tmp_path / "s", StoreSpec(max_length=16), progress=False)
+    path = tmp_path / "s" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["hidden_size"] = 48
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(GeReError, match="does not agree with its manifest.*tm_codes"):
+        open_store(tmp_path / "s")

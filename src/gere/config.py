@@ -7,6 +7,7 @@ parsed and checked once, in `GeReConfig.__post_init__`; the rest of the package 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
@@ -167,8 +168,8 @@ class GeReConfig:
             (self.interpolation_placement in PLACEMENTS, "interpolation_placement", f"one of {PLACEMENTS}"),
             (self.num_replay_samples >= 1, "num_replay_samples", "at least 1"),
             (self.replay_max_length >= 2, "replay_max_length", "at least 2"),
-            (self.threshold_k > 0, "threshold_k", "greater than 0"),
-            (self.kl_temperature > 0, "kl_temperature", "greater than 0"),
+            (0 < self.threshold_k < math.inf, "threshold_k", "a finite number greater than 0"),
+            (0 < self.kl_temperature < math.inf, "kl_temperature", "a finite number greater than 0"),
             (self.kl_topk >= 1, "kl_topk", "at least 1"),
             (self.num_interpolate_per_batch >= 0, "num_interpolate_per_batch", "0 or more"),
             (self.replay_batch_size >= 1, "replay_batch_size", "at least 1"),

@@ -59,6 +59,7 @@ from gere.replay.batches import (
 from gere.replay.replay_set import ReplaySet, tokenize_replay_set
 from gere.replay.sampler import BatchInterpolationSampler
 from gere.store.extract import extract_store
+from gere.store.fingerprint import check_store_belongs
 from gere.store.format import ActivationStore
 
 LOGGED_PARTS = (*LOSS_PARTS, *WEIGHTS)
@@ -82,6 +83,7 @@ class GeReMixin:
         num_interpolate_per_batch: int | None = None,
         w_strategy: str | float | None = None,
         gere_data_file: str | None = None,
+        check_store_model: bool = True,
         **kwargs,
     ):
         overrides = {
@@ -111,6 +113,9 @@ class GeReMixin:
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         self._gere_store = activation_store
+        # A store handed in must describe this model; a continual run that trains a model further from the
+        # store's base model (checked there) turns this off.
+        self._check_store_model = check_store_model
         self._gere_replay_set = replay_set
         self._gere_ready = False
         self._replay_tokens: list[list[int]] = []
@@ -183,6 +188,8 @@ class GeReMixin:
         layers = resolve_layers(cfg.layers, num_hidden_states(model))
         from_store = cfg.reference == "store" and (cfg.needs_reference or self._gere_store is not None)
         if from_store:
+            if self._gere_store is not None and self._check_store_model:
+                check_store_belongs(self._gere_store, model, tokenizer, cfg.store_spec())
             store = self._gere_store or self._extract_store(model, tokenizer)
             self._check_store_contents(store, layers)
             self._gere_store = store

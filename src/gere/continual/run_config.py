@@ -7,6 +7,7 @@ dotted name. Flags override the file with ``--set section.key=value`` (the value
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -18,6 +19,7 @@ import yaml
 from gere.config import GeReConfig
 from gere.continual.multiple_choice import MC_FORMATS
 from gere.continual.tasks import TaskSpec
+from gere.distributed import launched_world_size
 from gere.errors import GeReError
 
 FINETUNING = ("full", "lora")
@@ -33,6 +35,14 @@ class LoraSettings:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         metadata={"help": "Module names that get adapters."},
     )
+
+    def __post_init__(self) -> None:
+        _check([
+            (self.r >= 1, "r", "1 or more"),
+            (0 < self.alpha < math.inf, "alpha", "a finite number above 0"),
+            (0 <= self.dropout < 1, "dropout", "at least 0 and below 1"),
+            (bool(self.target_modules), "target_modules", "a non-empty list of module names"),
+        ], self)  # fmt: skip
 
 
 @dataclass
@@ -50,6 +60,20 @@ class TrainingSettings:
     logging_steps: int = field(default=1, metadata={"help": "Log the loss parts every this many steps."})
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (GPUs; slow on CPUs)."})
     activation_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations to save memory."})
+
+    def __post_init__(self) -> None:
+        _check([
+            (0 < self.learning_rate < math.inf, "learning_rate", "a finite number above 0"),
+            (0 < self.num_train_epochs < math.inf, "num_train_epochs", "a finite number above 0"),
+            (self.max_steps == -1 or self.max_steps >= 1, "max_steps",
+             "1 or more, or -1 to train num_train_epochs (0 would train nothing)"),
+            (self.per_device_train_batch_size >= 1, "per_device_train_batch_size", "1 or more"),
+            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "1 or more"),
+            (self.max_length >= 2, "max_length", "2 or more"),
+            (0 <= self.weight_decay < math.inf, "weight_decay", "a finite number, 0 or more"),
+            (0 <= self.warmup_steps < math.inf, "warmup_steps", "a finite number, 0 or more"),
+            (self.logging_steps >= 1, "logging_steps", "1 or more"),
+        ], self)  # fmt: skip
 
 
 @dataclass
@@ -76,6 +100,18 @@ class EvalSettings:
     )
     perplexity_max_length: int = field(default=256, metadata={"help": "Perplexity texts are cut to this length."})
     perplexity_limit: int | None = field(default=None, metadata={"help": "At most this many texts per set."})
+
+    def __post_init__(self) -> None:
+        _check([
+            (self.method in EVAL_METHODS, "method", f"one of {EVAL_METHODS}"),
+            (self.mc_format in MC_FORMATS, "mc_format", f"one of {MC_FORMATS}"),
+            (self.batch_size >= 1, "batch_size", "1 or more"),
+            (self.max_length >= 2, "max_length", "2 or more"),
+            (self.perplexity_max_length >= 2, "perplexity_max_length", "2 or more"),
+            (self.mc_shots >= 0, "mc_shots", "0 or more"),
+            *[(getattr(self, n) is None or getattr(self, n) >= 1, n, "1 or more, or null for all")
+              for n in ("test_limit", "mc_limit", "perplexity_limit")],
+        ], self)  # fmt: skip
 
 
 @dataclass
@@ -108,17 +144,29 @@ class RunConfig:
     keep_checkpoints: int = field(default=1, metadata={"help": "Checkpoints kept (the newest); 0 keeps all."})
 
     def __post_init__(self) -> None:
-        if self.finetuning not in FINETUNING:
-            raise GeReError(f"finetuning = {self.finetuning!r} must be one of {FINETUNING}")
-        if self.evaluation.method not in EVAL_METHODS:
-            raise GeReError(f"evaluation.method = {self.evaluation.method!r} must be one of {EVAL_METHODS}")
-        if self.evaluation.mc_format not in MC_FORMATS:
-            raise GeReError(f"evaluation.mc_format = {self.evaluation.mc_format!r} must be one of {MC_FORMATS}")
+        _check([
+            (self.finetuning in FINETUNING, "finetuning", f"one of {FINETUNING}"),
+            (self.keep_checkpoints >= 0, "keep_checkpoints", "0 (keep all) or more"),
+        ], self)  # fmt: skip
         known = {f.name for f in fields(TrainingSettings)}
         for task, overrides in self.per_task.items():
             bad = set(overrides) - known
             if bad:
                 raise GeReError(f"per_task.{task}: unknown key(s) {sorted(bad)}; allowed: {sorted(known)}")
+        # Every setting is checked now, before any model is loaded or any file written.
+        for task in [None, *self.per_task]:
+            self._check_interpolation(self.training_for(task) if task else self.training, task)
+
+    def _check_interpolation(self, t: TrainingSettings, task: str | None) -> None:
+        k = self.gere.num_interpolate_per_batch
+        global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * launched_world_size()
+        if self.gere.parts and k and k >= global_batch:
+            where = f" for task {task!r}" if task else ""
+            raise GeReError(
+                f"gere.num_interpolate_per_batch = {k} leaves no task sample in a global batch of {global_batch}"
+                f"{where} (per_device_train_batch_size x gradient_accumulation_steps x processes); lower it or "
+                "raise the batch"
+            )
 
     def task_specs(self) -> list[TaskSpec]:
         if self.tasks and self.benchmark:
@@ -135,10 +183,21 @@ class RunConfig:
         return list(self.tasks)
 
     def training_for(self, task: str) -> TrainingSettings:
-        return dataclasses.replace(self.training, **self.per_task.get(task, {}))
+        try:
+            return dataclasses.replace(self.training, **self.per_task.get(task, {}))
+        except GeReError as err:
+            raise GeReError(f"per_task.{task}: {err}") from None
 
     def to_dict(self) -> dict:
         return to_plain(self)
+
+
+def _check(checks: list[tuple[bool, str, str]], obj: Any) -> None:
+    """Raise for the first failed check, naming the setting, its value and what it must be (`from_dict`
+    puts the section in front)."""
+    for ok, name, need in checks:
+        if not ok:
+            raise GeReError(f"{name} = {getattr(obj, name)!r} is not valid: it must be {need}", setting=name)
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -231,7 +290,32 @@ def from_dict(cls, data: dict, where: str = "") -> Any:
             f"allowed here: {', '.join(sorted(names))}"
         )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except GeReError as err:
+        if not where:
+            raise
+        # A section's own check names its setting; say which section it is in.
+        named = getattr(err, "setting", None) or str(err).split(" ", 1)[0]
+        text = f"{where}.{err}" if named in names and str(err).startswith(named) else f"{where}: {err}"
+        raise GeReError(text) from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise GeReError(
+                    f"{node.start_mark.name}: the key {key!r} appears twice, on lines {seen[key]} and {line}; "
+                    "keep one (YAML would silently use the last)"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -252,7 +336,12 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None,
         if not path.exists():
             raise GeReError(f"run config {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            with open(path, encoding="utf-8") as stream:  # a stream: YAML's marks then name the file
+                loader = _StrictLoader(stream)  # safe: a SafeLoader that also refuses repeated keys
+                try:
+                    loaded = loader.get_single_data() or {}
+                finally:
+                    loader.dispose()
         except yaml.YAMLError as err:
             raise GeReError(f"{path} is not valid YAML: {err}") from None
         if not isinstance(loaded, dict):

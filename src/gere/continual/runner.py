@@ -363,6 +363,7 @@ def _stage_trainer(run: _Run, index: int) -> GeReTrainer:
         processing_class=tokenizer,
         gere_config=run.cfg.gere,
         activation_store=run.store,
+        check_store_model=False,  # the store is the base model's (checked in _prepare_replay); the model trains on
         replay_set=run.replay_set,
         callbacks=[train_step_callback()],  # crash tests (gere.faults); a no-op unless GERE_FAULT is set
     )

@@ -37,12 +37,16 @@ from gere.replay.replay_set import ReplaySet, tokenize_replay_set
 from gere.stats import RunningStats, batch_statistics, thresholds
 from gere.store.fingerprint import shared_manifest
 from gere.store.format import (
+    FORMAT,
+    FORMAT_VERSION,
     MANIFEST,
     ActivationStore,
     StoreSpec,
     label_codes,
     open_store,
     pack_codes,
+    read_manifest,
+    store_file_names,
     write_npy,
 )
 
@@ -143,13 +147,16 @@ def extract_store(
 
 def _clear_store(model, store_dir: Path) -> None:
     distributed.require_full_parameters(model, "re-extracting the activation store")
-    if distributed.rank() == 0:
-        for child in store_dir.iterdir():
-            if child.is_dir():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
-    distributed.barrier()
+    distributed.run_on_main(lambda: _delete_store_files(store_dir), f"clearing the activation store {store_dir}")
+
+
+def _delete_store_files(store_dir: Path) -> None:
+    """Remove the store's own files (those its manifest lists, the manifest, ``partial/``), nothing else."""
+    manifest = read_manifest(store_dir)  # refuses a folder that is not a store before deleting anything
+    (store_dir / MANIFEST).unlink()  # first: a half-cleared folder is never taken for a finished store
+    for name in store_file_names(manifest):
+        (store_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(store_dir / "partial", ignore_errors=True)
 
 
 def _prepare_partial(store_dir: Path, expected: dict, layout: _Layout) -> Path:
@@ -317,6 +324,8 @@ def _write_final_files(store_dir, partial, expected, spec: StoreSpec, layout: _L
     names = spec.file_names(layout.layers)
     files = {n: {"bytes": (store_dir / n).stat().st_size, "sha256": sha256_file(store_dir / n)} for n in names}
     manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
         **expected,
         "samples": len(layout.token_lists),
         "tokens": int(layout.offsets[-1]),

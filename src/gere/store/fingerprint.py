@@ -24,7 +24,7 @@ from gere.batching import num_hidden_states, resolve_layers
 from gere.distributed import is_zero3_partitioned, sharded_parameters
 from gere.errors import GeReError
 from gere.replay.replay_set import ReplaySet
-from gere.store.format import StoreSpec
+from gere.store.format import StoreSpec, check_identity
 
 # Config keys that describe how a model was loaded, not what it computes.
 _VOLATILE_CONFIG_KEYS = {
@@ -119,13 +119,28 @@ def expected_manifest(model, tokenizer, replay_set: ReplaySet, spec: StoreSpec) 
     return {
         "model": model_fingerprint(model),
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "replay_set": replay_set.content_hash(),
+        "replay_set": None if replay_set is None else replay_set.content_hash(),
         "max_length": spec.max_length,
         "k": spec.threshold_k,
         "layers": list(resolve_layers(spec.layers, num_hidden_states(model))),
         "contents": spec.contents(),
         "version": __version__,
     }
+
+
+def check_store_belongs(store, model, tokenizer, spec: StoreSpec) -> None:
+    """Refuse a store made by another model or tokenizer, or with other settings, than ``model`` trains
+    with (the replay set is not checked: the store carries its own texts)."""
+    expected = expected_manifest(model, tokenizer, None, spec)
+    found = {**store.manifest, "replay_set": None}
+    try:
+        check_identity(found, {**expected, "contents": found["contents"]}, store.path)
+    except GeReError as err:
+        raise GeReError(
+            f"{err}. A store passed to GeReTrainer must come from the model it trains; if this model is a later "
+            "stage trained from the store's model (as in a continual run), pass check_store_model=False",
+            setting="reuse_store",
+        ) from None
 
 
 def shared_manifest(model, tokenizer, replay_set: ReplaySet, spec: StoreSpec) -> dict:

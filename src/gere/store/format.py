@@ -41,6 +41,11 @@ CODE_NEUTRAL = 1
 CODE_POSITIVE = 2
 
 MANIFEST = "manifest.json"
+#: Written into every manifest, so a folder is recognised as a store before anything in it is touched.
+FORMAT = "gere-activation-store"
+FORMAT_VERSION = 1
+# Manifests written before the marker existed (gere 0.1) hold these keys.
+_LEGACY_KEYS = {"files", "tokens", "hidden_size", "contents", "version"}
 
 
 @dataclass
@@ -235,17 +240,34 @@ def check_identity(found: dict, expected: dict, path: Path) -> None:
             )
 
 
-def open_store(path: str | Path, *, expected: dict | None = None, verify: bool = True) -> ActivationStore:
-    """Open a finished store; with ``expected`` (see `expected_manifest`) refuse one made otherwise."""
-    path = Path(path)
-    manifest_path = path / MANIFEST
-    if not manifest_path.exists():
-        raise GeReError(f"{path} holds no finished activation store (no {MANIFEST}); run `gere extract` first")
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of the store folder ``path``; an error when it is unreadable or not a store's."""
+    manifest_path = Path(path) / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise GeReError(f"{manifest_path} is corrupted; rebuild the store (set reuse_store to false)",
                         setting="reuse_store") from None  # fmt: skip
+    if not isinstance(manifest, dict) or not (manifest.get("format") == FORMAT or _LEGACY_KEYS <= set(manifest)):
+        raise GeReError(
+            f"{manifest_path} is not the manifest of a gere activation store, so {path} is some other folder; "
+            "point store_dir at an empty folder or at a store (nothing in it was changed)",
+            setting="store_dir",
+        )
+    return manifest
+
+
+def store_file_names(manifest: dict) -> list[str]:
+    """Every file a store wrote: what its manifest lists, and the manifest itself."""
+    return [*manifest.get("files", {}), MANIFEST]
+
+
+def open_store(path: str | Path, *, expected: dict | None = None, verify: bool = True) -> ActivationStore:
+    """Open a finished store; with ``expected`` (see `expected_manifest`) refuse one made otherwise."""
+    path = Path(path)
+    if not (path / MANIFEST).exists():
+        raise GeReError(f"{path} holds no finished activation store (no {MANIFEST}); run `gere extract` first")
+    manifest = read_manifest(path)
     if expected is not None:
         check_identity(manifest, expected, path)
     store = ActivationStore(path, manifest, np.zeros(0, np.int32), np.zeros(1, np.int64), {})
@@ -254,4 +276,33 @@ def open_store(path: str | Path, *, expected: dict | None = None, verify: bool =
     store.tokens_flat = np.load(path / "tokens.npy", mmap_mode="r")
     store.offsets = np.load(path / "offsets.npy")
     store.stats = load_numpy_file(str(path / "stats.safetensors"))
+    _check_shapes(store)
     return store
+
+
+def _check_shapes(store: ActivationStore) -> None:
+    """The arrays agree with the manifest (a hand-edited manifest would otherwise fail deep in training)."""
+    m, tokens = store.manifest, int(store.offsets[-1])
+    hidden, samples = int(m["hidden_size"]), int(m["samples"])
+    expected = {"tokens.npy": (tokens,), "offsets.npy": (samples + 1,)}
+    for layer in store.layers:
+        if m["contents"]["tm"]:
+            expected[f"tm_codes.L{layer}.npy"] = (tokens, -(-hidden // 4))
+        if m["contents"]["features"]:
+            expected[f"features.L{layer}.npy"] = (tokens, hidden)
+        if store.stats[f"L{layer}.mean"].shape != (hidden,):
+            expected[f"stats L{layer}.mean"] = (hidden,)
+    if m["contents"]["topk"]:
+        expected["topk_values.npy"] = expected["topk_indices.npy"] = (tokens, int(m["contents"]["topk"]))
+    for name, shape in expected.items():
+        found = store.stats[name.split()[1]].shape if name.startswith("stats ") else _npy_shape(store.path / name)
+        if tuple(found) != shape or int(m["tokens"]) != tokens:
+            raise GeReError(
+                f"activation store {store.path} does not agree with its manifest ({name} has shape "
+                f"{tuple(found)}, the manifest says {shape}); rebuild it (set reuse_store to false)",
+                setting="reuse_store",
+            )
+
+
+def _npy_shape(path: Path) -> tuple[int, ...]:
+    return np.load(path, mmap_mode="r").shape
