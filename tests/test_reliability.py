@@ -7,6 +7,10 @@ import ast
 import errno
 import json
 import re
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -315,3 +319,118 @@ def test_source_never_unpickles_or_trusts_remote_code_by_default():
     assert len(sources) > 15
     found = {str(p.relative_to(package)): unsafe_calls(p.read_text()) for p in sources}
     assert {name: lines for name, lines in found.items() if lines} == {}
+
+
+# ------------------------------------------------------------------------------------------ one writer
+
+
+def lock_held_by(folder: Path, process: subprocess.Popen) -> None:
+    """The lock file a live `gere run` in ``folder`` holds (written as it writes it, for a real process)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".gere.lock").write_text(json.dumps({"pid": process.pid, "host": socket.gethostname(),
+                                                   "started": "2026-11-29 12:00:00", "what": "gere run 'other'"}))  # fmt: skip
+
+
+def test_a_second_writer_is_refused_and_a_stale_lock_is_taken_over(config, tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock_held_by(out, holder)
+        assert cli_run(config, out) == 2
+        err = capsys.readouterr().err
+        assert f"in use by process {holder.pid} on {socket.gethostname()} since 2026-11-29 12:00:00" in err
+        lock_held_by(out / "gere_store", holder)
+        assert main(["extract", "--config", str(config), "--store-dir", str(out / "gere_store")]) == 2
+        assert f"in use by process {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone (as after a crash): its lock is stale and the run goes ahead.
+    (out / "gere_store" / ".gere.lock").unlink()
+    assert cli_run(config, out) == 0
+    assert not (out / ".gere.lock").exists()
+
+
+def test_resume_refuses_changed_input_files_and_names_them(config, tmp_path, capsys):
+    data = yaml.safe_load(config.read_text())
+    source = Path(data["tasks"][1]["source"])
+    copy = tmp_path / "compass"
+    shutil.copytree(source, copy)
+    data["tasks"][1]["source"] = str(copy)
+    data["training"]["max_steps"] = 1
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    out = tmp_path / "run"
+    assert main(["run", str(cfg), "--output-dir", str(out), "--no-progress"]) == 0
+    state = json.loads((out / "run_state.json").read_text())
+    state["stages_done"] = 1
+    state["accuracy_matrix"] = state["accuracy_matrix"][:2]
+    state["general"] = state["general"][:2]
+    (out / "run_state.json").write_text(json.dumps(state))  # as if it had stopped after task 1
+    (out / "results.json").unlink()
+    test_file = copy / "test.jsonl"
+    test_file.write_text(test_file.read_text().splitlines()[0] + "\n")
+    assert main(["run", str(cfg), "--output-dir", str(out), "--no-progress", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "input files changed since it started" in err and str(test_file) in err
+
+
+def test_a_run_that_stopped_before_its_first_task_finished_reruns_without_flags(config, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="stopped in task 1"):
+        _stop_in_first_task(config, out)
+    assert json.loads((out / "run_state.json").read_text())["stages_done"] == 0
+    assert cli_run(config, out) == 0  # no --overwrite needed: nothing of value was there
+
+
+def _stop_in_first_task(config: Path, out: Path) -> None:
+    import gere.trainer
+
+    original = gere.trainer.GeReTrainer.train
+
+    def stop(self, *args, **kwargs):
+        raise RuntimeError("stopped in task 1")
+
+    gere.trainer.GeReTrainer.train = stop
+    try:
+        run_continual(load_run_config(config, [f"output_dir={out}"]), progress=False)
+    finally:
+        gere.trainer.GeReTrainer.train = original
+
+
+def test_overwrite_with_another_model_rebuilds_the_runs_own_store(config, tmp_path):
+    out = tmp_path / "run"
+    assert cli_run(config, out) == 0
+    first = json.loads((out / "gere_store" / "manifest.json").read_text())["model"]
+    other = tmp_path / "other-model"
+    tiny_llama(seed=1).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    assert cli_run(config, out, "--overwrite", "--model", str(other)) == 0
+    assert json.loads((out / "gere_store" / "manifest.json").read_text())["model"] != first
+    assert json.loads((out / "results.json").read_text())["config"]["model"] == str(other)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB tmpfs, nearly full (skipped where this process may not mount)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        free = shutil.disk_usage(mount_point).free
+        (mount_point / "filler").write_bytes(b"\0" * (free - 16384))  # 16 KiB: files are created, then full
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_a_full_disk_during_extraction_is_an_error_not_a_bus_error(config, small_disk):
+    """Memory-mapped parts on a full disk used to kill the process with SIGBUS (exit 135, no message)."""
+    done = subprocess.run([str(Path(sys.executable).with_name("gere")), "extract", "--config", str(config),
+                           "--store-dir", str(small_disk / "store")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert "the disk is full" in done.stderr
+    assert not (small_disk / "store" / "manifest.json").exists()

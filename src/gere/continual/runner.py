@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
 
@@ -42,10 +41,19 @@ from gere.continual.multiple_choice import evaluate_multiple_choice, load_multip
 from gere.continual.prompts import build_train_features
 from gere.continual.report import build_results, learning_warnings, write_report
 from gere.continual.run_config import RunConfig
+from gere.continual.run_folder import (
+    OWN_STORE,
+    STATE_FILE,
+    claim,
+    config_digest,
+    existing_state,
+    input_digests,
+)
 from gere.continual.tasks import TaskData, load_task
 from gere.errors import GeReError
 from gere.faults import maybe_fail, train_step_callback
-from gere.io_utils import atomic_write_json, atomic_write_text, safe_join
+from gere.io_utils import atomic_write_json, safe_join
+from gere.locks import hold_lock
 from gere.modeling import load_model_and_tokenizer
 from gere.parts import LOGGED
 from gere.provenance import provenance
@@ -56,46 +64,6 @@ from gere.trainer import GeReTrainer
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "run_state.json"
-CONFIG_FILE = "config.yaml"
-RUN_FILES = (STATE_FILE, CONFIG_FILE, "results.json", "report.md", "checkpoints", "stages")
-
-
-def config_digest(cfg: RunConfig) -> str:
-    """Identity of a run: everything but where it is written and how many checkpoints are kept."""
-    data = cfg.to_dict()
-    for key in ("output_dir", "keep_checkpoints", "cache_dir"):
-        data.pop(key, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def prepare_output_dir(cfg: RunConfig, *, resume: bool, overwrite: bool) -> tuple[Path, dict | None]:
-    """Refuse a folder holding another run unless told; return the saved state when resuming."""
-    out = Path(cfg.output_dir)
-    state_path = out / STATE_FILE
-    state = json.loads(state_path.read_text()) if state_path.exists() else None
-    occupied = state is not None or (out / "results.json").exists()
-    if occupied and overwrite:
-        for name in RUN_FILES:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-        state = None
-    elif occupied and not resume:
-        raise GeReError(
-            f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it "
-            "(or choose another --output-dir)"
-        )
-    elif state is not None and state["config_digest"] != config_digest(cfg):
-        raise GeReError(
-            f"{out} holds a run with a different config; --resume needs the same config "
-            "(use --overwrite to start over, or another --output-dir)"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return out, state
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -210,17 +178,26 @@ def run_continual(
 
     ``base_eval_cache``: a JSON file where runs of one comparison share the base model's evaluation.
     """
+    with hold_lock(cfg.output_dir, f"gere run {cfg.name!r}"):
+        return _run_locked(cfg, resume, overwrite, progress, base_eval_cache)
+
+
+def _run_locked(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, base_eval_cache) -> dict[str, Any]:
     started = time.time()
-    out, state = prepare_output_dir(cfg, resume=resume, overwrite=overwrite)
+    out = Path(cfg.output_dir)
+    # Everything is checked (flags, tasks, model, store) before a previous run's files are removed.
+    state = existing_state(cfg, resume=resume, overwrite=overwrite)
+    fresh = state is None
     set_seed(cfg.seed)
     tasks = _load_tasks(cfg, out)
     model, tokenizer = _load_model(cfg)
     replay_set, store = _prepare_replay(cfg, model, tokenizer, out, state, progress)
+    claim(cfg, fresh=fresh)
     if cfg.finetuning == "lora":
         model = _with_lora(cfg, model)
     run = _Run(cfg, out, state or _new_state(cfg, model, store), tasks, model, tokenizer,
                Evaluator(cfg, tasks), replay_set, store, progress, started)  # fmt: skip
-    if state is not None:
+    if not fresh:
         _resume(run)
     if not run.state["accuracy_matrix"]:
         _evaluate_base(run, base_eval_cache)
@@ -259,10 +236,19 @@ def _prepare_replay(cfg: RunConfig, model, tokenizer, out: Path, state: dict | N
     replay_set = gere.load_replay_set()
     if gere.reference != "store" or not gere.needs_reference:
         return replay_set, None
-    store_dir = Path(gere.store_dir) if gere.store_dir else out / "gere_store"
+    own = not gere.store_dir
+    store_dir = out / OWN_STORE if own else Path(gere.store_dir)
     if state is None:
-        store = extract_store(model, tokenizer, replay_set, store_dir, gere.store_spec(),
-                              regenerate=not gere.reuse_store, progress=progress)  # fmt: skip
+        spec = gere.store_spec()
+        try:
+            store = extract_store(model, tokenizer, replay_set, store_dir, spec, regenerate=not gere.reuse_store,
+                                  progress=progress)  # fmt: skip
+        except GeReError as err:
+            if not (own and err.setting == "reuse_store"):
+                raise
+            # The run's own store, left by the run this one replaces: rebuilt for this run's model and texts.
+            logger.warning("rebuilding %s for this run: %s", store_dir, err)
+            store = extract_store(model, tokenizer, replay_set, store_dir, spec, regenerate=True, progress=progress)
     else:
         store = open_store(store_dir)
         if store.manifest["model"] != state["base_model"]:
@@ -284,6 +270,7 @@ def _new_state(cfg: RunConfig, model, store: ActivationStore | None) -> dict[str
 
     return {
         "config_digest": config_digest(cfg),
+        "inputs": input_digests(cfg),
         "base_model": store.manifest["model"] if store is not None else model_fingerprint(model),
         "stages_done": 0,
         "accuracy_matrix": [],

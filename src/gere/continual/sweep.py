@@ -120,7 +120,7 @@ def run_sweep(
 
 def _run_or_reuse(cfg: RunConfig, folder: Path, run, progress: bool, out_dir: Path) -> dict[str, Any]:
     """A finished run's results (same config), or the run resumed or started."""
-    from gere.continual.runner import config_digest
+    from gere.continual.run_folder import config_digest
 
     results_path, state_path = folder / "results.json", folder / "run_state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else None

@@ -19,7 +19,9 @@ writes the manifest last. See docs/distributed.md.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ from gere.batching import check_context_length, forward_batches, length_sorted_b
 from gere.errors import GeReError
 from gere.faults import maybe_fail
 from gere.io_utils import atomic_path, atomic_write_json, sha256_file
+from gere.locks import hold_lock
 from gere.replay.replay_set import ReplaySet, tokenize_replay_set
 from gere.stats import RunningStats, batch_statistics, thresholds
 from gere.store.fingerprint import shared_manifest
@@ -89,6 +92,23 @@ class _Layout:
         return sum(stop - start for start, stop in self.spans[rank].values())
 
 
+def reserved_memmap(path: Path, dtype, shape: tuple[int, int]) -> np.ndarray:
+    """A new ``.npy`` memory map whose blocks are allocated now. Writing into a sparse memory map on a full
+    disk kills the process with SIGBUS and no message; reserving the space first fails here instead, with
+    an ENOSPC error that names the disk being full."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+            except OSError as err:
+                if err.errno == errno.ENOSPC:
+                    raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise  # a file system without fallocate keeps the sparse file
+    return array
+
+
 def _part_name(name: str, rank: int, world: int) -> str:
     if world == 1:
         return name
@@ -125,12 +145,21 @@ def extract_store(
     distributed.init_from_env()
     check_context_length(model, spec.max_length)
     expected = shared_manifest(model, tokenizer, replay_set, spec)
-    if distributed.broadcast_object((store_dir / MANIFEST).exists()):
-        if not regenerate:
-            return open_store(store_dir, expected=expected)
-        _clear_store(model, store_dir)
-    distributed.require_full_parameters(model, "extracting the activation store")
+    if distributed.broadcast_object((store_dir / MANIFEST).exists()) and not regenerate:
+        return open_store(store_dir, expected=expected)
+    lock = contextlib.ExitStack()  # process 0 holds the store's lock while it is built
+    distributed.run_on_main(lambda: lock.enter_context(hold_lock(store_dir, "extracting an activation store")),
+                            f"locking {store_dir}")  # fmt: skip
+    with lock:
+        if distributed.broadcast_object((store_dir / MANIFEST).exists()):
+            if not regenerate:  # another process finished it while this one waited for the lock
+                return open_store(store_dir, expected=expected)
+            _clear_store(model, store_dir)
+        return _build(model, tokenizer, replay_set, store_dir, spec, expected, progress, stop_after_batches, device)
 
+
+def _build(model, tokenizer, replay_set, store_dir, spec, expected, progress, stop_after_batches, device):
+    distributed.require_full_parameters(model, "extracting the activation store")
     token_lists = tokenize_replay_set(replay_set, tokenizer, spec.max_length)
     layout = _Layout.plan(
         token_lists, expected["layers"], int(model.config.hidden_size), spec.batch_size, distributed.world_size()
@@ -193,9 +222,7 @@ def _open_parts(partial: Path, layout: _Layout, spec: StoreSpec, rank: int) -> d
         if file.exists():
             maps[name] = np.load(file, mmap_mode="r+")
         else:
-            maps[name] = np.lib.format.open_memmap(
-                file, mode="w+", dtype=dtype, shape=(layout.part_rows(rank), width)
-            )
+            maps[name] = reserved_memmap(file, dtype, (layout.part_rows(rank), width))
     return maps
 
 
@@ -268,7 +295,7 @@ def _assemble(target: Path, partial: Path, name: str, layout: _Layout, dtype, wi
     """Write ``target`` ``[tokens, width]`` in sample order from every process's part of ``name``."""
     offsets = layout.offsets
     with atomic_path(target) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(int(offsets[-1]), width))
+        out = reserved_memmap(tmp, dtype, (int(offsets[-1]), width))
         for owner, owned in enumerate(layout.spans):
             if not owned:
                 continue
