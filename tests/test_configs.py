@@ -16,3 +16,35 @@ def test_shipped_config_parses(path):
 
 def test_there_are_configs():
     assert len(CONFIGS) >= 2
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    from gere.errors import GeReError
+
+    path = tmp_path / "run.yaml"
+    path.write_text("model: x\ntraining:\n  learning_rate: 1e-4\ngere:\n  objective: ce\ntraining:\n  max_steps: 3\n")
+    with pytest.raises(GeReError, match=r"run\.yaml: the key 'training' appears twice, on lines 2 and 6"):
+        load_run_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("gere.threshold_k=.inf", "gere.threshold_k = inf is not valid: it must be a finite number greater than 0"),
+        ("training.learning_rate=-1e-4", "training.learning_rate = -0.0001 is not valid"),
+        ("training.learning_rate=.nan", "training.learning_rate = nan is not valid"),
+        ("training.per_device_train_batch_size=0", "training.per_device_train_batch_size = 0 is not valid"),
+        ("training.max_steps=0", "0 would train nothing"),
+        ("keep_checkpoints=-1", "keep_checkpoints = -1 is not valid"),
+        ("lora.dropout=1.0", "lora.dropout = 1.0 is not valid"),
+        ("evaluation.mc_limit=0", "evaluation.mc_limit = 0 is not valid"),
+        ("per_task={a: {learning_rate: 0}}", "per_task.a: learning_rate = 0 is not valid"),
+        ("gere.num_interpolate_per_batch=8", "gere.num_interpolate_per_batch = 8 leaves no task sample"),
+    ],
+)
+def test_every_number_is_checked_before_any_work(override, message):
+    from gere.errors import GeReError
+
+    base = {"model": "x", "tasks": [], "gere": {"replay_source": "general.jsonl"}}
+    with pytest.raises(GeReError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_run_config(None, [override], base=base)

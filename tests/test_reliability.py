@@ -434,3 +434,18 @@ def test_a_full_disk_during_extraction_is_an_error_not_a_bus_error(config, small
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
     assert "the disk is full" in done.stderr
     assert not (small_disk / "store" / "manifest.json").exists()
+
+
+def test_a_read_only_store_folder_is_a_clear_error(config, tmp_path, capsys):
+    mount_point = tmp_path / "ro"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        assert main(["extract", "--config", str(config), "--store-dir", str(mount_point / "store")]) == 2
+        err = capsys.readouterr().err
+        assert "cannot create" in err and "Read-only file system" in err and "writable folder" in err
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)

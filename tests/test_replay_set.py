@@ -113,3 +113,15 @@ def test_default_replay_set_is_fetched_once_then_read_from_the_cache(tmp_path, m
     path.write_text(path.read_text().replace("city 3", "town 3"))
     with pytest.raises(GeReError, match="could not be fetched: ConnectionError: no network.*replay_source"):
         default_replay_file(tmp_path / "cache", dataset="json", count=5, data_files=str(source))
+
+
+def test_a_huge_one_line_text_is_cut_before_tokenising(tmp_path):
+    from gere.replay.replay_set import CHARS_PER_TOKEN, bounded_text
+
+    huge = "the river " * 1_000_000  # 10 MB on one line
+    assert len(bounded_text(huge, 16)) == 16 * CHARS_PER_TOKEN and bounded_text("short", 16) == "short"
+    assert bounded_text("abcdef" * 100, 1, keep="end") == ("abcdef" * 100)[-CHARS_PER_TOKEN:]
+    src = write_jsonl(tmp_path / "g.jsonl", [{"text": huge}, {"text": "the city of the river"}])
+    ids = tokenize_replay_set(load_replay_set(src, 2), tiny_tokenizer(), 16)
+    river = tiny_tokenizer()("the river", add_special_tokens=False)["input_ids"]
+    assert ids[0] == river * 8 and len(ids[1]) == 5  # the first 16 tokens, as if the whole line were read

@@ -156,3 +156,11 @@ def test_every_objective_part_is_logged_recorded_and_plotted(setup, tmp_path):
     assert all(len(points) == 4 for points in series.values())  # 2 steps x 2 tasks, every part every step
     written = json.loads((tmp_path / "all" / "results.json").read_text())["loss_history"]
     assert all(row[name] is not None for row in written for name in (*LOSS_PARTS, *WEIGHTS))
+
+
+def test_a_replay_set_smaller_than_asked_is_said_in_the_report(setup, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="gere.replay.replay_set"):
+        results = run(setup, tmp_path / "few", "gere.num_replay_samples=100", "gere.objective=ce")
+    assert results["replay_set"] == {"requested": 100, "used": 8}
+    assert "holds 8 texts; num_replay_samples asks for 100" in caplog.text
+    assert "held 8 texts, fewer than the 100 asked for" in (tmp_path / "few" / "report.md").read_text()

@@ -27,6 +27,7 @@ from gere.batching import accepts_argument, batches, eval_mode, model_device, pa
 from gere.continual.prompts import encode_prompt_and_target, fit_prompt, format_prompt, format_target
 from gere.continual.tasks import Example, TaskSpec
 from gere.errors import GeReError
+from gere.replay.replay_set import bounded_text
 
 
 def sequence_logprobs(
@@ -286,7 +287,7 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int = 256, batch_
     Each text is truncated to `max_length` tokens; only real (non-padding) tokens are predicted and
     counted, and the first token of each text is context only.
     """
-    encoded = [tokenizer(t, add_special_tokens=True)["input_ids"][:max_length] for t in texts]
+    encoded = [tokenizer(bounded_text(t, max_length), add_special_tokens=True)["input_ids"][:max_length] for t in texts]
     encoded = [ids for ids in encoded if len(ids) >= 2]
     if not encoded:
         raise GeReError("perplexity needs texts of at least two tokens; pass non-empty held-out texts")

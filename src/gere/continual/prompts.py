@@ -13,6 +13,7 @@ from __future__ import annotations
 from gere.batching import IGNORE_INDEX
 from gere.continual.tasks import Example, TaskSpec
 from gere.errors import GeReError
+from gere.replay.replay_set import bounded_text
 
 
 def format_prompt(spec: TaskSpec, input: str) -> str:
@@ -52,6 +53,7 @@ def fit_prompt(spec: TaskSpec, input: str, tokenizer, budget: int) -> list[int]:
     """
     if budget < 1:
         raise GeReError(f"no room left for the prompt of task {spec.name!r}; raise max_length")
+    input = bounded_text(input, budget, keep="end")  # inputs are cut from the left; a huge one not tokenised whole
     prompt_ids = tokenizer(format_prompt(spec, input), add_special_tokens=True)["input_ids"]
     if len(prompt_ids) <= budget:
         return list(prompt_ids)

@@ -110,9 +110,14 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def learning_warnings(results: dict[str, Any]) -> list[str]:
-    """One line per task that its own training did not teach (see `gere.continual.metrics.not_learned`)."""
+    """One line per task that its own training did not teach (see `gere.continual.metrics.not_learned`), and
+    one when the replay set is smaller than asked for."""
     tasks, matrix = results["tasks"], results["accuracy_matrix"]
     lines = []
+    replay = results.get("replay_set") or {}
+    if replay and replay["used"] < replay["requested"]:
+        lines.append(f"the replay source held {replay['used']} texts, fewer than the {replay['requested']} asked for "
+                     "(num_replay_samples); all of them were replayed")  # fmt: skip
     for j in not_learned(matrix):
         lines.append(
             f"task {tasks[j]!r} was not learned: {pct(matrix[j][j])}% before its training, "

@@ -371,6 +371,8 @@ def _finish(run: _Run) -> dict[str, Any]:
                 "train_steps": _steps_before(state)},  # fmt: skip
     )
     results["provenance"] = provenance()
+    if run.replay_set is not None:
+        results["replay_set"] = {"requested": cfg.gere.num_replay_samples, "used": len(run.replay_set)}
     write_report(run.out, results)
     for line in learning_warnings(results):
         logger.warning("%s: %s", cfg.name, line)

@@ -13,12 +13,15 @@ The paper replays the first 1,000 texts of a SlimPajama chunk, tokenised without
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from gere.errors import GeReError
 from gere.io_utils import HF_PREFIX, ROW_SUFFIXES, iter_rows, load_hub_dataset, parse_hf_source, read_utf8
+
+logger = logging.getLogger(__name__)
 
 SELECTIONS = ("first", "random")
 #: Replay texts are cut to this many tokens in the paper (Sec. 4.1).
@@ -126,6 +129,9 @@ def select_replay_set(
         )
     if not records:
         raise GeReError("the replay source holds no texts; point replay_source at general text", setting="replay_source")
+    if len(records) < num_samples:
+        logger.warning("the replay source holds %d texts; num_replay_samples asks for %d, so %d are replayed",
+                       len(records), num_samples, len(records))  # fmt: skip
     if selection == "first":
         chosen = records[:num_samples]
     else:
@@ -145,15 +151,27 @@ def select_replay_set(
     return ReplaySet(tuple(ids), tuple(t for _, t in chosen))
 
 
+#: Characters kept per token wanted before tokenising: far more than any real token spans, so the first
+#: tokens never change, while a pathological text (one 10 MB line) is not tokenised whole.
+CHARS_PER_TOKEN = 64
+
+
+def bounded_text(text: str, max_tokens: int, keep: str = "start") -> str:
+    """``text`` cut to ``CHARS_PER_TOKEN * max_tokens`` characters from its start (or its ``end``)."""
+    limit = CHARS_PER_TOKEN * max_tokens
+    if len(text) <= limit:
+        return text
+    return text[:limit] if keep == "start" else text[-limit:]
+
+
 def tokenize_replay_set(replay_set: ReplaySet, tokenizer, max_length: int = PAPER_MAX_LENGTH) -> list[list[int]]:
     """Token ids of each text, without special tokens, cut to ``max_length``. A text of fewer than two
     tokens has nothing to predict and is an error."""
     if max_length < 2:
         raise GeReError(f"replay max length is {max_length}; set replay_max_length to 2 or more",
                         setting="replay_max_length")  # fmt: skip
-    encoded = tokenizer(
-        list(replay_set.texts), add_special_tokens=False, truncation=True, max_length=max_length
-    )
+    texts = [bounded_text(t, max_length) for t in replay_set.texts]
+    encoded = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length)
     token_lists = [list(map(int, ids)) for ids in encoded["input_ids"]]
     for sample_id, ids in zip(replay_set.ids, token_lists):
         if len(ids) < 2:
