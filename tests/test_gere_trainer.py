@@ -184,7 +184,7 @@ def test_missing_replay_source_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("GERE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(datasets, "load_dataset", offline)
     tok, model = tiny_tokenizer(), tiny_llama()
-    with pytest.raises(GeReError, match="default replay set.*could not be fetched.*--replay-source"):
+    with pytest.raises(GeReError, match="default replay set.*could not be fetched.*set replay_source"):
         make_trainer(tmp_path, model, tok, GeReConfig()).train()
 
 
