@@ -25,7 +25,7 @@ from gere.io_utils import atomic_write_json, atomic_write_text
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
          10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000,
          120: 1.980}  # fmt: skip
-PLOTTED = ("AP %", "general %", "F1 Avg %")
+PLOTTED = ("AP %", "BWT %", "general %", "F1 Avg %")
 
 
 def t975(df: int) -> float:
@@ -174,13 +174,14 @@ def render_aggregate(result: dict[str, Any], title: str) -> str:
 
 
 def plot_aggregate(result: dict[str, Any], path: Path) -> Path:
-    """Bars of the mean with sd error bars, one panel per metric of `PLOTTED` (and the first perplexity)."""
-    shown = [m for m in result["metrics"] if m in PLOTTED]
-    shown += [m for m in result["metrics"] if m.startswith("ppl ")][:1]
+    """Bars of the mean with sd error bars, one panel per metric of `PLOTTED` and per perplexity."""
+    shown = [m for m in result["metrics"] if m in PLOTTED or m.startswith("ppl ")]
     labels = list(result["cells"])
-    fig = new_figure(max(6.0, 2.6 * len(shown)), 4.0)
+    columns = min(3, len(shown))
+    rows = -(-len(shown) // columns)
+    fig = new_figure(max(6.0, 2.2 * columns + 0.25 * len(labels) * columns), 3.6 * rows)
     for k, metric in enumerate(shown):
-        ax = fig.add_subplot(1, len(shown), k + 1)
+        ax = fig.add_subplot(rows, columns, k + 1)
         entries = [result["cells"][label][metric] for label in labels]
         means = [e["mean"] if e else 0.0 for e in entries]
         errors = [e["sd"] or 0.0 if e else 0.0 for e in entries]
