@@ -132,3 +132,20 @@ def test_report_warns_about_a_task_its_training_did_not_teach(tmp_path):
     assert "'cb'" not in report.split("## Accuracy matrix")[0]  # 45 -> 85: learned
     write_report(tmp_path / "fine", synthetic_results("none"))
     assert "Warnings" not in (tmp_path / "fine" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[1, 2]", "is not a results file written by gere"),
+        ("{}", "is not a results file written by gere"),
+        ('{"tasks": ["a"], "accuracy_matrix": "x"}', "not numbers"),
+        ('{"tasks": ["a"], "accuracy_matrix": [[0.5]]}', "T\\+1 rows"),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_compare_refuses_files_that_are_not_results(tmp_path, content, message):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text(content)
+    with pytest.raises(GeReError, match=message):
+        compare_runs([tmp_path / "run"], tmp_path / "cmp")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from gere.continual.aggregate import aggregate_runs, render_aggregate, write_aggregate
-from gere.continual.metrics import compute_metrics
+from gere.continual.metrics import check_matrix, compute_metrics
 from gere.continual.plots import new_figure, save_figure
 from gere.continual.report import num, pct, table
 from gere.errors import GeReError
@@ -80,15 +80,32 @@ def read_runs(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
         if not path.is_file():
             raise GeReError(f"{path} does not exist; pass run folders written by write_report")
         try:
-            runs.append(json.loads(path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as e:
-            raise GeReError(f"{path} is not valid JSON ({e}); rerun write_report for that run") from e
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise GeReError(f"{path} is not valid JSON ({e}); rerun write_report for that run") from None
+        runs.append(_checked_results(data, path))
     return runs
+
+
+def _checked_results(data: Any, path: Path) -> dict[str, Any]:
+    """A results dict with what the comparison reads, or an error naming the file and what is wrong."""
+    if not isinstance(data, dict) or not isinstance(data.get("tasks"), list) or "accuracy_matrix" not in data:
+        raise GeReError(f"{path} is not a results file written by gere (no 'tasks' list and 'accuracy_matrix'); "
+                        "pass the folders of finished runs")  # fmt: skip
+    try:
+        matrix = check_matrix(data["accuracy_matrix"])
+        if not isinstance(data.get("metrics"), dict):
+            data["metrics"] = compute_metrics(matrix, data.get("test_sizes"), data.get("general"))
+    except (TypeError, ValueError) as err:
+        raise GeReError(f"{path}: the accuracy matrix or general scores are not numbers ({err})") from None
+    except GeReError as err:
+        raise GeReError(f"{path}: {err}") from None
+    return data
 
 
 def _metric_values(run: dict[str, Any]) -> list[float | None]:
     """The run's values of `COMPARE_COLUMNS`, as fractions."""
-    m = run.get("metrics") or compute_metrics(run["accuracy_matrix"], run.get("test_sizes"), run.get("general"))
+    m = run["metrics"]
     return [m.get(k) for k in ("ap", "ap_weighted", "bwt", "fwt", "forgetting", "general_final", "f1_avg")]
 
 

@@ -190,13 +190,14 @@ def _run_locked(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, b
     fresh = state is None
     set_seed(cfg.seed)
     tasks = _load_tasks(cfg, out)
+    evaluator = Evaluator(cfg, tasks)  # reads the probe and held-out texts: a bad file stops the run here
     model, tokenizer = _load_model(cfg)
     replay_set, store = _prepare_replay(cfg, model, tokenizer, out, state, progress)
     claim(cfg, fresh=fresh)
     if cfg.finetuning == "lora":
         model = _with_lora(cfg, model)
-    run = _Run(cfg, out, state or _new_state(cfg, model, store), tasks, model, tokenizer,
-               Evaluator(cfg, tasks), replay_set, store, progress, started)  # fmt: skip
+    run = _Run(cfg, out, state or _new_state(cfg, model, store), tasks, model, tokenizer, evaluator, replay_set,
+               store, progress, started)  # fmt: skip
     if not fresh:
         _resume(run)
     if not run.state["accuracy_matrix"]:
