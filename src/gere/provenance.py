@@ -14,13 +14,15 @@ from pathlib import Path
 @cache
 def provenance() -> dict[str, object]:
     """``{"gere", "commit", "dirty", "python", "torch", "transformers", "machine", "threads"}``; the commit is
-    None when gere does not run from a git checkout, ``dirty`` whether its source has uncommitted changes."""
+    None when gere does not run from a git checkout, ``dirty`` whether its source had uncommitted changes.
+    Both are read when this module is first imported (with the rest of the code that runs), not later, so a
+    checkout changing under a long sweep does not relabel its results."""
     import torch
     import transformers
 
     from gere import __version__
 
-    commit, dirty = _git_state(Path(__file__).resolve().parent)
+    commit, dirty = _LOADED
     return {
         "gere": __version__,
         "commit": commit,
@@ -48,3 +50,6 @@ def _git_state(folder: Path) -> tuple[str | None, bool | None]:
         return None, None
     status = git("status", "--porcelain", "--", ".")
     return commit, bool(status)
+
+
+_LOADED = _git_state(Path(__file__).resolve().parent)

@@ -55,7 +55,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "assets": {"replay": 128, "heldout_wiki": 32, "heldout_news": 32, "probe": 150, "task_train": 200,
                    "task_test": 100},
         "task_train": 128, "task_test": 50,
-        "training": {"max_steps": 16, "per_device_train_batch_size": 8, "learning_rate": 1e-4, "max_length": 96},
+        "training": {"max_steps": 16, "per_device_train_batch_size": 8, "learning_rate": 3e-5, "max_length": 96},
         "lora": {"learning_rate": 1e-3},
         "evaluation": {"mc_limit": 80, "perplexity_limit": 8, "perplexity_max_length": 96, "batch_size": 32},
         "gere": {"num_replay_samples": 64, "replay_max_length": 48, "replay_batch_size": 4},
