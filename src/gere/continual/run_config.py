@@ -142,12 +142,19 @@ class RunConfig:
     )
     evaluation: EvalSettings = field(default_factory=EvalSettings)
     keep_checkpoints: int = field(default=1, metadata={"help": "Checkpoints kept (the newest); 0 keeps all."})
+    report_to: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Experiment trackers: tensorboard, mlflow, wandb, 'all' (installed ones) or none."},
+    )
 
     def __post_init__(self) -> None:
         _check([
             (self.finetuning in FINETUNING, "finetuning", f"one of {FINETUNING}"),
             (self.keep_checkpoints >= 0, "keep_checkpoints", "0 (keep all) or more"),
         ], self)  # fmt: skip
+        from gere.continual.tracking import check_report_to
+
+        check_report_to(self.report_to)
         known = {f.name for f in fields(TrainingSettings)}
         for task, overrides in self.per_task.items():
             bad = set(overrides) - known

@@ -30,9 +30,10 @@ OWN_STORE = "gere_store"  # where a run keeps its store unless gere.store_dir po
 
 
 def config_digest(cfg: RunConfig) -> str:
-    """Identity of a run: everything but where it is written and how many checkpoints are kept."""
+    """Identity of a run: everything but where it is written, how many checkpoints are kept and where it is
+    tracked."""
     data = cfg.to_dict()
-    for key in ("output_dir", "keep_checkpoints", "cache_dir"):
+    for key in ("output_dir", "keep_checkpoints", "cache_dir", "report_to"):
         data.pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 

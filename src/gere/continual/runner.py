@@ -50,6 +50,7 @@ from gere.continual.run_folder import (
     input_digests,
 )
 from gere.continual.tasks import TaskData, load_task
+from gere.continual.tracking import SequenceTracker, check_report_to, stage_metrics
 from gere.errors import GeReError
 from gere.faults import maybe_fail, train_step_callback
 from gere.io_utils import atomic_write_json, safe_join
@@ -160,6 +161,7 @@ class _Run:
     store: ActivationStore | None
     progress: bool
     started: float
+    tracker: SequenceTracker | None = None
 
     def save_state(self) -> None:
         self.state["elapsed_s"] = time.time() - self.started
@@ -198,8 +200,10 @@ def _run_locked(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, b
         model = _with_lora(cfg, model)
     run = _Run(cfg, out, state or _new_state(cfg, model, store), tasks, model, tokenizer, evaluator, replay_set,
                store, progress, started)  # fmt: skip
+    run.tracker = SequenceTracker(check_report_to(cfg.report_to), cfg.name, out, cfg.to_dict())
     if not fresh:
         _resume(run)
+        _track_history(run)  # a resumed run's tracked run holds the whole sequence too
     if not run.state["accuracy_matrix"]:
         _evaluate_base(run, base_eval_cache)
     for index in range(run.state["stages_done"], len(tasks)):
@@ -302,6 +306,7 @@ def _evaluate_base(run: _Run, cache) -> None:
     run.state["general"].append(base["general"])
     run.state["eval_s"] += time.time() - t0
     run.save_state()
+    run.tracker.log_stage(0, stage_metrics([t.spec.name for t in run.tasks], base["accuracies"], base["general"]))
 
 
 def _run_stage(run: _Run, index: int) -> None:
@@ -311,11 +316,10 @@ def _run_stage(run: _Run, index: int) -> None:
     trainer = _stage_trainer(run, index)
     trainer.train()
     step_offset = _steps_before(state)
-    for entry in trainer.state.log_history:
-        if "loss" in entry:
-            row = {"step": step_offset + int(entry["step"]), "task": name}
-            row.update({k: entry.get(k) for k in LOGGED})
-            state["loss_history"].append(row)
+    rows = [{"step": step_offset + int(entry["step"]), "task": name, **{k: entry.get(k) for k in LOGGED}}
+            for entry in trainer.state.log_history if "loss" in entry]  # fmt: skip
+    state["loss_history"].extend(rows)
+    run.tracker.log_training(rows)
     train_s = time.time() - t0
     t1 = time.time()
     evaluation = run.evaluator(run.model, run.tokenizer, f"after {name}", run.progress)
@@ -327,8 +331,17 @@ def _run_stage(run: _Run, index: int) -> None:
     state.setdefault("per_task_steps", []).append(int(trainer.state.global_step))
     state["stages_done"] = index + 1
     run.save_state()
+    names = [t.spec.name for t in run.tasks]
+    run.tracker.log_stage(index + 1, stage_metrics(names, evaluation["accuracies"], evaluation["general"]))
     prune_checkpoints(run.out, cfg)
     shutil.rmtree(run.out / "stages" / f"{index + 1}-{name}", ignore_errors=True)
+
+
+def _track_history(run: _Run) -> None:
+    names = [t.spec.name for t in run.tasks]
+    run.tracker.log_training(run.state["loss_history"])
+    for stage, (accuracies, general) in enumerate(zip(run.state["accuracy_matrix"], run.state["general"], strict=True)):
+        run.tracker.log_stage(stage, stage_metrics(names, accuracies, general))
 
 
 def _steps_before(state: dict[str, Any]) -> int:
@@ -374,7 +387,8 @@ def _finish(run: _Run) -> dict[str, Any]:
     results["provenance"] = provenance()
     if run.replay_set is not None:
         results["replay_set"] = {"requested": cfg.gere.num_replay_samples, "used": len(run.replay_set)}
-    write_report(run.out, results)
+    paths = write_report(run.out, results)
+    run.tracker.finish(results, paths)
     for line in learning_warnings(results):
         logger.warning("%s: %s", cfg.name, line)
     return results
