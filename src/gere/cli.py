@@ -1,4 +1,4 @@
-"""The `gere` command: ``extract``, ``run``, ``sweep``, ``compare`` and ``demo``.
+"""The `gere` command: ``extract``, ``run``, ``sweep``, ``data``, ``compare`` and ``demo``.
 
 Errors a user can fix are printed as one line naming the problem and the fix, with exit status 2.
 """
@@ -62,6 +62,18 @@ def _add_sweep(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="Build benchmark data from public sources (cl15: the paper's 15 tasks).")
+    p.add_argument("benchmark", choices=["cl15"])
+    p.add_argument("--out", default="data/cl15", help="Folder to write <task>/{train,test}.json into.")
+    p.add_argument("--amazon-csv", default=None, help="Amazon 5-class reviews as label,title,text (no Hub copy).")
+    p.add_argument("--hub-mirror", default=None, help="Local copies: DIR/<dataset>/<config>/<split>.jsonl.")
+    p.add_argument("--from-olora", default=None, help="Convert O-LoRA's CL_Benchmark folder instead.")
+    p.add_argument("--tasks", nargs="+", default=None, help="Only these tasks.")
+    p.add_argument("--per-class", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def _add_compare(sub) -> None:
     p = sub.add_parser("compare", help="One table and plot across finished runs.")
     p.add_argument("runs", nargs="+", help="Run folders holding results.json.")
@@ -95,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract(sub)
     _add_run(sub)
     _add_sweep(sub)
+    _add_data(sub)
     _add_compare(sub)
     _add_demo(sub)
     return parser
@@ -174,6 +187,18 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from gere.data.cl15 import build_cl15, from_olora
+
+    if args.from_olora:
+        out = from_olora(args.from_olora, args.out)
+    else:
+        out = build_cl15(args.out, amazon_csv=args.amazon_csv, mirror=args.hub_mirror, per_class=args.per_class,
+                         seed=args.seed, tasks=args.tasks)  # fmt: skip
+    print(f"cl15 data in {out} (manifest.json lists every file with its sha256)")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from gere.continual.compare import compare_runs
 
@@ -226,7 +251,8 @@ def for_command(err: GeReError, command: str) -> str:
     return message.replace(f"set {setting}", f"set gere.{setting} (--set gere.{setting}=...)")
 
 
-COMMANDS = {"extract": cmd_extract, "run": cmd_run, "sweep": cmd_sweep, "compare": cmd_compare, "demo": cmd_demo}
+COMMANDS = {"extract": cmd_extract, "run": cmd_run, "sweep": cmd_sweep, "data": cmd_data, "compare": cmd_compare,
+            "demo": cmd_demo}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

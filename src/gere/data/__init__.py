@@ -1,0 +1,1 @@
+"""Benchmark data built from public sources: `gere.data.cl15`."""
