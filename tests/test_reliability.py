@@ -4,6 +4,7 @@ tests/test_crash_resume.py; the table of everything tried is docs/reliability.md
 """
 
 import ast
+import contextlib
 import errno
 import json
 import re
@@ -410,21 +411,27 @@ def test_overwrite_with_another_model_rebuilds_the_runs_own_store(config, tmp_pa
     assert json.loads((out / "results.json").read_text())["config"]["model"] == str(other)
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 1 MiB tmpfs, nearly full (skipped where this process may not mount)."""
-    mount_point = tmp_path / "disk"
+@contextlib.contextmanager
+def tmpfs(mount_point: Path, options: str):
+    """A real tmpfs mounted at ``mount_point`` for the block (the test is skipped where mounting is not allowed)."""
     mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
                           capture_output=True, text=True)  # fmt: skip
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
-        free = shutil.disk_usage(mount_point).free
-        (mount_point / "filler").write_bytes(b"\0" * (free - 16384))  # 16 KiB: files are created, then full
         yield mount_point
     finally:
         subprocess.run(["umount", str(mount_point)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB tmpfs, nearly full."""
+    with tmpfs(tmp_path / "disk", "size=1m") as mount_point:
+        free = shutil.disk_usage(mount_point).free
+        (mount_point / "filler").write_bytes(b"\0" * (free - 16384))  # 16 KiB: files are created, then full
+        yield mount_point
 
 
 def test_a_full_disk_during_extraction_is_an_error_not_a_bus_error(config, small_disk):
@@ -437,15 +444,7 @@ def test_a_full_disk_during_extraction_is_an_error_not_a_bus_error(config, small
 
 
 def test_a_read_only_store_folder_is_a_clear_error(config, tmp_path, capsys):
-    mount_point = tmp_path / "ro"
-    mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)  # fmt: skip
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as mount_point:
         assert main(["extract", "--config", str(config), "--store-dir", str(mount_point / "store")]) == 2
         err = capsys.readouterr().err
         assert "cannot create" in err and "Read-only file system" in err and "writable folder" in err
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=False)
