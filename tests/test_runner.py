@@ -164,3 +164,13 @@ def test_a_replay_set_smaller_than_asked_is_said_in_the_report(setup, tmp_path, 
     assert results["replay_set"] == {"requested": 100, "used": 8}
     assert "holds 8 texts; num_replay_samples asks for 100" in caplog.text
     assert "held 8 texts, fewer than the 100 asked for" in (tmp_path / "few" / "report.md").read_text()
+
+
+def test_the_same_run_twice_gives_identical_metrics(setup, tmp_path):
+    """Repeatability on one machine: every number of the results, to the last bit (the real model's
+    version of this check is tests/test_demo_integration.py::test_smallest_demo_repeats_exactly)."""
+    a = run(setup, tmp_path / "a", "gere.objective=ce+tm")
+    b = run(setup, tmp_path / "b", "gere.objective=ce+tm")
+    assert a["accuracy_matrix"] == b["accuracy_matrix"] and a["general"] == b["general"]
+    assert a["metrics"] == b["metrics"]
+    assert [h["loss"] for h in a["loss_history"]] == [h["loss"] for h in b["loss_history"]]
