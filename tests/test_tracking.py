@@ -49,3 +49,14 @@ def test_unknown_or_missing_tracker_is_refused_when_the_config_is_read():
     with pytest.raises(GeReError, match="'comet' is not one of tensorboard, mlflow, wandb"):
         check_report_to(["comet"])
     assert check_report_to(["none"]) == [] and check_report_to([]) == []
+
+
+def test_stage_metrics_take_the_lm_eval_score_as_the_general_score():
+    from gere.continual.tracking import stage_metrics
+
+    general = {"mc_accuracy": 0.25, "perplexity": {"wiki": 20.0}, "lm_eval": {"mmlu": 0.4, "arc": 0.6},
+               "lm_eval_score": 0.5}  # fmt: skip
+    got = stage_metrics(["a"], [0.75], general)
+    assert got == {"eval/a/acc": 0.75, "eval/general": 0.5, "eval/lm_eval/mmlu": 0.4, "eval/lm_eval/arc": 0.6,
+                   "eval/ppl/wiki": 20.0}  # fmt: skip
+    assert stage_metrics(["a"], [0.75], {"mc_accuracy": 0.25})["eval/general"] == 0.25

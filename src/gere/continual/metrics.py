@@ -115,8 +115,10 @@ def not_learned(matrix: Sequence[Sequence[float]], margin: float = LEARNED_MARGI
 
 
 def general_scores(general: Sequence[dict[str, Any]] | None) -> list[float | None]:
-    """The general score of each stage: its multiple-choice accuracy (`mc_accuracy`, 0-1) or None."""
-    return [entry.get("mc_accuracy") for entry in (general or [])]
+    """The general score of each stage (0-1, or None): the lm-eval score (`lm_eval_score`) when the run
+    evaluates general ability with lm-evaluation-harness, otherwise the multiple-choice accuracy
+    (`mc_accuracy`)."""
+    return [entry["lm_eval_score"] if "lm_eval_score" in entry else entry.get("mc_accuracy") for entry in (general or [])]
 
 
 def compute_metrics(

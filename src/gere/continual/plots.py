@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from gere.continual.metrics import general_scores
 from gere.io_utils import atomic_path
 from gere.parts import LOGGED
 
@@ -89,7 +90,7 @@ def plot_general(results: dict[str, Any], path: Path) -> Path:
         ax.text(0.5, 0.5, "no general-ability evaluation", ha="center", va="center", transform=ax.transAxes)
         return save_figure(fig, path)
     x = list(range(len(general)))
-    scores = [e.get("mc_accuracy") for e in general]
+    scores = general_scores(general)
     ax.plot(
         x,
         [float("nan") if s is None else s for s in scores],
@@ -97,7 +98,8 @@ def plot_general(results: dict[str, Any], path: Path) -> Path:
         color="tab:blue",
         label="general score",
     )
-    ax.set_ylabel("general score (MC accuracy)", color="tab:blue")
+    source = "lm-eval" if any("lm_eval_score" in e for e in general) else "MC accuracy"
+    ax.set_ylabel(f"general score ({source})", color="tab:blue")
     ax.set_xticks(x, [e.get("stage", str(i)) for i, e in enumerate(general)], rotation=45, ha="right")
     ppl_sets = perplexity_sets(results)
     if ppl_sets:

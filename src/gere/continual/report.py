@@ -13,7 +13,8 @@ The runner fills a *results* dict with raw data and calls `build_results` (which
       "stages": [str],                  # T+1 names: "base", "after <task 1>", ...
       "general": [                      # T+1 entries, one per stage
         {"stage": str, "mc_accuracy": float | None, "mc_per_category": {str: float},
-         "perplexity": {"<held-out set name>": float}}
+         "perplexity": {"<held-out set name>": float},
+         "lm_eval": {"<task>": float}, "lm_eval_score": float}   # with evaluation.general: lm_eval:...
       ],
       "metrics": {...},                 # gere.metrics.compute_metrics output
       "loss_history": [                 # one row per logged step; keys gere.parts.LOGGED
@@ -127,6 +128,24 @@ def learning_warnings(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _general_section(results: dict[str, Any]) -> list[str]:
+    """The report's table of general ability per stage (lm-eval tasks, multiple choice, perplexities)."""
+    general = results.get("general") or []
+    if not general:
+        return []
+    ppl_sets = perplexity_sets(results)
+    categories = sorted({c for e in general for c in (e.get("mc_per_category") or {})})
+    lm_tasks = list(dict.fromkeys(t for e in general for t in (e.get("lm_eval") or {})))
+    header = ["stage", *[f"lm-eval {t} (%)" for t in lm_tasks], "MC accuracy (%)", *[f"{c} (%)" for c in categories],
+              *[f"ppl {p}" for p in ppl_sets]]  # fmt: skip
+    rows = []
+    for entry in general:
+        per_cat, ppl, lm = entry.get("mc_per_category") or {}, entry.get("perplexity") or {}, entry.get("lm_eval") or {}
+        rows.append([entry.get("stage", ""), *[pct(lm.get(t)) for t in lm_tasks], pct(entry.get("mc_accuracy")),
+                     *[pct(per_cat.get(c)) for c in categories], *[num(ppl.get(p)) for p in ppl_sets]])  # fmt: skip
+    return ["", "## General ability per stage", "", table(header, rows)]
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     """The text of report.md: accuracy matrix, metrics, general ability per stage, timing."""
     tasks, matrix, m = results["tasks"], results["accuracy_matrix"], results["metrics"]
@@ -155,29 +174,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         ("F1 Avg (general, AP)", m.get("f1_avg")),
     ]
     parts.append(table(["metric", "value"], [[k, pct(v)] for k, v in metric_rows]))
-    general = results.get("general") or []
-    if general:
-        ppl_sets = perplexity_sets(results)
-        categories = sorted({c for e in general for c in (e.get("mc_per_category") or {})})
-        header = [
-            "stage",
-            "MC accuracy (%)",
-            *[f"{c} (%)" for c in categories],
-            *[f"ppl {p}" for p in ppl_sets],
-        ]
-        rows = []
-        for entry in general:
-            per_cat = entry.get("mc_per_category") or {}
-            ppl = entry.get("perplexity") or {}
-            rows.append(
-                [
-                    entry.get("stage", ""),
-                    pct(entry.get("mc_accuracy")),
-                    *[pct(per_cat.get(c)) for c in categories],
-                    *[num(ppl.get(p)) for p in ppl_sets],
-                ]
-            )
-        parts += ["", "## General ability per stage", "", table(header, rows)]
+    parts += _general_section(results)
     timing = results.get("timing") or {}
     if timing:
         per_task = timing.get("per_task_s") or []

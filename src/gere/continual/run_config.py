@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from gere.config import GeReConfig
+from gere.continual.lm_eval_general import lm_eval_tasks
 from gere.continual.multiple_choice import MC_FORMATS
 from gere.continual.tasks import TaskSpec
 from gere.distributed import launched_world_size
@@ -95,6 +96,17 @@ class EvalSettings:
     mc_shots: int = field(default=0, metadata={"help": "Few-shot examples per MC question (0 or 5 for MMLU)."})
     mc_dev: str | None = field(default=None, metadata={"help": "Where the few-shot examples come from."})
     mc_limit: int | None = field(default=None, metadata={"help": "Use at most this many MC questions."})
+    general: str = field(
+        default="mc",
+        metadata={
+            "help": "General score of the run (and F1 Avg): 'mc' (the general_mc set) or 'lm_eval:<task,...>' "
+            "(lm-evaluation-harness tasks on the in-memory model; pip install 'gere[eval]')."
+        },
+    )
+    lm_eval_include_path: str | None = field(default=None, metadata={"help": "Folder of your own lm-eval task YAMLs."})
+    lm_eval_metric: str = field(default="acc", metadata={"help": "The lm-eval metric that scores each task."})
+    lm_eval_num_fewshot: int | None = field(default=None, metadata={"help": "Few-shot examples (null: the task's own)."})
+    lm_eval_limit: int | None = field(default=None, metadata={"help": "At most this many examples per lm-eval task."})
     perplexity_sets: dict[str, str] = field(
         default_factory=dict, metadata={"help": "Held-out general texts for perplexity: {name: JSONL with 'text'}."}
     )
@@ -110,8 +122,11 @@ class EvalSettings:
             (self.perplexity_max_length >= 2, "perplexity_max_length", "2 or more"),
             (self.mc_shots >= 0, "mc_shots", "0 or more"),
             *[(getattr(self, n) is None or getattr(self, n) >= 1, n, "1 or more, or null for all")
-              for n in ("test_limit", "mc_limit", "perplexity_limit")],
+              for n in ("test_limit", "mc_limit", "perplexity_limit", "lm_eval_limit")],
+            (self.lm_eval_num_fewshot is None or self.lm_eval_num_fewshot >= 0, "lm_eval_num_fewshot",
+             "0 or more, or null for the task's own"),
         ], self)  # fmt: skip
+        lm_eval_tasks(self.general)  # 'mc' or 'lm_eval:<task,...>', with an error that says so
 
 
 @dataclass

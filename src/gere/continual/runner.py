@@ -37,6 +37,7 @@ from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
 from gere.batching import IGNORE_INDEX
 from gere.continual.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
 from gere.continual.evaluation import evaluate_task, perplexity
+from gere.continual.lm_eval_general import LmEvalGeneral, lm_eval_tasks
 from gere.continual.multiple_choice import evaluate_multiple_choice, load_multiple_choice
 from gere.continual.prompts import build_train_features
 from gere.continual.report import build_results, learning_warnings, write_report
@@ -78,6 +79,9 @@ class Evaluator:
         ev = cfg.evaluation
         self.mc = load_multiple_choice(ev.general_mc, limit=ev.mc_limit) if ev.general_mc else None
         self.mc_dev = load_multiple_choice(ev.mc_dev) if ev.mc_dev else None
+        lm_tasks = lm_eval_tasks(ev.general)
+        self.lm_eval = lm_tasks and LmEvalGeneral(lm_tasks, ev.lm_eval_include_path, ev.lm_eval_metric,
+                                                  ev.lm_eval_num_fewshot, ev.lm_eval_limit, ev.batch_size)  # fmt: skip
         self.ppl_sets = {}
         for name, path in ev.perplexity_sets.items():
             texts = [text for _, text in load_replay_records(path)]
@@ -103,6 +107,8 @@ class Evaluator:
             general["mc_accuracy"], general["mc_per_category"] = mc["accuracy"], mc["per_category"]
             if "accuracy_sum" in mc:  # cloze: the summed log-likelihood's pick, beside the per-character one
                 general["mc_accuracy_sum"] = mc["accuracy_sum"]
+        if self.lm_eval:
+            general.update(self.lm_eval(model, tokenizer))
         for name, texts in self.ppl_sets.items():
             general["perplexity"][name] = perplexity(
                 model, tokenizer, texts, max_length=ev.perplexity_max_length, batch_size=ev.batch_size

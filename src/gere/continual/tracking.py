@@ -46,6 +46,9 @@ def stage_metrics(tasks: list[str], accuracies: list[float], general: dict[str, 
     metrics = {f"eval/{t}/acc": float(a) for t, a in zip(tasks, accuracies, strict=True)}
     if general.get("mc_accuracy") is not None:
         metrics["eval/general"] = float(general["mc_accuracy"])
+    if general.get("lm_eval_score") is not None:
+        metrics["eval/general"] = float(general["lm_eval_score"])
+        metrics.update({f"eval/lm_eval/{t}": float(v) for t, v in general["lm_eval"].items()})
     for name, value in (general.get("perplexity") or {}).items():
         metrics[f"eval/ppl/{name}"] = float(value)
     return metrics
