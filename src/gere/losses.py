@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from gere.batching import IGNORE_INDEX
 from gere.config import DYNAMIC
 from gere.errors import GeReError
-from gere.parts import REDUCTIONS, REPLAY_PARTS, TASK_CE
+from gere.parts import PENALTIES, REDUCTIONS, REPLAY_PARTS, TASK_CE
 from gere.stats import thresholds
 from gere.store.format import CODE_NEGATIVE, CODE_NEUTRAL, CODE_POSITIVE
 
@@ -296,7 +296,7 @@ def combine_losses(
 
     ``CE = mean(task_ce, replay_ce)`` (whichever are present, as the reference averages them), then
     ``loss = CE + sum_r w_r * r`` over the regularisers present, with ``w_r`` = ``weight`` or, for ``dy``,
-    CE / r (detached; see `resolve_margin_weight`).
+    CE / r (detached; see `resolve_margin_weight`), plus any weight penalty (`gere.parts.PENALTIES`) as is.
     """
     ce_terms = [parts[n] for n in (TASK_CE, REPLAY_PARTS["ce"].loss) if n in parts]
     ce = sum(ce_terms) / len(ce_terms) if ce_terms else None
@@ -307,4 +307,7 @@ def combine_losses(
             w = resolve_margin_weight(weight, ce, parts[part.loss])
             weights[part.weight] = w
             total = total + w * parts[part.loss]
+    for name in PENALTIES:  # weight penalties (EWC) carry their own strength
+        if name in parts:
+            total = total + parts[name]
     return total, weights

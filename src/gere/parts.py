@@ -38,8 +38,11 @@ REGULARISERS = tuple(name for name, part in REPLAY_PARTS.items() if part.weight 
 
 TASK_CE = "task_ce"
 TOTAL = "loss"
+#: Penalties on the weights themselves (continual-learning baselines, `gere.baselines`), added to the loss as
+#: they are (each carries its own strength).
+PENALTIES = ("ewc",)
 #: Every loss part and weight a training step may log, in display order.
-LOSS_PARTS = (TASK_CE, *(p.loss for p in REPLAY_PARTS.values()))
+LOSS_PARTS = (TASK_CE, *(p.loss for p in REPLAY_PARTS.values()), *PENALTIES)
 WEIGHTS = tuple(p.weight for p in REPLAY_PARTS.values() if p.weight is not None)
 LOGGED = (TOTAL, *LOSS_PARTS, *WEIGHTS)
 

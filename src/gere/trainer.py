@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -46,7 +47,7 @@ from gere.batching import check_context_length, num_hidden_states, pad_token_id,
 from gere.config import GeReConfig
 from gere.errors import GeReError
 from gere.losses import combine_losses, replay_losses
-from gere.parts import LOSS_PARTS, WEIGHTS
+from gere.parts import LOSS_PARTS, PENALTIES, WEIGHTS
 from gere.reference import OnlineReference, StoreReference, replay_statistics
 from gere.replay.batches import (
     REPLAY_INDEX,
@@ -84,6 +85,7 @@ class GeReMixin:
         w_strategy: str | float | None = None,
         gere_data_file: str | None = None,
         check_store_model: bool = True,
+        penalties: Sequence[Callable] = (),
         **kwargs,
     ):
         overrides = {
@@ -117,6 +119,12 @@ class GeReMixin:
         # store's base model (checked there) turns this off.
         self._check_store_model = check_store_model
         self._gere_replay_set = replay_set
+        # Weight penalties (e.g. `gere.baselines.ewc.EWC`): ``.name`` a `gere.parts.PENALTIES` entry, called on
+        # the unwrapped model during training, added to the loss as they are.
+        self._penalties = list(penalties)
+        unknown = [getattr(p, "name", None) for p in self._penalties if getattr(p, "name", None) not in PENALTIES]
+        if unknown:
+            raise GeReError(f"penalties must be named one of {PENALTIES} (got {unknown})")
         self._gere_ready = False
         self._replay_tokens: list[list[int]] = []
         self._reference: StoreReference | OnlineReference | None = None
@@ -332,6 +340,8 @@ class GeReMixin:
                 parts.update(self._replay_losses(model, indices))
         if not parts:
             raise GeReError("empty batch: neither task nor replay samples")
+        if model.training:
+            parts.update({p.name: p(self._unwrapped(model)) for p in self._penalties if getattr(p, "active", True)})
         loss, weights = combine_losses(parts, self.gere.margin_weight)
         if not torch.isfinite(loss):
             shown = {k: round(float(v.detach()), 6) for k, v in parts.items()}

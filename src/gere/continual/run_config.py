@@ -130,6 +130,20 @@ class EvalSettings:
 
 
 @dataclass
+class EwcSettings:
+    strength: float = field(
+        default=0.0, metadata={"help": "EWC penalty strength lambda (lambda/2 * sum F (theta - theta*)^2); 0 is off."}
+    )
+    samples: int = field(default=64, metadata={"help": "Training examples per task the Fisher is estimated on."})
+
+    def __post_init__(self) -> None:
+        _check([
+            (0 <= self.strength < math.inf, "strength", "a finite number, 0 (off) or more"),
+            (self.samples >= 1, "samples", "1 or more"),
+        ], self)  # fmt: skip
+
+
+@dataclass
 class BenchmarkSettings:
     name: str = field(default="cl15", metadata={"help": "Shipped benchmark definition."})
     order: int = field(default=4, metadata={"help": "Task order (4, 5 or 6 for cl15)."})
@@ -156,6 +170,7 @@ class RunConfig:
         default_factory=dict, metadata={"help": "Training overrides per task name, e.g. {sst2: {max_steps: 50}}."}
     )
     evaluation: EvalSettings = field(default_factory=EvalSettings)
+    ewc: EwcSettings = field(default_factory=EwcSettings)
     keep_checkpoints: int = field(default=1, metadata={"help": "Checkpoints kept (the newest); 0 keeps all."})
     report_to: list[str] = field(
         default_factory=list,
@@ -178,6 +193,13 @@ class RunConfig:
         # Every setting is checked now, before any model is loaded or any file written.
         for task in [None, *self.per_task]:
             self._check_interpolation(self.training_for(task) if task else self.training, task)
+
+    def method_name(self) -> str:
+        """The method a run trains with, as reports name it: the replay objective (``none`` without
+        replay), with ``+ewc`` when EWC is on (``ewc`` alone without replay)."""
+        parts = [self.gere.objective] if self.gere.parts else []
+        parts += ["ewc"] if self.ewc.strength > 0 else []
+        return "+".join(parts) or "none"
 
     def _check_interpolation(self, t: TrainingSettings, task: str | None) -> None:
         k = self.gere.num_interpolate_per_batch

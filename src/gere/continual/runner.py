@@ -34,7 +34,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
 
-from gere.batching import IGNORE_INDEX
+from gere.baselines.ewc import EWC
+from gere.batching import IGNORE_INDEX, model_device
 from gere.continual.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
 from gere.continual.evaluation import evaluate_task, perplexity
 from gere.continual.lm_eval_general import LmEvalGeneral, lm_eval_tasks
@@ -168,6 +169,7 @@ class _Run:
     progress: bool
     started: float
     tracker: SequenceTracker | None = None
+    ewc: EWC | None = None
 
     def save_state(self) -> None:
         self.state["elapsed_s"] = time.time() - self.started
@@ -207,6 +209,7 @@ def _run_locked(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, b
     run = _Run(cfg, out, state or _new_state(cfg, model, store), tasks, model, tokenizer, evaluator, replay_set,
                store, progress, started)  # fmt: skip
     run.tracker = SequenceTracker(check_report_to(cfg.report_to), cfg.name, out, cfg.to_dict())
+    run.ewc = EWC(cfg.ewc.strength) if cfg.ewc.strength > 0 else None
     if not fresh:
         _resume(run)
         _track_history(run)  # a resumed run's tracked run holds the whole sequence too
@@ -299,6 +302,8 @@ def _resume(run: _Run) -> None:
     run.started -= run.state.get("elapsed_s", 0.0)
     if done > 0:
         load_checkpoint(checkpoint_dir(run.out, done), run.model, run.cfg)
+        if run.ewc:
+            run.ewc.load(checkpoint_dir(run.out, done), model_device(run.model))
     logger.info("resuming %s after stage %d of %d", run.out, done, len(run.tasks))
 
 
@@ -326,11 +331,13 @@ def _run_stage(run: _Run, index: int) -> None:
             for entry in trainer.state.log_history if "loss" in entry]  # fmt: skip
     state["loss_history"].extend(rows)
     run.tracker.log_training(rows)
+    if run.ewc and index + 1 < len(run.tasks):  # the Fisher of this task, for the tasks after it
+        run.ewc.consolidate(run.model, trainer.train_dataset[: cfg.ewc.samples])
     train_s = time.time() - t0
     t1 = time.time()
     evaluation = run.evaluator(run.model, run.tokenizer, f"after {name}", run.progress)
     state["eval_s"] += time.time() - t1
-    save_checkpoint(run.out, index + 1, run.model, cfg)
+    save_checkpoint(run.out, index + 1, run.model, cfg, extra=run.ewc)
     state["accuracy_matrix"].append(evaluation["accuracies"])
     state["general"].append(evaluation["general"])
     state["per_task_s"].append(train_s)
@@ -373,6 +380,7 @@ def _stage_trainer(run: _Run, index: int) -> GeReTrainer:
         check_store_model=False,  # the store is the base model's (checked in _prepare_replay); the model trains on
         replay_set=run.replay_set,
         callbacks=[train_step_callback()],  # crash tests (gere.faults); a no-op unless GERE_FAULT is set
+        penalties=[run.ewc] if run.ewc else [],
     )
 
 
@@ -380,7 +388,7 @@ def _finish(run: _Run) -> dict[str, Any]:
     cfg, state, tasks = run.cfg, run.state, run.tasks
     results = build_results(
         cfg.name,
-        cfg.gere.objective if cfg.gere.parts else "none",
+        cfg.method_name(),
         cfg.to_dict(),
         [t.spec.name for t in tasks],
         [min(len(t.test), cfg.evaluation.test_limit or len(t.test)) for t in tasks],

@@ -1,0 +1,120 @@
+"""Elastic weight consolidation (EWC, Kirkpatrick et al. 2017): a quadratic pull toward earlier tasks' weights.
+
+After each task, the diagonal of the Fisher information of that task is estimated on ``samples`` of its
+training examples and added to the Fisher of the tasks before it; the anchor becomes the weights after the
+task (the accumulated, "online" form with decay 1). While later tasks train, the loss gains
+
+    penalty = strength / 2 * sum_i F_i * (theta_i - anchor_i) ** 2
+
+over the trainable parameters (the LoRA parameters alone under LoRA). The Fisher here is the *empirical*
+Fisher: the squared gradient of the log-likelihood of each example's own answer (its labels), one example
+at a time, averaged over the examples. Memory: two float32 tensors per trainable parameter (8 bytes per
+parameter: the Fisher and the anchor), kept on the parameter's device and saved with every checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gere.batching import IGNORE_INDEX, eval_mode, model_device
+from gere.errors import GeReError
+
+FILE = "ewc.safetensors"
+
+
+def ewc_penalty(
+    params: dict[str, torch.Tensor],
+    fisher: dict[str, torch.Tensor],
+    anchor: dict[str, torch.Tensor],
+    strength: float,
+) -> torch.Tensor:
+    """``strength / 2 * sum F * (theta - anchor)^2`` over the parameters named in ``fisher``."""
+    total = None
+    for name, f in fisher.items():
+        term = (f * (params[name] - anchor[name]).pow(2)).sum()
+        total = term if total is None else total + term
+    if total is None:
+        raise GeReError("EWC has no Fisher information yet; it applies from the second task on")
+    return 0.5 * strength * total
+
+
+def trainable_parameters(model) -> dict[str, torch.Tensor]:
+    """The parameters EWC constrains: those that train (the adapter's alone under LoRA)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def diagonal_fisher(model, rows: Sequence[dict], device=None) -> dict[str, torch.Tensor]:
+    """The empirical diagonal Fisher: the mean over ``rows`` of the squared gradient of each row's summed
+    answer log-likelihood (rows hold ``input_ids`` and ``labels``, -100 where no loss is taken)."""
+    if not rows:
+        raise GeReError("EWC needs at least one training example to estimate the Fisher information")
+    device = device or model_device(model)
+    params = trainable_parameters(model)
+    fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    names, tensors = list(params), list(params.values())
+    with eval_mode(model), torch.enable_grad():  # no dropout, but gradients
+        for row in rows:
+            ids = torch.tensor([row["input_ids"]], device=device)
+            labels = torch.tensor([row["labels"]], device=device)
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            targets = labels[:, 1:]
+            keep = targets != IGNORE_INDEX
+            if not keep.any():
+                raise GeReError("an EWC example has no answer tokens (every label is -100); check the task data")
+            log_likelihood = torch.log_softmax(logits, -1).gather(-1, targets.clamp_min(0).unsqueeze(-1))[..., 0]
+            grads = torch.autograd.grad(log_likelihood[keep].sum(), tensors, allow_unused=True)
+            for name, g in zip(names, grads, strict=True):
+                if g is not None:
+                    fisher[name] += g.detach().float().pow(2)
+    return {name: f / len(rows) for name, f in fisher.items()}
+
+
+class EWC:
+    """The accumulated Fisher and the anchor of a run; a loss part for `gere.trainer.GeReMixin` (``penalties=``).
+
+    ``ewc = EWC(strength)``; after each task ``ewc.consolidate(model, rows)``; ``ewc(model)`` is the penalty.
+    """
+
+    name = "ewc"
+
+    def __init__(self, strength: float):
+        if not strength > 0:
+            raise GeReError(f"EWC strength must be above 0 (got {strength}); leave EWC off instead")
+        self.strength = float(strength)
+        self.fisher: dict[str, torch.Tensor] = {}
+        self.anchor: dict[str, torch.Tensor] = {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.fisher)
+
+    def consolidate(self, model, rows: Sequence[dict]) -> None:
+        """Add this task's Fisher to the earlier ones; the weights now become the anchor."""
+        fisher = diagonal_fisher(model, rows)
+        for name, f in fisher.items():
+            self.fisher[name] = self.fisher[name] + f if name in self.fisher else f
+        self.anchor = {name: p.detach().float().clone() for name, p in trainable_parameters(model).items()}
+
+    def __call__(self, model) -> torch.Tensor:
+        params = trainable_parameters(model)
+        missing = sorted(set(self.fisher) - set(params))
+        if missing:
+            raise GeReError(f"EWC was consolidated on parameters the model no longer trains: {missing[:3]}...")
+        return ewc_penalty(params, self.fisher, self.anchor, self.strength)
+
+    def save(self, folder: Path) -> None:
+        tensors = {f"fisher/{n}": t.cpu().contiguous() for n, t in self.fisher.items()}
+        tensors |= {f"anchor/{n}": t.cpu().contiguous() for n, t in self.anchor.items()}
+        save_file(tensors, str(Path(folder) / FILE))
+
+    def load(self, folder: Path, device=None) -> None:
+        path = Path(folder) / FILE
+        if not path.exists():
+            raise GeReError(f"{path} is missing: this checkpoint was written without EWC; start over with --overwrite")
+        tensors = load_file(str(path), device=str(device or "cpu"))
+        self.fisher = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("fisher/")}
+        self.anchor = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("anchor/")}
