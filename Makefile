@@ -7,7 +7,11 @@ BIN := $(VENV)/bin
 COMPAT_VENV ?= .venv-compat
 COMPAT_TRANSFORMERS ?= 5.0.0
 
-.PHONY: install demo test test-compat lint bench
+# LLaMA-Factory pins its own transformers / peft / trl / datasets; `make test-lf` tests gere-lf beside them.
+LF_VENV ?= .venv-lf
+LF_VERSION ?= 0.9.5
+
+.PHONY: install demo test test-compat test-lf lint bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +38,20 @@ $(COMPAT_VENV)/.installed: pyproject.toml
 
 test-compat: $(COMPAT_VENV)/.installed
 	$(COMPAT_VENV)/bin/python -m pytest -q tests/test_gere_trainer.py tests/test_trl.py tests/test_runner.py
+
+# LLaMA-Factory's requirements without torch / torchaudio / torchvision (tests_lf/requirements.txt): the
+# CPU torch pin stays, and tests_lf/stubs stands in for torchaudio, which PyPI has for no CPU torch 2.13.
+$(LF_VENV)/.installed: pyproject.toml tests_lf/requirements.txt
+	$(PYTHON) -m venv $(LF_VENV)
+	$(LF_VENV)/bin/pip install -q --upgrade pip
+	$(LF_VENV)/bin/pip install -q torch==2.13.0
+	$(LF_VENV)/bin/pip install -q --no-deps 'llamafactory==$(LF_VERSION)'
+	$(LF_VENV)/bin/pip install -q -r tests_lf/requirements.txt 'torch==2.13.0'
+	$(LF_VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+test-lf: $(LF_VENV)/.installed
+	PYTHONPATH=tests_lf/stubs $(LF_VENV)/bin/python -m pytest -q -p no:cacheprovider tests_lf
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

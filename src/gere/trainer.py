@@ -73,6 +73,10 @@ REFERENCE_DEFAULTS = {"margin_weight": 100.0, "replay_mixing": "concat", "interp
 class GeReMixin:
     """The GeRe machinery; mixed into `Trainer` and `Seq2SeqTrainer` below."""
 
+    # Accept the reference's ``tokenizer=`` (transformers 5 calls it ``processing_class``); a base trainer
+    # that converts it itself (LLaMA-Factory's) turns this off.
+    _gere_converts_tokenizer = True
+
     def __init__(
         self,
         *args,
@@ -102,7 +106,7 @@ class GeReMixin:
                 overrides["replay_mixing"] = "interpolate"
         config = gere_config or GeReConfig()
         self.gere = dataclasses.replace(config, **overrides) if overrides else config
-        if "tokenizer" in kwargs:
+        if "tokenizer" in kwargs and self._gere_converts_tokenizer:
             # transformers 5 removed Trainer's `tokenizer=`; scripts written for the reference still pass it.
             if kwargs.get("processing_class") is not None:
                 raise GeReError("pass the tokenizer once: tokenizer= or processing_class=, not both")

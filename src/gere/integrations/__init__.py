@@ -1,0 +1,1 @@
+"""Entry points that put GeRe into other training frameworks (LLaMA-Factory: `gere-lf`)."""

@@ -1,0 +1,171 @@
+"""GeRe inside LLaMA-Factory's SFT training, without editing LLaMA-Factory's files: ``gere-lf train CONFIG.yaml``.
+
+The YAML is an ordinary LLaMA-Factory training config plus a ``gere:`` block (any `GeReConfig` setting,
+e.g. ``replay_source``, ``objective``, ``margin_weight``; and ``check_store_model: false`` when a later
+task of a sequence starts from an earlier task's weights but keeps the base model's activation store).
+``gere-lf`` takes the block out, puts GeRe's mixin in front of LLaMA-Factory's SFT trainer class (its SFT
+workflow looks the class up when it runs) and calls LLaMA-Factory's own training entry with the rest.
+
+Several processes: ``llamafactory-cli train`` re-launches itself under torchrun, and a patch made in the
+launching process would be lost in the workers. ``gere-lf`` does the launching itself, the same way
+(``FORCE_TORCHRUN=1`` or more than one accelerator; ``NPROC_PER_NODE``, ``NNODES``, ``NODE_RANK``,
+``MASTER_ADDR``, ``MASTER_PORT``), with this module as the workers' program, so every worker applies the
+patch; under ``torchrun`` / ``accelerate launch`` started by the user it simply runs in each process.
+
+With replay on, gradient checkpointing is made non-reentrant (``use_reentrant_gc: false``) unless the
+config says otherwise: the replay batch is a second forward pass before each backward, which reentrant
+checkpointing under DDP refuses.
+
+Needs LLaMA-Factory (tested with 0.9.5 and its pins: transformers 5.6, peft 0.18, trl 0.24, datasets 4.0).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gere.config import GeReConfig
+from gere.errors import GeReError
+
+USAGE = "usage: gere-lf train CONFIG.yaml [key=value ...]   (a LLaMA-Factory SFT config with a gere: block)"
+# Keys of the gere: block that are trainer arguments rather than GeReConfig settings.
+TRAINER_KEYS = ("check_store_model",)
+
+
+def read_config(path: str, overrides: list[str]) -> tuple[dict[str, Any], GeReConfig, dict[str, Any]]:
+    """``(LLaMA-Factory args, GeReConfig, trainer kwargs)`` from the YAML and ``key=value`` overrides
+    (``gere.margin_weight=100`` reaches the gere block)."""
+    file = Path(path)
+    if not file.is_file():
+        raise GeReError(f"config {path} not found; {USAGE}")
+    args = yaml.safe_load(file.read_text()) or {}
+    if not isinstance(args, dict):
+        raise GeReError(f"{path} must hold a mapping of LLaMA-Factory settings")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise GeReError(f"override {item!r} is not key=value; {USAGE}")
+        target = args
+        *parents, leaf = key.split(".")
+        for name in parents:
+            target = target.setdefault(name, {})
+        target[leaf] = _value(value)
+    block = args.pop("gere", None)
+    if not isinstance(block, dict):
+        raise GeReError(f"{path} has no gere: block; add one, e.g. gere: {{replay_source: general.jsonl}}")
+    stage = args.get("stage", "sft")
+    if stage != "sft":
+        raise GeReError(f"gere-lf supports stage: sft (got {stage!r}); GeRe replays into supervised fine-tuning")
+    trainer_kwargs = {k: block.pop(k) for k in TRAINER_KEYS if k in block}
+    known = set(GeReConfig.__dataclass_fields__)
+    unknown = sorted(set(block) - known)
+    if unknown:
+        raise GeReError(f"gere: unknown key(s) {unknown}; allowed: {sorted(known) + list(TRAINER_KEYS)}")
+    config = GeReConfig(**block)
+    if config.parts and "use_reentrant_gc" not in args:
+        # A replay batch is a second forward pass before the step's backward; with LLaMA-Factory's default
+        # reentrant gradient checkpointing, DDP would mark the checkpointed parameters ready twice and stop.
+        args["use_reentrant_gc"] = False
+    return args, config, trainer_kwargs
+
+
+def _value(text: str) -> Any:
+    """A ``key=value`` override's value as YAML reads it, with ``2e-5`` a number (YAML 1.1 wants ``2.0e-5``)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def gere_trainer_class(base: type, gere_config: GeReConfig, trainer_kwargs: dict[str, Any]) -> type:
+    """``base`` (LLaMA-Factory's SFT trainer) with GeRe's mixin in front, configured by ``gere_config``."""
+    from gere.trainer import GeReMixin
+
+    class GeReLlamaFactoryTrainer(GeReMixin, base):
+        # LLaMA-Factory's trainer turns ``tokenizer=`` into ``processing_class`` itself.
+        _gere_converts_tokenizer = False
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, gere_config=gere_config, **trainer_kwargs, **kwargs)
+
+    return GeReLlamaFactoryTrainer
+
+
+def install(gere_config: GeReConfig, trainer_kwargs: dict[str, Any]) -> type:
+    """Make LLaMA-Factory's SFT workflow build GeRe's trainer in this process; returns the class."""
+    try:
+        from llamafactory.train.sft import workflow
+    except ImportError as err:
+        raise GeReError(
+            f"gere-lf needs LLaMA-Factory ({err}); pip install llamafactory in this environment (see docs/llamafactory.md)"
+        ) from err
+    base = workflow.CustomSeq2SeqTrainer
+    if getattr(base, "_gere_installed", False):
+        return base
+    cls = gere_trainer_class(base, gere_config, trainer_kwargs)
+    cls._gere_installed = True
+    workflow.CustomSeq2SeqTrainer = cls
+    return cls
+
+
+def _device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _launch_workers(argv: list[str]) -> int:
+    """Run this module under torchrun, as ``llamafactory-cli train`` would run itself."""
+    env = os.environ
+    nproc = env.get("NPROC_PER_NODE", str(max(_device_count(), 1)))
+    port = env.get("MASTER_PORT") or str(_free_port())
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", env.get("NNODES", "1"),
+        "--node_rank", env.get("NODE_RANK", "0"), "--nproc_per_node", nproc,
+        "--master_addr", env.get("MASTER_ADDR", "127.0.0.1"), "--master_port", port,
+        "-m", "gere.integrations.llamafactory", *argv,
+    ]  # fmt: skip
+    return subprocess.run(command, check=False).returncode
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 2 or argv[0] != "train":
+        print(USAGE, file=sys.stderr)
+        return 2
+    try:
+        args, gere_config, trainer_kwargs = read_config(argv[1], argv[2:])
+        launched = "LOCAL_RANK" in os.environ
+        wants_workers = os.environ.get("FORCE_TORCHRUN", "0").lower() in ("1", "true", "y") or _device_count() > 1
+        if wants_workers and not launched:
+            return _launch_workers(argv)
+        install(gere_config, trainer_kwargs)
+        print(f"gere-lf: GeRe ({gere_config.objective}) in LLaMA-Factory's SFT trainer, rank "
+              f"{os.environ.get('RANK', '0')}", file=sys.stderr, flush=True)  # fmt: skip
+        from llamafactory.train.tuner import run_exp
+
+        run_exp(args=args)
+    except GeReError as err:
+        print(f"gere-lf: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
