@@ -149,13 +149,16 @@ def test_every_objective_part_is_logged_recorded_and_plotted(setup, tmp_path):
     from gere.continual.plots import loss_series
     from gere.parts import LOGGED, LOSS_PARTS, WEIGHTS
 
-    results = run(setup, tmp_path / "all", "gere.objective=ce+kl+l1+l2+tm", "gere.kl_topk=4")
+    results = run(setup, tmp_path / "all", "gere.objective=ce+kl+l1+l2+tm", "gere.kl_topk=4", "ewc.strength=1",
+                  "ewc.samples=2")  # fmt: skip
     series = loss_series(results)
     assert set(LOSS_PARTS) | set(WEIGHTS) <= set(series)
     assert list(series) == [name for name in LOGGED if name in series]  # display order of the table
-    assert all(len(points) == 4 for points in series.values())  # 2 steps x 2 tasks, every part every step
+    # 2 steps x 2 tasks, every part every step; EWC's penalty from the second task on
+    assert {name: len(points) for name, points in series.items()} == {name: 2 if name == "ewc" else 4 for name in series}
     written = json.loads((tmp_path / "all" / "results.json").read_text())["loss_history"]
-    assert all(row[name] is not None for row in written for name in (*LOSS_PARTS, *WEIGHTS))
+    assert all(row[name] is not None for row in written for name in (*LOSS_PARTS, *WEIGHTS)
+               if not (name == "ewc" and row["task"] == "mood"))  # fmt: skip
 
 
 def test_a_replay_set_smaller_than_asked_is_said_in_the_report(setup, tmp_path, caplog):
