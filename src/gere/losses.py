@@ -207,14 +207,20 @@ def topk_kl_loss(
 ) -> torch.Tensor:
     """Logit imitation against the base model's top-k logits per token.
 
-    The base distribution is the softmax of its top-k logits at ``temperature`` (the rest of the vocabulary
-    carries the remaining mass only in the current model); the loss is KL(base_topk || current) summed over
-    the k entries, averaged over real tokens. With k = vocabulary size it is the full KL.
+    Both distributions are taken over the base model's top-k tokens of that position: the softmax of the
+    stored top-k logits, and the softmax of the current model's logits at the same k tokens, both at
+    ``temperature``; the loss is KL(base_k || current_k), averaged over real tokens. It is 0 exactly when
+    the current model ranks and spaces those k tokens as the base model does; the mass outside them is not
+    constrained (the store does not hold it). With k = vocabulary size it is the full KL.
+
+    (Comparing the base's top-k distribution with the current model's full softmax instead would not be
+    a divergence: at the base model itself it equals -log of the current model's mass on the k tokens, so
+    minimising it sharpens the model toward those tokens and raises perplexity; the study measured that.)
 
     Shapes: ``logits`` ``[batch, length, vocab]``, ``ref_values``/``ref_indices`` ``[batch, length, k]``.
     """
-    log_q = F.log_softmax(logits.float() / temperature, dim=-1)
-    log_q_k = torch.gather(log_q, -1, ref_indices.to(logits.device).long())
+    picked = torch.gather(logits, -1, ref_indices.to(logits.device).long()).float()
+    log_q_k = F.log_softmax(picked / temperature, dim=-1)
     log_p = F.log_softmax(ref_values.to(logits.device).float() / temperature, dim=-1)
     kl = (log_p.exp() * (log_p - log_q_k)).sum(-1)
     if mask is None:
