@@ -9,7 +9,7 @@ Points (see docs/reliability.md and tests/test_reliability.py):
 - ``extract_batch``: in `gere.store.extract_store`, after a batch's rows and ``partial/progress.json``
   are written;
 - ``train_step``: after an optimisation step of any task of a continual run (`train_step_callback`);
-- ``evaluate_task``: in `gere.runner.Evaluator`, after each task's evaluation.
+- ``evaluate_task``: in `gere.continual.evaluator.Evaluator`, after each task's evaluation.
 
 Example: ``GERE_FAULT=train_step:3 gere run run.yaml`` dies during the third optimisation step of the
 run; ``gere run run.yaml --resume`` then finishes it.

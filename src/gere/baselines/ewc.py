@@ -104,6 +104,10 @@ class EWC:
         missing = sorted(set(self.fisher) - set(params))
         if missing:
             raise GeReError(f"EWC was consolidated on parameters the model no longer trains: {missing[:3]}...")
+        first = next(iter(params.values()))
+        if next(iter(self.fisher.values())).device != first.device:  # loaded from a checkpoint on the CPU
+            self.fisher = {n: t.to(params[n].device) for n, t in self.fisher.items()}
+            self.anchor = {n: t.to(params[n].device) for n, t in self.anchor.items()}
         return ewc_penalty(params, self.fisher, self.anchor, self.strength)
 
     def save(self, folder: Path) -> None:
@@ -112,6 +116,8 @@ class EWC:
         save_file(tensors, str(Path(folder) / FILE))
 
     def load(self, folder: Path, device=None) -> None:
+        """Fisher and anchor from a checkpoint folder, on ``device`` (default: where the anchor will be used,
+        the CPU until the first penalty moves it)."""
         path = Path(folder) / FILE
         if not path.exists():
             raise GeReError(f"{path} is missing: this checkpoint was written without EWC; start over with --overwrite")

@@ -1,7 +1,7 @@
 """Checkpoints of a continual run: the weights (or the LoRA adapter) and the RNG state after each stage.
 
-``<run>/checkpoints/stage-<i>/`` holds ``weights.safetensors``, ``rng.safetensors``, a baseline's state
-(``ewc.safetensors``) and ``checkpoint.json`` (written last). A checkpoint is written to a temporary folder and renamed, so a crash or a full disk never
+``<run>/checkpoints/stage-<i>/`` holds ``weights.safetensors``, ``rng.safetensors``, the baselines' states
+(``ewc.safetensors``, ``task_replay.json``) and ``checkpoint.json`` (written last). A checkpoint is written to a temporary folder and renamed, so a crash or a full disk never
 leaves a half checkpoint under the final name; older ones are pruned only after the run state names the
 newest.
 """
@@ -23,9 +23,10 @@ def checkpoint_dir(out: Path, stage: int) -> Path:
     return out / "checkpoints" / f"stage-{stage}"
 
 
-def save_checkpoint(out: Path, stage: int, model, cfg: RunConfig, extra=None) -> Path:
-    """Weights (or the adapter) after ``stage``, plus torch's RNG state and ``extra.save(folder)`` (a
-    baseline's state, e.g. EWC's Fisher and anchor); temp folder, then rename."""
+def save_checkpoint(out: Path, stage: int, model, cfg: RunConfig, extra=()) -> Path:
+    """Weights (or the adapter) after ``stage``, plus torch's RNG state and ``x.save(folder)`` for each of
+    ``extra`` (the baselines' states: EWC's Fisher and anchor, the task-replay buffer); temp folder, then
+    rename."""
     final = checkpoint_dir(out, stage)
     tmp = out / "checkpoints" / f".stage-{stage}.tmp"
     if tmp.exists():
@@ -33,8 +34,8 @@ def save_checkpoint(out: Path, stage: int, model, cfg: RunConfig, extra=None) ->
     tmp.mkdir(parents=True)
     try:
         _write_checkpoint(tmp, stage, model, cfg)
-        if extra is not None:
-            extra.save(tmp)
+        for state in extra:
+            state.save(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed (e.g. disk-full) write leaves nothing behind
         raise

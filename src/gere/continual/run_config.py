@@ -144,6 +144,19 @@ class EwcSettings:
 
 
 @dataclass
+class TaskReplaySettings:
+    per_task: int = field(default=0, metadata={"help": "Training examples of each finished task replayed later; 0 is off."})
+    selection: str = field(default="reservoir", metadata={"help": "'reservoir' (seeded) or 'first' N examples."})
+    seed: int = field(default=0, metadata={"help": "Seed of the reservoir sampling."})
+
+    def __post_init__(self) -> None:
+        _check([
+            (self.per_task >= 0, "per_task", "0 (off) or more"),
+            (self.selection in ("first", "reservoir"), "selection", "'first' or 'reservoir'"),
+        ], self)  # fmt: skip
+
+
+@dataclass
 class BenchmarkSettings:
     name: str = field(default="cl15", metadata={"help": "Shipped benchmark definition."})
     order: int = field(default=4, metadata={"help": "Task order (4, 5 or 6 for cl15)."})
@@ -171,6 +184,7 @@ class RunConfig:
     )
     evaluation: EvalSettings = field(default_factory=EvalSettings)
     ewc: EwcSettings = field(default_factory=EwcSettings)
+    task_replay: TaskReplaySettings = field(default_factory=TaskReplaySettings)
     keep_checkpoints: int = field(default=1, metadata={"help": "Checkpoints kept (the newest); 0 keeps all."})
     report_to: list[str] = field(
         default_factory=list,
@@ -196,9 +210,10 @@ class RunConfig:
 
     def method_name(self) -> str:
         """The method a run trains with, as reports name it: the replay objective (``none`` without
-        replay), with ``+ewc`` when EWC is on (``ewc`` alone without replay)."""
+        replay), with ``+ewc`` / ``+task-replay`` when those baselines are on (alone: ``ewc``, ...)."""
         parts = [self.gere.objective] if self.gere.parts else []
         parts += ["ewc"] if self.ewc.strength > 0 else []
+        parts += ["task-replay"] if self.task_replay.per_task > 0 else []
         return "+".join(parts) or "none"
 
     def _check_interpolation(self, t: TrainingSettings, task: str | None) -> None:

@@ -31,15 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
 
 from gere.baselines.ewc import EWC
-from gere.batching import IGNORE_INDEX, model_device
+from gere.baselines.task_replay import TaskReplayBuffer
+from gere.batching import IGNORE_INDEX
 from gere.continual.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
-from gere.continual.evaluation import evaluate_task, perplexity
-from gere.continual.lm_eval_general import LmEvalGeneral, lm_eval_tasks
-from gere.continual.multiple_choice import evaluate_multiple_choice, load_multiple_choice
+from gere.continual.evaluator import Evaluator
 from gere.continual.prompts import build_train_features
 from gere.continual.report import build_results, learning_warnings, write_report
 from gere.continual.run_config import RunConfig
@@ -54,67 +52,19 @@ from gere.continual.run_folder import (
 from gere.continual.tasks import TaskData, load_task
 from gere.continual.tracking import SequenceTracker, check_report_to, stage_metrics
 from gere.errors import GeReError
-from gere.faults import maybe_fail, train_step_callback
+from gere.faults import train_step_callback
 from gere.io_utils import atomic_write_json, safe_join
 from gere.locks import hold_lock
 from gere.modeling import load_model_and_tokenizer
 from gere.parts import LOGGED
 from gere.provenance import provenance
-from gere.replay.replay_set import ReplaySet, load_replay_records
+from gere.replay.replay_set import ReplaySet
 from gere.store.extract import extract_store
 from gere.store.format import ActivationStore, open_store
 from gere.trainer import GeReTrainer
 
 logger = logging.getLogger(__name__)
 
-
-
-# ------------------------------------------------------------------------------------------ evaluation
-
-
-class Evaluator:
-    """Evaluates every task and general ability; built once per run."""
-
-    def __init__(self, cfg: RunConfig, tasks: list[TaskData]):
-        self.cfg, self.tasks = cfg, tasks
-        ev = cfg.evaluation
-        self.mc = load_multiple_choice(ev.general_mc, limit=ev.mc_limit) if ev.general_mc else None
-        self.mc_dev = load_multiple_choice(ev.mc_dev) if ev.mc_dev else None
-        lm_tasks = lm_eval_tasks(ev.general)
-        self.lm_eval = lm_tasks and LmEvalGeneral(lm_tasks, ev.lm_eval_include_path, ev.lm_eval_metric,
-                                                  ev.lm_eval_num_fewshot, ev.lm_eval_limit, ev.batch_size)  # fmt: skip
-        self.ppl_sets = {}
-        for name, path in ev.perplexity_sets.items():
-            texts = [text for _, text in load_replay_records(path)]
-            self.ppl_sets[name] = texts[: ev.perplexity_limit] if ev.perplexity_limit else texts
-
-    def __call__(self, model, tokenizer, stage: str, progress: bool) -> dict[str, Any]:
-        ev = self.cfg.evaluation
-        accuracies = []
-        bar = tqdm(self.tasks, desc=f"evaluate {stage}", disable=not progress, leave=False)
-        for task in bar:
-            examples = task.test[: ev.test_limit] if ev.test_limit else task.test
-            result = evaluate_task(
-                model, tokenizer, task.spec, examples, method=ev.method, batch_size=ev.batch_size, max_length=ev.max_length
-            )
-            accuracies.append(result["accuracy"])
-            maybe_fail("evaluate_task")  # crash tests (gere.faults); a no-op unless GERE_FAULT is set
-        general: dict[str, Any] = {"stage": stage, "mc_accuracy": None, "mc_per_category": {}, "perplexity": {}}
-        if self.mc:
-            mc = evaluate_multiple_choice(
-                model, tokenizer, self.mc, shots=ev.mc_shots, dev_questions=self.mc_dev, batch_size=ev.batch_size,
-                mc_format=ev.mc_format,
-            )  # fmt: skip
-            general["mc_accuracy"], general["mc_per_category"] = mc["accuracy"], mc["per_category"]
-            if "accuracy_sum" in mc:  # cloze: the summed log-likelihood's pick, beside the per-character one
-                general["mc_accuracy_sum"] = mc["accuracy_sum"]
-        if self.lm_eval:
-            general.update(self.lm_eval(model, tokenizer))
-        for name, texts in self.ppl_sets.items():
-            general["perplexity"][name] = perplexity(
-                model, tokenizer, texts, max_length=ev.perplexity_max_length, batch_size=ev.batch_size
-            )
-        return {"accuracies": accuracies, "general": general}
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -170,6 +120,12 @@ class _Run:
     started: float
     tracker: SequenceTracker | None = None
     ewc: EWC | None = None
+    task_buffer: TaskReplayBuffer | None = None
+
+    @property
+    def baselines(self) -> list:
+        """The baselines' states saved with every checkpoint (EWC's Fisher and anchor, the task buffer)."""
+        return [b for b in (self.ewc, self.task_buffer) if b is not None]
 
     def save_state(self) -> None:
         self.state["elapsed_s"] = time.time() - self.started
@@ -210,6 +166,8 @@ def _run_locked(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, b
                store, progress, started)  # fmt: skip
     run.tracker = SequenceTracker(check_report_to(cfg.report_to), cfg.name, out, cfg.to_dict())
     run.ewc = EWC(cfg.ewc.strength) if cfg.ewc.strength > 0 else None
+    tr = cfg.task_replay
+    run.task_buffer = TaskReplayBuffer(tr.per_task, tr.selection, tr.seed) if tr.per_task > 0 else None
     if not fresh:
         _resume(run)
         _track_history(run)  # a resumed run's tracked run holds the whole sequence too
@@ -302,8 +260,8 @@ def _resume(run: _Run) -> None:
     run.started -= run.state.get("elapsed_s", 0.0)
     if done > 0:
         load_checkpoint(checkpoint_dir(run.out, done), run.model, run.cfg)
-        if run.ewc:
-            run.ewc.load(checkpoint_dir(run.out, done), model_device(run.model))
+        for baseline in run.baselines:
+            baseline.load(checkpoint_dir(run.out, done))
     logger.info("resuming %s after stage %d of %d", run.out, done, len(run.tasks))
 
 
@@ -333,11 +291,13 @@ def _run_stage(run: _Run, index: int) -> None:
     run.tracker.log_training(rows)
     if run.ewc and index + 1 < len(run.tasks):  # the Fisher of this task, for the tasks after it
         run.ewc.consolidate(run.model, trainer.train_dataset[: cfg.ewc.samples])
+    if run.task_buffer:
+        run.task_buffer.add_task(index, len(run.tasks[index].train))
     train_s = time.time() - t0
     t1 = time.time()
     evaluation = run.evaluator(run.model, run.tokenizer, f"after {name}", run.progress)
     state["eval_s"] += time.time() - t1
-    save_checkpoint(run.out, index + 1, run.model, cfg, extra=run.ewc)
+    save_checkpoint(run.out, index + 1, run.model, cfg, extra=run.baselines)
     state["accuracy_matrix"].append(evaluation["accuracies"])
     state["general"].append(evaluation["general"])
     state["per_task_s"].append(train_s)
@@ -368,7 +328,10 @@ def _steps_before(state: dict[str, Any]) -> int:
 def _stage_trainer(run: _Run, index: int) -> GeReTrainer:
     task, tokenizer = run.tasks[index], run.tokenizer
     name = task.spec.name
-    features = build_train_features(task.spec, task.train, tokenizer, run.cfg.training_for(name).max_length)
+    max_length = run.cfg.training_for(name).max_length
+    features = build_train_features(task.spec, task.train, tokenizer, max_length)
+    for t, example in run.task_buffer.examples([d.train for d in run.tasks]) if run.task_buffer else []:
+        features += build_train_features(run.tasks[t].spec, [example], tokenizer, max_length)  # earlier tasks
     return GeReTrainer(
         model=run.model,
         args=_training_args(run.cfg, name, run.out / "stages" / f"{index + 1}-{name}", run.progress),

@@ -1,0 +1,69 @@
+"""Experience replay of earlier tasks: a buffer of N training examples per finished task.
+
+After each task, ``per_task`` of its training examples join the buffer, chosen ``first`` (the first N) or
+by ``reservoir`` sampling (Algorithm R over the task's training examples in order, seeded by the run's
+task-replay seed and the task's position). While later tasks train, the buffer's examples are appended
+to the new task's training examples and shuffled with them (as ``replay_mixing: concat`` does with the
+general replay set), each one formatted with its own task's prompt. The buffer is a list of (task,
+example) positions, saved with every checkpoint (``task_replay.json``), so ``--resume`` trains on exactly
+the buffer it stopped with.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+from gere.errors import GeReError
+from gere.io_utils import atomic_write_json
+
+FILE = "task_replay.json"
+SELECTIONS = ("first", "reservoir")
+
+
+def select(count: int, n: int, selection: str, seed: int) -> list[int]:
+    """Positions of the ``n`` examples (of ``count``) that join the buffer, in ascending order."""
+    if selection not in SELECTIONS:
+        raise GeReError(f"task_replay.selection={selection!r} is not one of {', '.join(SELECTIONS)}")
+    if selection == "first" or n >= count:
+        return list(range(min(n, count)))
+    rng = random.Random(seed)
+    reservoir = list(range(n))
+    for i in range(n, count):  # Algorithm R: item i replaces a random slot with probability n / (i + 1)
+        j = rng.randint(0, i)
+        if j < n:
+            reservoir[j] = i
+    return sorted(reservoir)
+
+
+class TaskReplayBuffer:
+    """The (task position, example position) pairs replayed into later tasks."""
+
+    def __init__(self, per_task: int, selection: str = "reservoir", seed: int = 0):
+        if per_task < 1:
+            raise GeReError(f"task_replay.per_task must be 1 or more (got {per_task}); leave it 0 to turn replay off")
+        if selection not in SELECTIONS:
+            raise GeReError(f"task_replay.selection={selection!r} is not one of {', '.join(SELECTIONS)}")
+        self.per_task, self.selection, self.seed = per_task, selection, seed
+        self.entries: list[tuple[int, int]] = []
+
+    def add_task(self, task: int, count: int) -> None:
+        """Add the chosen examples of finished task ``task`` (which has ``count`` training examples)."""
+        seed = self.seed * 1_000_003 + task
+        self.entries += [(task, i) for i in select(count, self.per_task, self.selection, seed)]
+
+    def examples(self, train_sets: Sequence[Sequence]) -> list[tuple[int, object]]:
+        """``(task position, example)`` for every buffered example, given each task's training examples."""
+        return [(t, train_sets[t][i]) for t, i in self.entries]
+
+    def save(self, folder: Path) -> None:
+        atomic_write_json(Path(folder) / FILE, {"per_task": self.per_task, "selection": self.selection,
+                                                "seed": self.seed, "entries": self.entries})  # fmt: skip
+
+    def load(self, folder: Path) -> None:
+        path = Path(folder) / FILE
+        if not path.exists():
+            raise GeReError(f"{path} is missing: this checkpoint was written without task replay; start over with --overwrite")
+        self.entries = [tuple(e) for e in json.loads(path.read_text())["entries"]]

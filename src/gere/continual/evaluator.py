@@ -1,0 +1,61 @@
+"""Evaluation of a continual run after every stage: every task's accuracy and general ability (multiple
+choice, lm-evaluation-harness tasks, held-out perplexity), with the sets read once per run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from gere.continual.evaluation import evaluate_task, perplexity
+from gere.continual.lm_eval_general import LmEvalGeneral, lm_eval_tasks
+from gere.continual.multiple_choice import evaluate_multiple_choice, load_multiple_choice
+from gere.continual.run_config import RunConfig
+from gere.continual.tasks import TaskData
+from gere.faults import maybe_fail
+from gere.replay.replay_set import load_replay_records
+
+
+class Evaluator:
+    """Evaluates every task and general ability; built once per run."""
+
+    def __init__(self, cfg: RunConfig, tasks: list[TaskData]):
+        self.cfg, self.tasks = cfg, tasks
+        ev = cfg.evaluation
+        self.mc = load_multiple_choice(ev.general_mc, limit=ev.mc_limit) if ev.general_mc else None
+        self.mc_dev = load_multiple_choice(ev.mc_dev) if ev.mc_dev else None
+        lm_tasks = lm_eval_tasks(ev.general)
+        self.lm_eval = lm_tasks and LmEvalGeneral(lm_tasks, ev.lm_eval_include_path, ev.lm_eval_metric,
+                                                  ev.lm_eval_num_fewshot, ev.lm_eval_limit, ev.batch_size)  # fmt: skip
+        self.ppl_sets = {}
+        for name, path in ev.perplexity_sets.items():
+            texts = [text for _, text in load_replay_records(path)]
+            self.ppl_sets[name] = texts[: ev.perplexity_limit] if ev.perplexity_limit else texts
+
+    def __call__(self, model, tokenizer, stage: str, progress: bool) -> dict[str, Any]:
+        ev = self.cfg.evaluation
+        accuracies = []
+        bar = tqdm(self.tasks, desc=f"evaluate {stage}", disable=not progress, leave=False)
+        for task in bar:
+            examples = task.test[: ev.test_limit] if ev.test_limit else task.test
+            result = evaluate_task(
+                model, tokenizer, task.spec, examples, method=ev.method, batch_size=ev.batch_size, max_length=ev.max_length
+            )
+            accuracies.append(result["accuracy"])
+            maybe_fail("evaluate_task")  # crash tests (gere.faults); a no-op unless GERE_FAULT is set
+        general: dict[str, Any] = {"stage": stage, "mc_accuracy": None, "mc_per_category": {}, "perplexity": {}}
+        if self.mc:
+            mc = evaluate_multiple_choice(
+                model, tokenizer, self.mc, shots=ev.mc_shots, dev_questions=self.mc_dev, batch_size=ev.batch_size,
+                mc_format=ev.mc_format,
+            )  # fmt: skip
+            general["mc_accuracy"], general["mc_per_category"] = mc["accuracy"], mc["per_category"]
+            if "accuracy_sum" in mc:  # cloze: the summed log-likelihood's pick, beside the per-character one
+                general["mc_accuracy_sum"] = mc["accuracy_sum"]
+        if self.lm_eval:
+            general.update(self.lm_eval(model, tokenizer))
+        for name, texts in self.ppl_sets.items():
+            general["perplexity"][name] = perplexity(
+                model, tokenizer, texts, max_length=ev.perplexity_max_length, batch_size=ev.batch_size
+            )
+        return {"accuracies": accuracies, "general": general}
