@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "RESULTS.md"]
 COMMIT = re.compile(r"commit ([0-9a-f]{7,40})")
-REPRODUCED = re.compile(r"commit ([0-9a-f]{7,40}),? reproduced exactly at commit ([0-9a-f]{7,40})")
+REPRODUCED = re.compile(r"commit ([0-9a-f]{7,40}),?\s+reproduced\s+exactly\s+at\s+commit\s+([0-9a-f]{7,40})")
 
 
 def changed_since(commit: str) -> list[str] | None:
