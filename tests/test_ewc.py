@@ -5,9 +5,8 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_runner import run, setup  # noqa: F401 (the tiny two-task run files, shared)
+from test_runner import run, setup, whole_and_resumed  # noqa: F401 (the tiny two-task run files, shared)
 
-import gere.continual.runner as runner
 from gere.baselines.ewc import EWC, FILE, diagonal_fisher, ewc_penalty
 from gere.continual.run_config import load_run_config
 from gere.errors import GeReError
@@ -110,19 +109,7 @@ def test_two_task_run_adds_the_penalty_from_the_second_task_anchored_at_the_firs
 
 def test_resume_after_a_crash_gives_the_same_metrics(setup, tmp_path, monkeypatch):  # noqa: F811
     args = ("gere.objective=ce+tm", "ewc.strength=10", "ewc.samples=4", "keep_checkpoints=0")
-    whole = run(setup, tmp_path / "whole", *args)
-    real = runner._run_stage
-
-    def crash_on_second_task(run_, index):
-        if index == 1:
-            raise RuntimeError("simulated crash")
-        return real(run_, index)
-
-    monkeypatch.setattr(runner, "_run_stage", crash_on_second_task)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run(setup, tmp_path / "resumed", *args)
-    monkeypatch.setattr(runner, "_run_stage", real)
-    resumed = run(setup, tmp_path / "resumed", *args, resume=True)
+    whole, resumed = whole_and_resumed(setup, tmp_path, monkeypatch, *args)
     assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
     assert [r["ewc"] for r in resumed["loss_history"]] == [r["ewc"] for r in whole["loss_history"]]
     assert resumed["metrics"] == whole["metrics"]

@@ -86,6 +86,23 @@ def test_resume_after_interruption_gives_same_metrics(setup, tmp_path, monkeypat
     assert [h["loss"] for h in resumed["loss_history"]] == [h["loss"] for h in whole["loss_history"]]
 
 
+def whole_and_resumed(setup, tmp_path, monkeypatch, *args):
+    """The same run twice: once straight through, once crashing in its second task and then resumed."""
+    whole = run(setup, tmp_path / "whole", *args)
+    real = runner._run_stage
+
+    def crash_on_second_task(run_, index):
+        if index == 1:
+            raise RuntimeError("simulated crash")
+        return real(run_, index)
+
+    monkeypatch.setattr(runner, "_run_stage", crash_on_second_task)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(setup, tmp_path / "resumed", *args)
+    monkeypatch.setattr(runner, "_run_stage", real)
+    return whole, run(setup, tmp_path / "resumed", *args, resume=True)
+
+
 def test_resume_with_other_config_is_refused(setup, tmp_path):
     run(setup, tmp_path / "r", "gere.objective=none")
     with pytest.raises(GeReError, match="different config"):

@@ -1,7 +1,7 @@
 """Experience replay of earlier tasks: selection, the buffer in training, checkpoints and resume."""
 
 import pytest
-from test_runner import run, setup  # noqa: F401 (the tiny two-task run files, shared)
+from test_runner import run, setup, whole_and_resumed  # noqa: F401 (the tiny two-task run files, shared)
 
 import gere.continual.runner as runner
 from gere.baselines.task_replay import FILE, TaskReplayBuffer, select
@@ -57,19 +57,7 @@ def test_the_second_task_trains_on_the_first_tasks_examples_too(setup, tmp_path,
 
 def test_resume_after_a_crash_gives_the_same_metrics(setup, tmp_path, monkeypatch):  # noqa: F811
     args = ("gere.objective=none", "task_replay.per_task=4", "task_replay.seed=3")
-    whole = run(setup, tmp_path / "whole", *args)
-    real = runner._run_stage
-
-    def crash_on_second_task(run_, index):
-        if index == 1:
-            raise RuntimeError("simulated crash")
-        return real(run_, index)
-
-    monkeypatch.setattr(runner, "_run_stage", crash_on_second_task)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run(setup, tmp_path / "resumed", *args)
-    monkeypatch.setattr(runner, "_run_stage", real)
-    resumed = run(setup, tmp_path / "resumed", *args, resume=True)
+    whole, resumed = whole_and_resumed(setup, tmp_path, monkeypatch, *args)
     assert resumed["accuracy_matrix"] == whole["accuracy_matrix"] and resumed["metrics"] == whole["metrics"]
     assert [r["loss"] for r in resumed["loss_history"]] == [r["loss"] for r in whole["loss_history"]]
 
