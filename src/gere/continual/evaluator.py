@@ -8,7 +8,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from gere.continual.evaluation import evaluate_task, perplexity
-from gere.continual.lm_eval_general import LmEvalGeneral, lm_eval_tasks
+from gere.continual.lm_eval_general import LmEvalGeneral
 from gere.continual.multiple_choice import evaluate_multiple_choice, load_multiple_choice
 from gere.continual.run_config import RunConfig
 from gere.continual.tasks import TaskData
@@ -24,7 +24,7 @@ class Evaluator:
         ev = cfg.evaluation
         self.mc = load_multiple_choice(ev.general_mc, limit=ev.mc_limit) if ev.general_mc else None
         self.mc_dev = load_multiple_choice(ev.mc_dev) if ev.mc_dev else None
-        lm_tasks = lm_eval_tasks(ev.general)
+        lm_tasks = ev.lm_eval_task_names
         self.lm_eval = lm_tasks and LmEvalGeneral(lm_tasks, ev.lm_eval_include_path, ev.lm_eval_metric,
                                                   ev.lm_eval_num_fewshot, ev.lm_eval_limit, ev.batch_size)  # fmt: skip
         self.ppl_sets = {}

@@ -114,11 +114,15 @@ def not_learned(matrix: Sequence[Sequence[float]], margin: float = LEARNED_MARGI
     return [j for j in range(len(rows) - 1) if rows[j + 1][j] - rows[j][j] < margin]
 
 
+def general_score(entry: dict[str, Any]) -> float | None:
+    """One stage's general score (0-1, or None): the lm-eval score (`lm_eval_score`) when the run evaluates
+    general ability with lm-evaluation-harness, otherwise the multiple-choice accuracy (`mc_accuracy`)."""
+    return entry["lm_eval_score"] if "lm_eval_score" in entry else entry.get("mc_accuracy")
+
+
 def general_scores(general: Sequence[dict[str, Any]] | None) -> list[float | None]:
-    """The general score of each stage (0-1, or None): the lm-eval score (`lm_eval_score`) when the run
-    evaluates general ability with lm-evaluation-harness, otherwise the multiple-choice accuracy
-    (`mc_accuracy`)."""
-    return [entry["lm_eval_score"] if "lm_eval_score" in entry else entry.get("mc_accuracy") for entry in (general or [])]
+    """The general score of each stage (`general_score`)."""
+    return [general_score(entry) for entry in (general or [])]
 
 
 def compute_metrics(

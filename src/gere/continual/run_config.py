@@ -126,7 +126,8 @@ class EvalSettings:
             (self.lm_eval_num_fewshot is None or self.lm_eval_num_fewshot >= 0, "lm_eval_num_fewshot",
              "0 or more, or null for the task's own"),
         ], self)  # fmt: skip
-        lm_eval_tasks(self.general)  # 'mc' or 'lm_eval:<task,...>', with an error that says so
+        # 'mc' or 'lm_eval:<task,...>' (an error says so), parsed once: None for the built-in set.
+        self.lm_eval_task_names: list[str] | None = lm_eval_tasks(self.general)
 
 
 @dataclass
@@ -377,7 +378,8 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """``data[a][b][c] = value`` for ``dotted`` = ``"a.b.c"``, creating sections as needed."""
     keys = dotted.split(".")
     node = data
     for key in keys[:-1]:
@@ -387,28 +389,33 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML file's top-level mapping, refusing repeated keys (with both line numbers) and non-mappings."""
+    path = Path(path)
+    if not path.exists():
+        raise GeReError(f"run config {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as stream:  # a stream: YAML's marks then name the file
+            loader = _StrictLoader(stream)  # safe: a SafeLoader that also refuses repeated keys
+            try:
+                loaded = loader.get_single_data() or {}
+            finally:
+                loader.dispose()
+    except yaml.YAMLError as err:
+        raise GeReError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(loaded, dict):
+        raise GeReError(f"{path}: the top level must be a mapping of settings")
+    return loaded
+
+
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
     """Read a YAML run config (or start from ``base``), apply ``key.path=value`` overrides, validate."""
     data: dict = dict(base or {})
     if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise GeReError(f"run config {path} does not exist")
-        try:
-            with open(path, encoding="utf-8") as stream:  # a stream: YAML's marks then name the file
-                loader = _StrictLoader(stream)  # safe: a SafeLoader that also refuses repeated keys
-                try:
-                    loaded = loader.get_single_data() or {}
-                finally:
-                    loader.dispose()
-        except yaml.YAMLError as err:
-            raise GeReError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(loaded, dict):
-            raise GeReError(f"{path}: the top level must be a mapping of settings")
-        data.update(loaded)
+        data.update(read_yaml_mapping(path))
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise GeReError(f"--set {item!r}: write it as section.key=value")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+        set_dotted(data, key.strip(), yaml.safe_load(raw))
     return from_dict(RunConfig, data)

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from gere.continual.metrics import general_score
 from gere.errors import GeReError
 from gere.parts import LOGGED
 
@@ -44,11 +45,9 @@ def check_report_to(names: list[str]) -> list[str]:
 def stage_metrics(tasks: list[str], accuracies: list[float], general: dict[str, Any]) -> dict[str, float]:
     """The metrics of one evaluated stage, by tracked name."""
     metrics = {f"eval/{t}/acc": float(a) for t, a in zip(tasks, accuracies, strict=True)}
-    if general.get("mc_accuracy") is not None:
-        metrics["eval/general"] = float(general["mc_accuracy"])
-    if general.get("lm_eval_score") is not None:
-        metrics["eval/general"] = float(general["lm_eval_score"])
-        metrics.update({f"eval/lm_eval/{t}": float(v) for t, v in general["lm_eval"].items()})
+    if general_score(general) is not None:
+        metrics["eval/general"] = float(general_score(general))
+    metrics.update({f"eval/lm_eval/{t}": float(v) for t, v in (general.get("lm_eval") or {}).items()})
     for name, value in (general.get("perplexity") or {}).items():
         metrics[f"eval/ppl/{name}"] = float(value)
     return metrics

@@ -24,12 +24,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from gere.config import GeReConfig
+from gere.continual.run_config import read_yaml_mapping, set_dotted
 from gere.errors import GeReError
 
 USAGE = "usage: gere-lf train CONFIG.yaml [key=value ...]   (a LLaMA-Factory SFT config with a gere: block)"
@@ -40,21 +40,12 @@ TRAINER_KEYS = ("check_store_model",)
 def read_config(path: str, overrides: list[str]) -> tuple[dict[str, Any], GeReConfig, dict[str, Any]]:
     """``(LLaMA-Factory args, GeReConfig, trainer kwargs)`` from the YAML and ``key=value`` overrides
     (``gere.margin_weight=100`` reaches the gere block)."""
-    file = Path(path)
-    if not file.is_file():
-        raise GeReError(f"config {path} not found; {USAGE}")
-    args = yaml.safe_load(file.read_text()) or {}
-    if not isinstance(args, dict):
-        raise GeReError(f"{path} must hold a mapping of LLaMA-Factory settings")
+    args = read_yaml_mapping(path)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise GeReError(f"override {item!r} is not key=value; {USAGE}")
-        target = args
-        *parents, leaf = key.split(".")
-        for name in parents:
-            target = target.setdefault(name, {})
-        target[leaf] = _value(value)
+        set_dotted(args, key, _value(value))
     block = args.pop("gere", None)
     if not isinstance(block, dict):
         raise GeReError(f"{path} has no gere: block; add one, e.g. gere: {{replay_source: general.jsonl}}")
