@@ -45,6 +45,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "ce+tm-bi": {"gere.objective": "ce+tm", "gere.num_interpolate_per_batch": 2},
     "none-lora": {"gere.objective": "none", "finetuning": "lora"},
     "ce+tm-lora": {"gere.objective": "ce+tm", "finetuning": "lora", "gere.reference": "online"},
+    # Continual-learning baselines (docs/baselines.md), alone and combined with GeRe. Their settings were
+    # fixed before the study by the rules in docs/study.md (section "Baselines"), on the baselines alone.
+    "task-replay": {"gere.objective": "none", "task_replay.per_task": 16},
+    "ce+tm+task-replay": {"gere.objective": "ce+tm", "gere.margin_weight": "dy", "task_replay.per_task": 16},
 }
 DEFAULT_METHODS = ("none", "ce", "ce+tm")
 
