@@ -90,6 +90,20 @@ def eval_mode(model) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def adapters_disabled(model) -> Iterator[None]:
+    """A peft model run as its base model (``disable_adapter``), keeping which parameters train: peft's
+    context turns gradients back on for every active adapter when it exits, frozen ones too (O-LoRA's)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        with model.disable_adapter():
+            yield
+    finally:
+        for p, flag in flags:
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
 def placed_on(model, device) -> Iterator[torch.device]:
     """Yield the device to run ``model`` on; a model elsewhere is moved there and back afterwards. A model
     spread over several devices (``hf_device_map``) stays where it is."""

@@ -6,6 +6,8 @@ and exits with status 2.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class GeReError(Exception):
     """An error caused by input or configuration that the user can fix.
@@ -17,3 +19,11 @@ class GeReError(Exception):
     def __init__(self, message: str, *, setting: str | None = None):
         super().__init__(message)
         self.setting = setting
+
+
+def check_settings(checks: list[tuple[bool, str, str]], obj: Any) -> None:
+    """Raise for the first failed check of ``(ok, setting name, what it must be)``, naming the setting, its
+    value and what it must be (`gere.continual.run_config.from_dict` puts the section in front)."""
+    for ok, name, need in checks:
+        if not ok:
+            raise GeReError(f"{name} = {getattr(obj, name)!r} is not valid: it must be {need}", setting=name)

@@ -38,9 +38,9 @@ REGULARISERS = tuple(name for name, part in REPLAY_PARTS.items() if part.weight 
 
 TASK_CE = "task_ce"
 TOTAL = "loss"
-#: Penalties on the weights themselves (continual-learning baselines, `gere.baselines`), added to the loss as
-#: they are (each carries its own strength).
-PENALTIES = ("ewc",)
+#: The continual-learning baselines' loss parts (`gere.baselines`), added to the loss as they are (each carries
+#: its own strength): EWC's weight penalty, LwF's distillation, O-LoRA's orthogonality and L2 penalties.
+PENALTIES = ("ewc", "lwf", "olora_orth", "olora_l2")
 #: Every loss part and weight a training step may log, in display order.
 LOSS_PARTS = (TASK_CE, *(p.loss for p in REPLAY_PARTS.values()), *PENALTIES)
 WEIGHTS = tuple(p.weight for p in REPLAY_PARTS.values() if p.weight is not None)

@@ -16,7 +16,13 @@ import numpy as np
 import torch
 
 from gere import distributed
-from gere.batching import check_context_length, forward_batches, length_sorted_batches, pad_token_id
+from gere.batching import (
+    adapters_disabled,
+    check_context_length,
+    forward_batches,
+    length_sorted_batches,
+    pad_token_id,
+)
 from gere.losses import CODE_NEUTRAL, ReplayTargets, threshold_codes
 from gere.stats import RunningStats, batch_statistics, thresholds
 from gere.store.format import ActivationStore
@@ -79,7 +85,7 @@ class OnlineReference:
 
     def targets(self, model, indices: list[int], ids: torch.Tensor, mask: torch.Tensor) -> ReplayTargets:
         need_hidden = bool({"tm", "l1", "l2"} & set(self.parts))
-        with torch.no_grad(), model.disable_adapter():
+        with torch.no_grad(), adapters_disabled(model):
             base = model(input_ids=ids, attention_mask=mask, output_hidden_states=need_hidden, use_cache=False)
         out = ReplayTargets()
         for layer in self.layers if need_hidden else ():

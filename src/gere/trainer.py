@@ -43,7 +43,14 @@ from torch.utils.data import DataLoader, RandomSampler
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import seed_worker
 
-from gere.batching import check_context_length, num_hidden_states, pad_token_id, resolve_layers
+from gere.baselines.lwf import INDEX as LWF_INDEX
+from gere.batching import (
+    adapters_disabled,
+    check_context_length,
+    num_hidden_states,
+    pad_token_id,
+    resolve_layers,
+)
 from gere.config import GeReConfig
 from gere.errors import GeReError
 from gere.losses import combine_losses, replay_losses
@@ -123,10 +130,12 @@ class GeReMixin:
         # store's base model (checked there) turns this off.
         self._check_store_model = check_store_model
         self._gere_replay_set = replay_set
-        # Weight penalties (e.g. `gere.baselines.ewc.EWC`): ``.name`` a `gere.parts.PENALTIES` entry, called on
-        # the unwrapped model during training, added to the loss as they are.
+        # Baseline loss parts (`gere.baselines`): ``.name`` (or ``.names``, for one returning a dict of parts)
+        # `gere.parts.PENALTIES` entries, added to the loss as they are while training. Weight penalties (EWC) are called on the unwrapped model; parts with
+        # ``uses_batch`` (LwF) on the unwrapped model, the task batch and its logits.
         self._penalties = list(penalties)
-        unknown = [getattr(p, "name", None) for p in self._penalties if getattr(p, "name", None) not in PENALTIES]
+        unknown = [n for p in self._penalties for n in getattr(p, "names", (getattr(p, "name", None),))
+                   if n not in PENALTIES]  # fmt: skip
         if unknown:
             raise GeReError(f"penalties must be named one of {PENALTIES} (got {unknown})")
         self._gere_ready = False
@@ -234,7 +243,7 @@ class GeReMixin:
                 "so it needs a peft (LoRA) model; use reference='store' for full fine-tuning"
             )
         check_context_length(model, cfg.replay_max_length)
-        with model.disable_adapter():
+        with adapters_disabled(model):
             stats = replay_statistics(
                 model, tokenizer, self._replay_tokens, layers, batch_size=cfg.extract_batch_size,
                 progress=self.is_world_process_zero(), device=self.args.device,
@@ -272,6 +281,11 @@ class GeReMixin:
         return super().train(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------------ data
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if LWF_INDEX not in self._signature_columns:  # LwF looks its targets up by the rows' index column
+            self._signature_columns.append(LWF_INDEX)
 
     def get_train_dataloader(self) -> DataLoader:
         if not self._replay_rows_in_batches:
@@ -330,8 +344,16 @@ class GeReMixin:
         replay_index = inputs.pop(REPLAY_INDEX, None)
         parts: dict[str, torch.Tensor] = {}
         outputs = None
+        example_index = inputs.pop(LWF_INDEX, None)
+        # Loss parts on the task batch itself (LwF's distillation) need its logits.
+        on_batch = [p for p in self._penalties if getattr(p, "uses_batch", False) and p.active] if model.training else []
         if "input_ids" in inputs or "inputs_embeds" in inputs:
-            parts["task_ce"], outputs = self._task_loss(model, inputs, return_outputs, num_items_in_batch)
+            want_outputs = return_outputs or bool(on_batch)
+            parts["task_ce"], outputs = self._task_loss(model, inputs, want_outputs, num_items_in_batch)
+            if on_batch:
+                logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+                batch = {**inputs, LWF_INDEX: example_index} if example_index is not None else inputs
+                parts.update({p.name: p(self._unwrapped(model), batch, logits) for p in on_batch})
         if self.gere.parts and model.training:
             self._gere_prepare()
             if replay_index is not None:
@@ -345,7 +367,10 @@ class GeReMixin:
         if not parts:
             raise GeReError("empty batch: neither task nor replay samples")
         if model.training:
-            parts.update({p.name: p(self._unwrapped(model)) for p in self._penalties if getattr(p, "active", True)})
+            for penalty in self._penalties:
+                if getattr(penalty, "active", True) and not getattr(penalty, "uses_batch", False):
+                    value = penalty(self._unwrapped(model))  # a tensor, or a dict of named parts (O-LoRA's)
+                    parts.update(value if isinstance(value, dict) else {penalty.name: value})
         loss, weights = combine_losses(parts, self.gere.margin_weight)
         if not torch.isfinite(loss):
             shown = {k: round(float(v.detach()), 6) for k, v in parts.items()}

@@ -1,6 +1,7 @@
 """Checkpoints of a continual run: the weights (or the LoRA adapter) and the RNG state after each stage.
 
-``<run>/checkpoints/stage-<i>/`` holds ``weights.safetensors``, ``rng.safetensors``, the baselines' states
+``<run>/checkpoints/stage-<i>/`` holds ``weights.safetensors`` (the weights, the LoRA adapter, or under
+O-LoRA every task's adapter as ``<adapter>/<name>``), ``rng.safetensors``, the baselines' states
 (``ewc.safetensors``, ``task_replay.json``) and ``checkpoint.json`` (written last). A checkpoint is written to a temporary folder and renamed, so a crash or a full disk never
 leaves a half checkpoint under the final name; older ones are pruned only after the run state names the
 newest.
@@ -59,6 +60,11 @@ def _write_checkpoint(tmp: Path, stage: int, model, cfg: RunConfig) -> None:
         from peft import get_peft_model_state_dict
 
         tensors = get_peft_model_state_dict(model)
+    elif cfg.finetuning == "olora":  # every task's adapter, as <adapter>/<name>
+        from peft import get_peft_model_state_dict
+
+        tensors = {f"{adapter}/{k}": v for adapter in model.peft_config
+                   for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}  # fmt: skip
     else:
         tensors = model.state_dict()
     # Tied weights share storage; safetensors wants each stored once.
@@ -82,6 +88,16 @@ def load_checkpoint(path: Path, model, cfg: RunConfig) -> None:
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, tensors)
+    elif cfg.finetuning == "olora":
+        from peft import set_peft_model_state_dict
+
+        adapters = sorted({k.split("/", 1)[0] for k in tensors})
+        missing = [a for a in adapters if a not in model.peft_config]
+        if missing:
+            raise GeReError(f"checkpoint {path} holds adapters {missing} the model lacks; add them before loading")
+        for adapter in adapters:
+            own = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{adapter}/")}
+            set_peft_model_state_dict(model, own, adapter_name=adapter)
     else:
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         tied = {n for n in missing if n.endswith("lm_head.weight")}

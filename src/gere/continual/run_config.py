@@ -16,14 +16,15 @@ from typing import Any
 
 import yaml
 
+from gere.baselines.settings import EwcSettings, LwfSettings, OLoraSettings, TaskReplaySettings
 from gere.config import GeReConfig
 from gere.continual.lm_eval_general import lm_eval_tasks
 from gere.continual.multiple_choice import MC_FORMATS
 from gere.continual.tasks import TaskSpec
 from gere.distributed import launched_world_size
-from gere.errors import GeReError
+from gere.errors import GeReError, check_settings
 
-FINETUNING = ("full", "lora")
+FINETUNING = ("full", "lora", "olora")
 EVAL_METHODS = ("label", "generate")
 
 
@@ -38,7 +39,7 @@ class LoraSettings:
     )
 
     def __post_init__(self) -> None:
-        _check([
+        check_settings([
             (self.r >= 1, "r", "1 or more"),
             (0 < self.alpha < math.inf, "alpha", "a finite number above 0"),
             (0 <= self.dropout < 1, "dropout", "at least 0 and below 1"),
@@ -63,7 +64,7 @@ class TrainingSettings:
     activation_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations to save memory."})
 
     def __post_init__(self) -> None:
-        _check([
+        check_settings([
             (0 < self.learning_rate < math.inf, "learning_rate", "a finite number above 0"),
             (0 < self.num_train_epochs < math.inf, "num_train_epochs", "a finite number above 0"),
             (self.max_steps == -1 or self.max_steps >= 1, "max_steps",
@@ -114,7 +115,7 @@ class EvalSettings:
     perplexity_limit: int | None = field(default=None, metadata={"help": "At most this many texts per set."})
 
     def __post_init__(self) -> None:
-        _check([
+        check_settings([
             (self.method in EVAL_METHODS, "method", f"one of {EVAL_METHODS}"),
             (self.mc_format in MC_FORMATS, "mc_format", f"one of {MC_FORMATS}"),
             (self.batch_size >= 1, "batch_size", "1 or more"),
@@ -128,33 +129,6 @@ class EvalSettings:
         ], self)  # fmt: skip
         # 'mc' or 'lm_eval:<task,...>' (an error says so), parsed once: None for the built-in set.
         self.lm_eval_task_names: list[str] | None = lm_eval_tasks(self.general)
-
-
-@dataclass
-class EwcSettings:
-    strength: float = field(
-        default=0.0, metadata={"help": "EWC penalty strength lambda (lambda/2 * sum F (theta - theta*)^2); 0 is off."}
-    )
-    samples: int = field(default=64, metadata={"help": "Training examples per task the Fisher is estimated on."})
-
-    def __post_init__(self) -> None:
-        _check([
-            (0 <= self.strength < math.inf, "strength", "a finite number, 0 (off) or more"),
-            (self.samples >= 1, "samples", "1 or more"),
-        ], self)  # fmt: skip
-
-
-@dataclass
-class TaskReplaySettings:
-    per_task: int = field(default=0, metadata={"help": "Training examples of each finished task replayed later; 0 is off."})
-    selection: str = field(default="reservoir", metadata={"help": "'reservoir' (seeded) or 'first' N examples."})
-    seed: int = field(default=0, metadata={"help": "Seed of the reservoir sampling."})
-
-    def __post_init__(self) -> None:
-        _check([
-            (self.per_task >= 0, "per_task", "0 (off) or more"),
-            (self.selection in ("first", "reservoir"), "selection", "'first' or 'reservoir'"),
-        ], self)  # fmt: skip
 
 
 @dataclass
@@ -174,7 +148,9 @@ class RunConfig:
     cache_dir: str | None = field(default=None, metadata={"help": "Cache for converted models (default ~/.cache/gere)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
     seed: int = field(default=0, metadata={"help": "Seed of everything."})
-    finetuning: str = field(default="full", metadata={"help": "'full' or 'lora'."})
+    finetuning: str = field(
+        default="full", metadata={"help": "'full', 'lora', or 'olora' (a new LoRA adapter per task, O-LoRA's penalties)."}
+    )
     lora: LoraSettings = field(default_factory=LoraSettings)
     gere: GeReConfig = field(default_factory=GeReConfig)
     tasks: list[TaskSpec] = field(default_factory=list, metadata={"help": "Tasks in training order."})
@@ -186,6 +162,8 @@ class RunConfig:
     evaluation: EvalSettings = field(default_factory=EvalSettings)
     ewc: EwcSettings = field(default_factory=EwcSettings)
     task_replay: TaskReplaySettings = field(default_factory=TaskReplaySettings)
+    lwf: LwfSettings = field(default_factory=LwfSettings)
+    olora: OLoraSettings = field(default_factory=OLoraSettings)
     keep_checkpoints: int = field(default=1, metadata={"help": "Checkpoints kept (the newest); 0 keeps all."})
     report_to: list[str] = field(
         default_factory=list,
@@ -193,10 +171,15 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
-        _check([
+        check_settings([
             (self.finetuning in FINETUNING, "finetuning", f"one of {FINETUNING}"),
             (self.keep_checkpoints >= 0, "keep_checkpoints", "0 (keep all) or more"),
         ], self)  # fmt: skip
+        if self.finetuning == "olora" and self.ewc.strength > 0:
+            raise GeReError(
+                "ewc.strength > 0 with finetuning: olora: every task trains a new adapter, so EWC's anchor (the "
+                "weights that trained before) has nothing left to hold; use one of the two"
+            )
         from gere.continual.tracking import check_report_to
 
         check_report_to(self.report_to)
@@ -211,9 +194,11 @@ class RunConfig:
 
     def method_name(self) -> str:
         """The method a run trains with, as reports name it: the replay objective (``none`` without
-        replay), with ``+ewc`` / ``+task-replay`` when those baselines are on (alone: ``ewc``, ...)."""
+        replay), with ``+ewc`` / ``+lwf`` / ``+olora`` / ``+task-replay`` when those baselines are on (alone: ``ewc``, ...)."""
         parts = [self.gere.objective] if self.gere.parts else []
         parts += ["ewc"] if self.ewc.strength > 0 else []
+        parts += ["lwf"] if self.lwf.weight > 0 else []
+        parts += ["olora"] if self.finetuning == "olora" else []
         parts += ["task-replay"] if self.task_replay.per_task > 0 else []
         return "+".join(parts) or "none"
 
@@ -250,14 +235,6 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return to_plain(self)
-
-
-def _check(checks: list[tuple[bool, str, str]], obj: Any) -> None:
-    """Raise for the first failed check, naming the setting, its value and what it must be (`from_dict`
-    puts the section in front)."""
-    for ok, name, need in checks:
-        if not ok:
-            raise GeReError(f"{name} = {getattr(obj, name)!r} is not valid: it must be {need}", setting=name)
 
 
 # ------------------------------------------------------------------------------------------ parsing

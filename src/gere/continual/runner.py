@@ -34,8 +34,10 @@ import torch
 from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
 
 from gere.baselines.ewc import EWC
+from gere.baselines.lwf import LwF, with_index
+from gere.baselines.olora import OLoRA, adapter_name
 from gere.baselines.task_replay import TaskReplayBuffer
-from gere.batching import IGNORE_INDEX
+from gere.batching import IGNORE_INDEX, pad_token_id
 from gere.continual.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
 from gere.continual.evaluator import Evaluator
 from gere.continual.prompts import build_train_features
@@ -121,6 +123,8 @@ class _Run:
     tracker: SequenceTracker | None = None
     ewc: EWC | None = None
     task_buffer: TaskReplayBuffer | None = None
+    lwf: LwF | None = None  # its targets are recomputed at every stage's start: nothing to save
+    olora: OLoRA | None = None  # its adapters are saved in the checkpoint's weights
 
     @property
     def baselines(self) -> list:
@@ -160,14 +164,20 @@ def _run_locked(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, b
     model, tokenizer = _load_model(cfg)
     replay_set, store = _prepare_replay(cfg, model, tokenizer, out, state, progress)
     claim(cfg, fresh=fresh)
-    if cfg.finetuning == "lora":
+    olora = None
+    if cfg.finetuning in ("lora", "olora"):
         model = _with_lora(cfg, model)
+    if cfg.finetuning == "olora":
+        olora = OLoRA(cfg.olora.orthogonal, cfg.olora.l2, _lora_config(cfg))
     run = _Run(cfg, out, state or _new_state(cfg, model, store), tasks, model, tokenizer, evaluator, replay_set,
                store, progress, started)  # fmt: skip
+    run.olora = olora
     run.tracker = SequenceTracker(check_report_to(cfg.report_to), cfg.name, out, cfg.to_dict())
     run.ewc = EWC(cfg.ewc.strength) if cfg.ewc.strength > 0 else None
     tr = cfg.task_replay
     run.task_buffer = TaskReplayBuffer(tr.per_task, tr.selection, tr.seed) if tr.per_task > 0 else None
+    lwf = cfg.lwf
+    run.lwf = LwF(lwf.weight, lwf.temperature, lwf.topk, cfg.evaluation.batch_size) if lwf.weight > 0 else None
     if not fresh:
         _resume(run)
         _track_history(run)  # a resumed run's tracked run holds the whole sequence too
@@ -228,13 +238,20 @@ def _prepare_replay(cfg: RunConfig, model, tokenizer, out: Path, state: dict | N
     return replay_set, store
 
 
-def _with_lora(cfg: RunConfig, model):
-    from peft import LoraConfig, get_peft_model
+def _lora_config(cfg: RunConfig):
+    from peft import LoraConfig
 
     lora = cfg.lora
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
-    return get_peft_model(model, config)
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
+
+
+def _with_lora(cfg: RunConfig, model):
+    from peft import get_peft_model
+
+    if cfg.finetuning == "olora":  # the first task's adapter; each later task adds its own
+        return get_peft_model(model, _lora_config(cfg), adapter_name=adapter_name(0))
+    return get_peft_model(model, _lora_config(cfg))
 
 
 def _new_state(cfg: RunConfig, model, store: ActivationStore | None) -> dict[str, Any]:
@@ -259,6 +276,8 @@ def _resume(run: _Run) -> None:
     done = run.state["stages_done"]
     run.started -= run.state.get("elapsed_s", 0.0)
     if done > 0:
+        if run.olora:  # the finished tasks' adapters, for their weights to load into
+            run.olora.add_adapters(run.model, done - 1)
         load_checkpoint(checkpoint_dir(run.out, done), run.model, run.cfg)
         for baseline in run.baselines:
             baseline.load(checkpoint_dir(run.out, done))
@@ -284,6 +303,8 @@ def _run_stage(run: _Run, index: int) -> None:
     t0 = time.time()
     trainer = _stage_trainer(run, index)
     trainer.train()
+    if run.lwf:
+        run.lwf.clear()  # the targets belong to this stage's rows
     step_offset = _steps_before(state)
     rows = [{"step": step_offset + int(entry["step"]), "task": name, **{k: entry.get(k) for k in LOGGED}}
             for entry in trainer.state.log_history if "loss" in entry]  # fmt: skip
@@ -332,6 +353,14 @@ def _stage_trainer(run: _Run, index: int) -> GeReTrainer:
     features = build_train_features(task.spec, task.train, tokenizer, max_length)
     for t, example in run.task_buffer.examples([d.train for d in run.tasks]) if run.task_buffer else []:
         features += build_train_features(run.tasks[t].spec, [example], tokenizer, max_length)  # earlier tasks
+    penalties = [run.ewc] if run.ewc else []
+    if run.olora:  # this task's own adapter trains; the earlier ones stay in the forward pass, frozen
+        run.olora.begin_task(run.model, index)
+        penalties.append(run.olora)
+    if run.lwf:  # the model as it is now, before this task, is the previous stage LwF distils toward
+        features = with_index(features)
+        run.lwf.prepare(run.model, features, pad_token_id(tokenizer))
+        penalties.append(run.lwf)
     return GeReTrainer(
         model=run.model,
         args=_training_args(run.cfg, name, run.out / "stages" / f"{index + 1}-{name}", run.progress),
@@ -343,7 +372,7 @@ def _stage_trainer(run: _Run, index: int) -> GeReTrainer:
         check_store_model=False,  # the store is the base model's (checked in _prepare_replay); the model trains on
         replay_set=run.replay_set,
         callbacks=[train_step_callback()],  # crash tests (gere.faults); a no-op unless GERE_FAULT is set
-        penalties=[run.ewc] if run.ewc else [],
+        penalties=penalties,
     )
 
 

@@ -119,7 +119,7 @@ def method_cells(methods: list[str], size: str, grid: list[Cell] | None = None) 
     cells = []
     for name in methods:
         overrides = dict(METHODS[name])
-        if overrides.get("finetuning") == "lora":
+        if overrides.get("finetuning") in ("lora", "olora"):  # LoRA's learning rate
             overrides.update({f"training.{k}": v for k, v in SIZES[size]["lora"].items()})
         own = tuple(f"{k}={v}" for k, v in overrides.items())
         for extra in grid or [Cell("", ())]:
