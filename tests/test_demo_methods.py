@@ -1,5 +1,6 @@
 """Every demo method is a valid run config, and names itself as reports will."""
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +15,7 @@ def test_each_method_loads_and_is_named_by_its_parts(name, tmp_path):
     root = Path(tmp_path)
     for task in ("a", "b"):
         (root / task).mkdir()
-        (root / task / "task.json").write_text('{"name": "%s", "instruction": "Answer.", "labels": ["x", "y"]}' % task)
+        (root / task / "task.json").write_text(json.dumps({"name": task, "instruction": "Answer.", "labels": ["x", "y"]}))
     assets = SimpleNamespace(model_dir=root / "model", task_dirs=[root / "a", root / "b"], replay=root / "r.jsonl",
                              probe=root / "p.jsonl", heldout_wiki=root / "w.jsonl", heldout_news=root / "n.jsonl")  # fmt: skip
     (cell,) = method_cells([name], "default")
