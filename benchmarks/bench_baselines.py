@@ -5,13 +5,22 @@ training-step time with the EWC penalty relative to the same step without it (Ge
 plus a fused AdamW step, no replay, the same batches, interleaved ABBA); (3) the memory EWC holds, counted
 from its tensors (Fisher and anchor), per trainable parameter.
 
+LwF: (1) the previous stage's top-k logits, seconds per training row (one no-grad forward pass over the
+task's rows, once per task); (2) the step time with the distillation relative to the same step without it;
+(3) the memory its targets hold, bytes per training token.
+
+O-LoRA: the step time of the third task (two frozen adapters in the forward pass, the orthogonality and L2
+penalties) relative to plain LoRA (one adapter, no penalty), same rank and modules; the adapter parameters
+each task adds.
+
 Run from the repository root::
 
-    .venv/bin/python benchmarks/bench_baselines.py --model smollm   # SmolLM2-135M from its wheel, ~3 min
+    .venv/bin/python benchmarks/bench_baselines.py --model smollm   # SmolLM2-135M from its wheel, ~6 min
     .venv/bin/python benchmarks/bench_baselines.py --model tiny     # a small Llama built in code, ~1 min
+    .venv/bin/python benchmarks/bench_baselines.py --model smollm --baselines lwf olora   # some of them
 
-It prints its table with the command, machine and versions, and writes it into a section of
-``benchmarks/RESULTS.md`` keyed by model (other sections are kept).
+It prints one table per baseline with the command, machine and versions, and writes each into a section of
+``benchmarks/RESULTS.md`` keyed by baseline and model (other sections are kept).
 """
 
 from __future__ import annotations
@@ -44,7 +53,9 @@ from bench_engine import (  # noqa: E402  (the engine benchmark's inputs, model 
 )
 
 from gere.baselines.ewc import EWC, diagonal_fisher, trainable_parameters  # noqa: E402
-from gere.batching import IGNORE_INDEX  # noqa: E402
+from gere.baselines.lwf import INDEX, LwF  # noqa: E402
+from gere.baselines.olora import OLoRA, adapter_name  # noqa: E402
+from gere.batching import IGNORE_INDEX, pad_token_id  # noqa: E402
 from gere.provenance import provenance  # noqa: E402
 
 
@@ -62,6 +73,79 @@ def plain_trainer(model, tokenizer, batch: int, work: Path, penalties=()):
                           gere_config=GeReConfig(objective="none"), penalties=list(penalties))  # fmt: skip
     trainer.current_gradient_accumulation_steps = 1
     return trainer
+
+
+def paired_steps(model, batches: list[dict], trainers: dict, args) -> tuple[dict[str, float], float]:
+    """Median step time of each trainer on the same batches, interleaved ABBA, and the median ratio of the
+    second's time to the first's (each trainer's step plus a fused AdamW step on what trains)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    times: dict[str, list[float]] = {k: [] for k in trainers}
+    for step in range(args.warmup + args.steps):
+        for name in list(trainers) if step % 2 == 0 else list(trainers)[::-1]:
+            start = clock()
+            trainers[name].training_step(model, dict(batches[step % len(batches)]))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step >= args.warmup:
+                times[name].append(since(start)[0])
+    first, second = list(trainers)
+    ratio = median([b / a for a, b in zip(times[first], times[second], strict=True)])
+    return {k: median(v) for k, v in times.items()}, ratio
+
+
+def lwf_figures(model, tokenizer, texts: list[str], args, work: Path) -> dict:
+    sizes = sizes_for(args.model, quick=False)
+    batches = task_batches(tokenizer, texts, sizes)
+    rows, indexed = [], []
+    for b in batches:
+        first = len(rows)
+        rows += [{"input_ids": ids[: int(m.sum())].tolist()} for ids, m in zip(b["input_ids"], b["attention_mask"], strict=True)]
+        indexed.append({**b, INDEX: torch.arange(first, len(rows))})
+    lwf = LwF(weight=1.0, temperature=2.0, topk=args.lwf_topk, batch_size=sizes.task_batch)
+    lwf.prepare(model, rows[:1], pad_token_id(tokenizer))  # warm-up
+    start = time.perf_counter()
+    lwf.prepare(model, rows, pad_token_id(tokenizer))
+    prepare_s = (time.perf_counter() - start) / len(rows)
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    held = sum(v.numel() * v.element_size() + i.numel() * i.element_size() for v, i in lwf._targets)
+    trainers = {"none": plain_trainer(model, tokenizer, sizes.task_batch, work),
+                "lwf": plain_trainer(model, tokenizer, sizes.task_batch, work, [lwf])}  # fmt: skip
+    step_s, ratio = paired_steps(model, indexed, trainers, args)
+    return {"prepare_s_per_row": prepare_s, "rows": len(rows), "bytes_per_token": held / tokens, "topk": lwf.topk,
+            "step_s": step_s, "ratio": ratio, "steps": args.steps, "batch": (sizes.task_batch, sizes.task_length)}  # fmt: skip
+
+
+def olora_figures(model, tokenizer, texts: list[str], args, work: Path) -> dict:
+    """Plain LoRA (one adapter) against O-LoRA's third task (two frozen adapters and the new one)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    sizes = sizes_for(args.model, quick=False)
+    batches = task_batches(tokenizer, texts, sizes)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
+    plain = get_peft_model(copy.deepcopy(model), copy.deepcopy(config))
+    olora_model = get_peft_model(model, copy.deepcopy(config), adapter_name=adapter_name(0))
+    olora = OLoRA(orthogonal=0.5, l2=0.0, lora_config=copy.deepcopy(config))
+    olora.begin_task(olora_model, 2)
+    per_task = sum(p.numel() for p in olora_model.parameters() if p.requires_grad)
+    # Two separate models: alternated step by step (ABBA) for the paired ratio.
+    trainers = {"lora": plain_trainer(plain, tokenizer, sizes.task_batch, work / "p"),
+                "olora": plain_trainer(olora_model, tokenizer, sizes.task_batch, work / "o", [olora])}  # fmt: skip
+    times: dict[str, list[float]] = {"lora": [], "olora": []}
+    models = {"lora": plain, "olora": olora_model}
+    optimizers = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5) for k, m in models.items()}
+    for step in range(args.warmup + args.steps):
+        for name in ("lora", "olora") if step % 2 == 0 else ("olora", "lora"):
+            start = clock()
+            trainers[name].training_step(models[name], dict(batches[step % len(batches)]))
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+            if step >= args.warmup:
+                times[name].append(since(start)[0])
+    ratio = median([b / a for a, b in zip(times["lora"], times["olora"], strict=True)])
+    return {"step_s": {k: median(v) for k, v in times.items()}, "ratio": ratio, "per_task": per_task, "rank": 8,
+            "steps": args.steps, "batch": (sizes.task_batch, sizes.task_length)}  # fmt: skip
 
 
 def ewc_figures(model, tokenizer, texts: list[str], args, work: Path) -> dict:
@@ -86,29 +170,16 @@ def ewc_figures(model, tokenizer, texts: list[str], args, work: Path) -> dict:
     held = sum(t.numel() * t.element_size() for d in (ewc.fisher, ewc.anchor) for t in d.values())
     trainers = {"none": plain_trainer(model, tokenizer, sizes.task_batch, work),
                 "ewc": plain_trainer(model, tokenizer, sizes.task_batch, work, [ewc])}  # fmt: skip
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    times: dict[str, list[float]] = {k: [] for k in trainers}
-    for step in range(args.warmup + args.steps):
-        for name in list(trainers) if step % 2 == 0 else list(trainers)[::-1]:
-            start = clock()
-            trainers[name].training_step(model, dict(batches[step % len(batches)]))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if step >= args.warmup:
-                times[name].append(since(start)[0])
-    pairs = [b / a for a, b in zip(times["none"], times["ewc"], strict=True)]
+    step_s, ratio = paired_steps(model, batches, trainers, args)
     return {
         "fisher_s_per_example": fisher_s, "fisher_examples": len(rows), "trainable": trainable,
-        "held_bytes": held, "bytes_per_param": held / trainable, "step_s": {k: median(v) for k, v in times.items()},
-        "ratio": median(pairs), "steps": args.steps, "batch": (sizes.task_batch, sizes.task_length),
+        "held_bytes": held, "bytes_per_param": held / trainable, "step_s": step_s,
+        "ratio": ratio, "steps": args.steps, "batch": (sizes.task_batch, sizes.task_length),
     }  # fmt: skip
 
 
-def render(args, env: dict, prov: dict, model_desc: str, text_desc: str, r: dict, command: str, pressure: list[str]) -> str:
-    lines = [
-        f"## Baselines: EWC costs ({args.model})", "",
-        f"Model: {model_desc}. Task batches: {r['batch'][0]} x {r['batch'][1]} tokens of {text_desc}.", "",
-        "| figure | value |", "|---|---|",
+def ewc_rows(r: dict) -> list[str]:
+    return [
         f"| Fisher estimate, s per example (median over {r['fisher_examples']}) | {r['fisher_s_per_example']:.3f} |",
         f"| training step without EWC, median s ({r['steps']} steps) | {r['step_s']['none']:.3f} |",
         f"| training step with EWC, median s | {r['step_s']['ewc']:.3f} |",
@@ -116,6 +187,39 @@ def render(args, env: dict, prov: dict, model_desc: str, text_desc: str, r: dict
         f"| trainable parameters | {r['trainable']:,} |",
         f"| EWC memory (Fisher + anchor), MiB | {r['held_bytes'] / 2**20:.1f} |",
         f"| EWC memory per trainable parameter, bytes | {r['bytes_per_param']:.1f} |",
+    ]  # fmt: skip
+
+
+def lwf_rows(r: dict) -> list[str]:
+    return [
+        f"| previous stage's top-{r['topk']} logits, s per training row (over {r['rows']} rows) | {r['prepare_s_per_row']:.3f} |",
+        f"| training step without LwF, median s ({r['steps']} steps) | {r['step_s']['none']:.3f} |",
+        f"| training step with LwF, median s | {r['step_s']['lwf']:.3f} |",
+        f"| step time with / without LwF (median of paired ratios) | {r['ratio']:.3f} |",
+        f"| LwF memory, bytes per training token | {r['bytes_per_token']:.1f} |",
+    ]  # fmt: skip
+
+
+def olora_rows(r: dict) -> list[str]:
+    return [
+        f"| LoRA step (one adapter, r = {r['rank']}, q/k/v/o), median s ({r['steps']} steps) | {r['step_s']['lora']:.3f} |",
+        f"| O-LoRA step, third task (two frozen adapters, penalties), median s | {r['step_s']['olora']:.3f} |",
+        f"| step time O-LoRA / LoRA (median of paired ratios) | {r['ratio']:.3f} |",
+        f"| adapter parameters added per task | {r['per_task']:,} |",
+    ]  # fmt: skip
+
+
+BASELINES = {"ewc": ("EWC", ewc_figures, ewc_rows, "baselines"), "lwf": ("LwF", lwf_figures, lwf_rows, "baselines-lwf"),
+             "olora": ("O-LoRA", olora_figures, olora_rows, "baselines-olora")}  # fmt: skip
+
+
+def render(title: str, rows: list[str], args, env: dict, prov: dict, model_desc: str, text_desc: str, r: dict,
+           command: str, pressure: list[str]) -> str:  # fmt: skip
+    lines = [
+        f"## Baselines: {title} costs ({args.model})", "",
+        f"Model: {model_desc}. Task batches: {r['batch'][0]} x {r['batch'][1]} tokens of {text_desc}.", "",
+        "| figure | value |", "|---|---|",
+        *rows,
         "",
         f"Command: `{command}`. CPU load before / after: {' / '.join(pressure)}.", "",
         f"Machine: {env['machine']}; torch {env['torch']}, transformers {env['transformers']}; "
@@ -130,7 +234,9 @@ def main(argv=None) -> int:
     p.add_argument("--smollm-wheel", default=os.environ.get("GERE_SMOLLM_WHEEL", SMOLLM_WHEEL))
     p.add_argument("--gensim-wheel", default=os.environ.get("GERE_GENSIM_WHEEL", GENSIM_WHEELS))
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--baselines", nargs="+", choices=list(BASELINES), default=list(BASELINES))
     p.add_argument("--fisher-samples", type=int, default=16)
+    p.add_argument("--lwf-topk", type=int, default=64)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--results", default=str(HERE / "RESULTS.md"))
@@ -142,17 +248,21 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     replay_pool, task_pool, text_desc = general_texts(args.gensim_wheel)
     model, tokenizer, model_desc = load_model(args, replay_pool + task_pool)
-    pressure = [cpu_pressure()]
-    with tempfile.TemporaryDirectory(prefix="gere-bench-") as tmp:
-        results = ewc_figures(model, tokenizer, task_pool, args, Path(tmp))
-    pressure.append(cpu_pressure())
     python = os.path.relpath(sys.executable) if not os.path.relpath(sys.executable).startswith("..") else "python"
     command = shlex.join([python, os.path.relpath(__file__), *(argv or sys.argv[1:])])
-    section = render(args, environment(), provenance(), model_desc, text_desc, results, command, pressure)
-    print(section)
-    if not args.no_write:
-        write_results(Path(args.results), f"baselines-{args.model}", section)
-        print(f"wrote section 'baselines-{args.model}' of {args.results}")
+    # O-LoRA turns the model into a peft model: it runs last.
+    for name in sorted(args.baselines, key=lambda b: b == "olora"):
+        title, figures, rows, key = BASELINES[name]
+        pressure = [cpu_pressure()]
+        with tempfile.TemporaryDirectory(prefix="gere-bench-") as tmp:
+            results = figures(model, tokenizer, task_pool, args, Path(tmp))
+        pressure.append(cpu_pressure())
+        section = render(title, rows(results), args, environment(), provenance(), model_desc, text_desc, results,
+                         command, pressure)  # fmt: skip
+        print(section, flush=True)
+        if not args.no_write:
+            write_results(Path(args.results), f"{key}-{args.model}", section)
+            print(f"wrote section '{key}-{args.model}' of {args.results}")
     return 0
 
 
