@@ -1,6 +1,9 @@
 """Experience replay of earlier tasks: selection, the buffer in training, checkpoints and resume."""
 
+from types import SimpleNamespace
+
 import pytest
+import torch
 from test_runner import run, setup, whole_and_resumed  # noqa: F401 (the tiny two-task run files, shared)
 
 import gere.continual.runner as runner
@@ -62,8 +65,79 @@ def test_resume_after_a_crash_gives_the_same_metrics(setup, tmp_path, monkeypatc
     assert [r["loss"] for r in resumed["loss_history"]] == [r["loss"] for r in whole["loss_history"]]
 
 
+def spy_trainers(monkeypatch) -> list:
+    trainers = []
+    real = runner._stage_trainer
+
+    def spy(run_, index):
+        trainers.append(real(run_, index))
+        return trainers[-1]
+
+    monkeypatch.setattr(runner, "_stage_trainer", spy)
+    return trainers
+
+
+def test_interpolate_puts_exactly_k_buffered_examples_in_every_batch(setup, tmp_path, monkeypatch):  # noqa: F811
+    trainers = spy_trainers(monkeypatch)
+    run(setup, tmp_path / "bi", "gere.objective=ce+tm", "task_replay.per_task=3", "task_replay.mixing=interpolate",
+        "task_replay.per_batch=1", "lwf.weight=1", "lwf.topk=4")  # fmt: skip
+    # LwF's index column names each row: the task's 16 rows are 0-15, the buffered ones 16-18.
+    second = trainers[1]
+    assert len(second.train_dataset) == 16 + 3
+    batches = [b["gere_example_index"].tolist() for b in second.get_train_dataloader()]
+    assert all(sum(i >= 16 for i in b) == 1 for b in batches), batches  # the last batch: 1 task row + 1
+    assert all(len(b) == 4 for b in batches[:-1]), batches
+    assert sorted(i for b in batches for i in b if i < 16) == list(range(16)), "every task row once per epoch"
+    assert second._train_sampler is not None and trainers[0]._train_sampler is None
+
+
+def test_batch_mode_adds_a_separate_buffered_batch_to_every_step(setup, tmp_path, monkeypatch):  # noqa: F811
+    trainers = spy_trainers(monkeypatch)
+    result = run(setup, tmp_path / "sep", "gere.objective=none", "task_replay.per_task=3", "task_replay.mixing=batch",
+                 "task_replay.batch_size=2")  # fmt: skip
+    assert [len(t.train_dataset) for t in trainers] == [16, 16], "the buffer is not in the task data"
+    history = result["loss_history"]
+    assert all(r["task_replay_ce"] is None for r in history if r["task"] == "mood")
+    second = [r for r in history if r["task"] == "compass"]
+    assert second and all(r["task_replay_ce"] > 0 for r in second)
+    for r in second:
+        assert r["loss"] == pytest.approx(r["task_ce"] + r["task_replay_ce"], rel=1e-4)
+
+
+def test_separate_batches_draw_each_buffered_row_before_repeating(setup):  # noqa: F811
+    from gere.baselines.task_replay import SeparateBufferBatches
+
+    seen = []
+    batches = SeparateBufferBatches([{"i": i} for i in range(5)], 2, collator=lambda rows: seen.append(rows) or {}, seed=1)
+    model = torch.nn.Linear(1, 1)
+    model.forward = lambda **kw: SimpleNamespace(loss=torch.zeros(()))  # only the draws are looked at here
+    for _ in range(5):
+        batches(model)
+    drawn = [r["i"] for rows in seen for r in rows]
+    # every row comes once before any row repeats
+    assert sorted(drawn[:5]) == [0, 1, 2, 3, 4] and sorted(drawn[5:10]) == [0, 1, 2, 3, 4]
+    with pytest.raises(GeReError, match="empty"):
+        SeparateBufferBatches([], 2, None, 0)
+
+
+def test_resume_in_batch_mode_gives_the_same_losses(setup, tmp_path, monkeypatch):  # noqa: F811
+    args = ("gere.objective=none", "task_replay.per_task=4", "task_replay.mixing=batch", "task_replay.batch_size=2")
+    whole, resumed = whole_and_resumed(setup, tmp_path, monkeypatch, *args)
+    assert [r["loss"] for r in resumed["loss_history"]] == [r["loss"] for r in whole["loss_history"]]
+    assert resumed["metrics"] == whole["metrics"]
+
+
 def test_settings_are_checked(setup):  # noqa: F811
     for bad, words in (("task_replay.per_task=-1", "task_replay.per_task"),
-                       ("task_replay.selection=last", "task_replay.selection")):  # fmt: skip
+                       ("task_replay.selection=last", "task_replay.selection"),
+                       ("task_replay.mixing=mix", "task_replay.mixing"),
+                       ("task_replay.per_batch=0", "task_replay.per_batch"),
+                       ("task_replay.batch_size=0", "task_replay.batch_size")):  # fmt: skip
         with pytest.raises(GeReError, match=words):
             load_run_config(setup / "run.yaml", [bad])
+    interpolate = ["task_replay.per_task=2", "task_replay.mixing=interpolate"]
+    with pytest.raises(GeReError, match="leaves no task sample"):
+        load_run_config(setup / "run.yaml", [*interpolate, "task_replay.per_batch=4"])
+    with pytest.raises(GeReError, match="both place rows"):
+        load_run_config(setup / "run.yaml", [*interpolate, "gere.objective=ce", "gere.num_interpolate_per_batch=1"])
+    load_run_config(setup / "run.yaml", [*interpolate, "gere.objective=ce"])  # a separate general replay batch: fine

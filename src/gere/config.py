@@ -8,7 +8,7 @@ parsed and checked once, in `GeReConfig.__post_init__`; the rest of the package 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
 from gere.errors import GeReError
@@ -235,3 +235,22 @@ class GeReConfig:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+#: What the reference implementation does when its argument names are used and a setting is left out:
+#: margin weight 100 (its ``w_strategy`` default), without interpolation the replay set concatenated to the
+#: task data, with interpolation replay samples at random positions of each global batch. A `GeReConfig`
+#: passed explicitly keeps its own values (docs/fidelity.md).
+REFERENCE_DEFAULTS = {"margin_weight": 100.0, "replay_mixing": "concat", "interpolation_placement": "random"}
+
+
+def resolved_config(config: GeReConfig | None, reference_names: dict) -> GeReConfig:
+    """The config, with the reference implementation's argument names (those given) applied on top; a script
+    written for the reference without a config also gets the reference's defaults (`REFERENCE_DEFAULTS`)."""
+    overrides = {k: v for k, v in reference_names.items() if v is not None}
+    if config is None and overrides:
+        overrides = {**REFERENCE_DEFAULTS, **overrides}
+        if overrides.get("num_interpolate_per_batch"):
+            overrides["replay_mixing"] = "interpolate"
+    config = config or GeReConfig()
+    return replace(config, **overrides) if overrides else config

@@ -11,7 +11,10 @@ other part is a regulariser multiplied by the regulariser weight (``margin_weigh
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from gere.errors import GeReError
 
 
 @dataclass(frozen=True)
@@ -39,8 +42,9 @@ REGULARISERS = tuple(name for name, part in REPLAY_PARTS.items() if part.weight 
 TASK_CE = "task_ce"
 TOTAL = "loss"
 #: The continual-learning baselines' loss parts (`gere.baselines`), added to the loss as they are (each carries
-#: its own strength): EWC's weight penalty, LwF's distillation, O-LoRA's orthogonality and L2 penalties.
-PENALTIES = ("ewc", "lwf", "olora_orth", "olora_l2")
+#: its own strength): EWC's weight penalty, LwF's distillation, O-LoRA's orthogonality and L2 penalties, the
+#: cross-entropy of a separate batch of earlier tasks' examples.
+PENALTIES = ("ewc", "lwf", "olora_orth", "olora_l2", "task_replay_ce")
 #: Every loss part and weight a training step may log, in display order.
 LOSS_PARTS = (TASK_CE, *(p.loss for p in REPLAY_PARTS.values()), *PENALTIES)
 WEIGHTS = tuple(p.weight for p in REPLAY_PARTS.values() if p.weight is not None)
@@ -48,3 +52,12 @@ LOGGED = (TOTAL, *LOSS_PARTS, *WEIGHTS)
 
 #: How the margin loss is reduced over elements: sum / non-zero elements (the reference), / real, or sum.
 REDUCTIONS = ("nonzero", "mean", "sum")
+
+
+def checked_loss_parts(penalties: Sequence[Callable]) -> list[Callable]:
+    """Each loss part's ``.name`` (or ``.names``, for one returning a dict of parts) must be a
+    `gere.parts.PENALTIES` entry: the names the logs, the loss history and the plots know."""
+    unknown = [n for p in penalties for n in getattr(p, "names", (getattr(p, "name", None),)) if n not in PENALTIES]
+    if unknown:
+        raise GeReError(f"penalties must be named one of {PENALTIES} (got {unknown})")
+    return list(penalties)

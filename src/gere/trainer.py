@@ -31,7 +31,6 @@ and the logged loss parts are averaged over processes. See docs/distributed.md f
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -39,7 +38,7 @@ from functools import partial
 
 import torch
 from accelerate.utils import DistributedDataParallelKwargs
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler, Sampler
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import seed_worker
 
@@ -51,10 +50,10 @@ from gere.batching import (
     pad_token_id,
     resolve_layers,
 )
-from gere.config import GeReConfig
+from gere.config import GeReConfig, resolved_config
 from gere.errors import GeReError
 from gere.losses import combine_losses, replay_losses
-from gere.parts import LOSS_PARTS, PENALTIES, WEIGHTS
+from gere.parts import LOSS_PARTS, WEIGHTS, checked_loss_parts
 from gere.reference import OnlineReference, StoreReference, replay_statistics
 from gere.replay.batches import (
     REPLAY_INDEX,
@@ -71,12 +70,6 @@ from gere.store.fingerprint import check_store_belongs
 from gere.store.format import ActivationStore
 
 LOGGED_PARTS = (*LOSS_PARTS, *WEIGHTS)
-#: What the reference implementation does when its argument names are used and a setting is left out:
-#: margin weight 100 (its ``w_strategy`` default), without interpolation the replay set concatenated to the
-#: task data, with interpolation replay samples at random positions of each global batch. A `GeReConfig` passed explicitly keeps its own values (docs/fidelity.md).
-REFERENCE_DEFAULTS = {"margin_weight": 100.0, "replay_mixing": "concat", "interpolation_placement": "random"}
-
-
 class GeReMixin:
     """The GeRe machinery; mixed into `Trainer` and `Seq2SeqTrainer` below."""
 
@@ -97,22 +90,14 @@ class GeReMixin:
         gere_data_file: str | None = None,
         check_store_model: bool = True,
         penalties: Sequence[Callable] = (),
+        train_sampler: Sampler | None = None,
         **kwargs,
     ):
-        overrides = {
-            "store_dir": gere_hidden_state_saving_dir,
-            "reuse_store": reuse_gere_hidden_state,
-            "num_interpolate_per_batch": num_interpolate_per_batch,
-            "margin_weight": w_strategy,
+        self.gere = resolved_config(gere_config, {
+            "store_dir": gere_hidden_state_saving_dir, "reuse_store": reuse_gere_hidden_state,
+            "num_interpolate_per_batch": num_interpolate_per_batch, "margin_weight": w_strategy,
             "replay_source": gere_data_file,
-        }
-        overrides = {k: v for k, v in overrides.items() if v is not None}
-        if gere_config is None and overrides:
-            overrides = {**REFERENCE_DEFAULTS, **overrides}  # a script written for the reference implementation
-            if overrides.get("num_interpolate_per_batch"):
-                overrides["replay_mixing"] = "interpolate"
-        config = gere_config or GeReConfig()
-        self.gere = dataclasses.replace(config, **overrides) if overrides else config
+        })  # fmt: skip
         if "tokenizer" in kwargs and self._gere_converts_tokenizer:
             # transformers 5 removed Trainer's `tokenizer=`; scripts written for the reference still pass it.
             if kwargs.get("processing_class") is not None:
@@ -130,14 +115,16 @@ class GeReMixin:
         # store's base model (checked there) turns this off.
         self._check_store_model = check_store_model
         self._gere_replay_set = replay_set
-        # Baseline loss parts (`gere.baselines`): ``.name`` (or ``.names``, for one returning a dict of parts)
-        # `gere.parts.PENALTIES` entries, added to the loss as they are while training. Weight penalties (EWC) are called on the unwrapped model; parts with
-        # ``uses_batch`` (LwF) on the unwrapped model, the task batch and its logits.
-        self._penalties = list(penalties)
-        unknown = [n for p in self._penalties for n in getattr(p, "names", (getattr(p, "name", None),))
-                   if n not in PENALTIES]  # fmt: skip
-        if unknown:
-            raise GeReError(f"penalties must be named one of {PENALTIES} (got {unknown})")
+        # Baseline loss parts (`gere.baselines`), added to the loss as they are while training: weight
+        # penalties (EWC, O-LoRA) called on the unwrapped model, parts with ``uses_batch`` (LwF) also given the
+        # task batch and its logits. A sampler replaces the Trainer's shuffling (e.g. exactly k buffered rows
+        # of earlier tasks in every global batch: `gere.baselines.task_replay.interpolating_sampler`).
+        self._penalties, self._train_sampler = checked_loss_parts(penalties), train_sampler
+        if train_sampler is not None and self._replay_rows_in_batches:
+            raise GeReError(
+                f"train_sampler= and replay_mixing {self.gere.mixing!r} both decide the task batches; give the "
+                "general replay set a separate batch (replay_mixing='batch', num_interpolate_per_batch=0)"
+            )
         self._gere_ready = False
         self._replay_tokens: list[list[int]] = []
         self._reference: StoreReference | OnlineReference | None = None
@@ -281,6 +268,11 @@ class GeReMixin:
         return super().train(*args, **kwargs)
 
     # ------------------------------------------------------------------------------------------ data
+
+    def _get_train_sampler(self, *args, **kwargs):
+        if self._train_sampler is not None:
+            return self._train_sampler
+        return super()._get_train_sampler(*args, **kwargs)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()

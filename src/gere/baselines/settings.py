@@ -55,10 +55,20 @@ class OLoraSettings:
 class TaskReplaySettings:
     per_task: int = field(default=0, metadata={"help": "Training examples of each finished task replayed later; 0 is off."})
     selection: str = field(default="reservoir", metadata={"help": "'reservoir' (seeded) or 'first' N examples."})
-    seed: int = field(default=0, metadata={"help": "Seed of the reservoir sampling."})
+    seed: int = field(default=0, metadata={"help": "Seed of the reservoir sampling and of the buffer's draws."})
+    mixing: str = field(
+        default="concat",
+        metadata={"help": "'concat' (appended to the task's examples), 'interpolate' (per_batch in every global "
+                          "batch) or 'batch' (a separate batch of batch_size with every micro-batch)."},
+    )  # fmt: skip
+    per_batch: int = field(default=1, metadata={"help": "mixing: interpolate: buffered examples in every global batch."})
+    batch_size: int = field(default=4, metadata={"help": "mixing: batch: buffered examples in each separate batch."})
 
     def __post_init__(self) -> None:
         check_settings([
             (self.per_task >= 0, "per_task", "0 (off) or more"),
             (self.selection in ("first", "reservoir"), "selection", "'first' or 'reservoir'"),
+            (self.mixing in ("concat", "interpolate", "batch"), "mixing", "'concat', 'interpolate' or 'batch'"),
+            (self.per_batch >= 1, "per_batch", "1 or more"),
+            (self.batch_size >= 1, "batch_size", "1 or more"),
         ], self)  # fmt: skip

@@ -2,11 +2,18 @@
 
 After each task, ``per_task`` of its training examples join the buffer, chosen ``first`` (the first N) or
 by ``reservoir`` sampling (Algorithm R over the task's training examples in order, seeded by the run's
-task-replay seed and the task's position). While later tasks train, the buffer's examples are appended
-to the new task's training examples and shuffled with them (as ``replay_mixing: concat`` does with the
-general replay set), each one formatted with its own task's prompt. The buffer is a list of (task,
-example) positions, saved with every checkpoint (``task_replay.json``), so ``--resume`` trains on exactly
-the buffer it stopped with.
+task-replay seed and the task's position). While later tasks train, the buffer's examples, each formatted
+with its own task's prompt, join training in one of the three ways the general replay set can
+(``MIXINGS``):
+
+- ``concat``: appended to the new task's training examples and shuffled with them;
+- ``interpolate``: exactly ``per_batch`` buffered examples inside every global batch, the rest task
+  examples (`interpolating_sampler`, the batch-interpolation sampler of the general replay set);
+- ``batch``: a separate batch of ``batch_size`` buffered examples with every micro-batch, its
+  cross-entropy added to the loss as the part ``task_replay_ce`` (`SeparateBufferBatches`).
+
+The buffer is a list of (task, example) positions, saved with every checkpoint (``task_replay.json``), so
+``--resume`` trains on exactly the buffer it stopped with.
 """
 
 from __future__ import annotations
@@ -16,11 +23,17 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
+from gere.batching import model_device
 from gere.errors import GeReError
 from gere.io_utils import atomic_write_json
+from gere.replay.batches import SeparateReplayBatches
+from gere.replay.sampler import BatchInterpolationSampler
 
 FILE = "task_replay.json"
 SELECTIONS = ("first", "reservoir")
+MIXINGS = ("concat", "interpolate", "batch")
 
 
 def select(count: int, n: int, selection: str, seed: int) -> list[int]:
@@ -67,3 +80,36 @@ class TaskReplayBuffer:
         if not path.exists():
             raise GeReError(f"{path} is missing: this checkpoint was written without task replay; start over with --overwrite")
         self.entries = [tuple(e) for e in json.loads(path.read_text())["entries"]]
+
+
+def stage_seed(seed: int, task: int) -> int:
+    """The seed of the buffer's draws while task ``task`` (0-based) trains."""
+    return seed * 1_000_003 + 7 * task + 1
+
+
+def interpolating_sampler(num_task: int, num_buffered: int, per_batch: int, global_batch: int, seed: int):
+    """Indices of ``[task rows..., buffered rows...]`` with exactly ``per_batch`` buffered rows in every global
+    batch (at random positions), for a dataset that lists the task's rows, then the buffer's."""
+    return BatchInterpolationSampler(num_task, num_buffered, per_batch, global_batch, seed=seed, placement="random")
+
+
+class SeparateBufferBatches:
+    """A loss part (`gere.trainer.GeReMixin` ``penalties=``): the cross-entropy of a batch of ``batch_size``
+    buffered rows, drawn afresh with every micro-batch from one seeded order (each row once before any
+    repeats), collated by ``collator``."""
+
+    name = "task_replay_ce"
+
+    def __init__(self, rows: Sequence[dict], batch_size: int, collator, seed: int):
+        if not rows:
+            raise GeReError("the task-replay buffer is empty: there is nothing to draw a separate batch from")
+        if batch_size < 1:
+            raise GeReError(f"task_replay.batch_size must be 1 or more (got {batch_size})")
+        self.rows, self.collator = list(rows), collator
+        self._draws = SeparateReplayBatches(len(self.rows), batch_size, seed)
+
+    def __call__(self, model) -> torch.Tensor:
+        batch = self.collator([self.rows[i] for i in self._draws.next()])
+        device = model_device(model)
+        inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        return model(**inputs, use_cache=False).loss

@@ -205,6 +205,20 @@ class RunConfig:
     def _check_interpolation(self, t: TrainingSettings, task: str | None) -> None:
         k = self.gere.num_interpolate_per_batch
         global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * launched_world_size()
+        tr = self.task_replay
+        if tr.per_task and tr.mixing == "interpolate":
+            if self.gere.parts and self.gere.mixing in ("interpolate", "concat"):
+                raise GeReError(
+                    f"task_replay.mixing: interpolate and gere replay_mixing {self.gere.mixing!r} both place rows "
+                    "inside the task batches; give the general replay set a separate batch (gere.replay_mixing: "
+                    "batch, gere.num_interpolate_per_batch: 0) or the task buffer another mixing"
+                )
+            if tr.per_batch >= global_batch:
+                where = f" for task {task!r}" if task else ""
+                raise GeReError(
+                    f"task_replay.per_batch = {tr.per_batch} leaves no task sample in a global batch of {global_batch}"
+                    f"{where}; lower it or raise the batch"
+                )
         if self.gere.parts and k and k >= global_batch:
             where = f" for task {task!r}" if task else ""
             raise GeReError(

@@ -19,7 +19,7 @@ import yaml
 
 from gere.continual.run_config import RunConfig
 from gere.errors import GeReError
-from gere.io_utils import HF_PREFIX, atomic_write_text, sha256_file
+from gere.io_utils import HF_PREFIX, atomic_write_json, atomic_write_text, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -113,3 +113,25 @@ def claim(cfg: RunConfig, *, fresh: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return out
+
+
+def base_eval_key(cfg: RunConfig, base_model: str) -> str:
+    data = {"model": base_model, "tasks": [s.to_dict() for s in cfg.task_specs()], "eval": cfg.to_dict()["evaluation"]}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def cached_base_eval(path, cfg: RunConfig, base_model: str) -> dict | None:
+    """Runs of one comparison share the base model's evaluation (same model, tasks and eval settings)."""
+    if path is None or not Path(path).exists():
+        return None
+    data = json.loads(Path(path).read_text())
+    return data.get(base_eval_key(cfg, base_model))
+
+
+def store_base_eval(path, cfg: RunConfig, base_model: str, evaluation: dict) -> None:
+    if path is None:
+        return
+    path = Path(path)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[base_eval_key(cfg, base_model)] = evaluation
+    atomic_write_json(path, data)

@@ -21,8 +21,6 @@ CPU with the same seed ends with the same metrics as an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import shutil
 import time
@@ -36,7 +34,12 @@ from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
 from gere.baselines.ewc import EWC
 from gere.baselines.lwf import LwF, with_index
 from gere.baselines.olora import OLoRA, adapter_name
-from gere.baselines.task_replay import TaskReplayBuffer
+from gere.baselines.task_replay import (
+    SeparateBufferBatches,
+    TaskReplayBuffer,
+    interpolating_sampler,
+    stage_seed,
+)
 from gere.batching import IGNORE_INDEX, pad_token_id
 from gere.continual.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
 from gere.continual.evaluator import Evaluator
@@ -46,10 +49,12 @@ from gere.continual.run_config import RunConfig
 from gere.continual.run_folder import (
     OWN_STORE,
     STATE_FILE,
+    cached_base_eval,
     claim,
     config_digest,
     existing_state,
     input_digests,
+    store_base_eval,
 )
 from gere.continual.tasks import TaskData, load_task
 from gere.continual.tracking import SequenceTracker, check_report_to, stage_metrics
@@ -286,10 +291,10 @@ def _resume(run: _Run) -> None:
 
 def _evaluate_base(run: _Run, cache) -> None:
     t0 = time.time()
-    base = _cached_base_eval(cache, run.cfg, run.state["base_model"])
+    base = cached_base_eval(cache, run.cfg, run.state["base_model"])
     if base is None:
         base = run.evaluator(run.model, run.tokenizer, "base", run.progress)
-        _store_base_eval(cache, run.cfg, run.state["base_model"], base)
+        store_base_eval(cache, run.cfg, run.state["base_model"], base)
     run.state["accuracy_matrix"].append(base["accuracies"])
     run.state["general"].append(base["general"])
     run.state["eval_s"] += time.time() - t0
@@ -346,14 +351,34 @@ def _steps_before(state: dict[str, Any]) -> int:
     return max((h["step"] for h in state["loss_history"]), default=0)  # a state written before 0.2
 
 
+def _mix_task_buffer(run: _Run, index: int, features: list[dict], collator):
+    """The earlier tasks' buffered examples (each in its own task's prompt) mixed in as
+    ``task_replay.mixing`` says: ``(training rows, sampler or None, [separate-batch loss part] or [])``."""
+    if not run.task_buffer:
+        return features, None, []
+    max_length = run.cfg.training_for(run.tasks[index].spec.name).max_length
+    buffered = []
+    for t, example in run.task_buffer.examples([d.train for d in run.tasks]):
+        buffered += build_train_features(run.tasks[t].spec, [example], run.tokenizer, max_length)
+    tr, seed = run.cfg.task_replay, stage_seed(run.cfg.task_replay.seed, index)
+    if not buffered or tr.mixing == "concat":
+        return features + buffered, None, []
+    if tr.mixing == "batch":
+        return features, None, [SeparateBufferBatches(buffered, tr.batch_size, collator, seed)]
+    t = run.cfg.training_for(run.tasks[index].spec.name)
+    global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    return features + buffered, interpolating_sampler(len(features), len(buffered), tr.per_batch, global_batch, seed), []
+
+
 def _stage_trainer(run: _Run, index: int) -> GeReTrainer:
     task, tokenizer = run.tasks[index], run.tokenizer
     name = task.spec.name
     max_length = run.cfg.training_for(name).max_length
     features = build_train_features(task.spec, task.train, tokenizer, max_length)
-    for t, example in run.task_buffer.examples([d.train for d in run.tasks]) if run.task_buffer else []:
-        features += build_train_features(run.tasks[t].spec, [example], tokenizer, max_length)  # earlier tasks
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     penalties = [run.ewc] if run.ewc else []
+    features, sampler, buffer_batches = _mix_task_buffer(run, index, features, collator)
+    penalties += buffer_batches
     if run.olora:  # this task's own adapter trains; the earlier ones stay in the forward pass, frozen
         run.olora.begin_task(run.model, index)
         penalties.append(run.olora)
@@ -365,7 +390,7 @@ def _stage_trainer(run: _Run, index: int) -> GeReTrainer:
         model=run.model,
         args=_training_args(run.cfg, name, run.out / "stages" / f"{index + 1}-{name}", run.progress),
         train_dataset=features,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
+        data_collator=collator,
         processing_class=tokenizer,
         gere_config=run.cfg.gere,
         activation_store=run.store,
@@ -373,6 +398,7 @@ def _stage_trainer(run: _Run, index: int) -> GeReTrainer:
         replay_set=run.replay_set,
         callbacks=[train_step_callback()],  # crash tests (gere.faults); a no-op unless GERE_FAULT is set
         penalties=penalties,
+        train_sampler=sampler,
     )
 
 
@@ -410,25 +436,3 @@ def _check_classes(tasks: list[TaskData]) -> None:
                 f"{task.spec.labels}; give examples of at least two classes "
                 "(check `label_field` and `label_map`)"
             )
-
-
-def _base_eval_key(cfg: RunConfig, base_model: str) -> str:
-    data = {"model": base_model, "tasks": [s.to_dict() for s in cfg.task_specs()], "eval": cfg.to_dict()["evaluation"]}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def _cached_base_eval(path, cfg: RunConfig, base_model: str) -> dict | None:
-    """Runs of one comparison share the base model's evaluation (same model, tasks and eval settings)."""
-    if path is None or not Path(path).exists():
-        return None
-    data = json.loads(Path(path).read_text())
-    return data.get(_base_eval_key(cfg, base_model))
-
-
-def _store_base_eval(path, cfg: RunConfig, base_model: str, evaluation: dict) -> None:
-    if path is None:
-        return
-    path = Path(path)
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data[_base_eval_key(cfg, base_model)] = evaluation
-    atomic_write_json(path, data)

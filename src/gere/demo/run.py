@@ -49,6 +49,8 @@ METHODS: dict[str, dict[str, Any]] = {
     # fixed before the study by the rules in docs/study.md (section "Baselines"), on the baselines alone.
     "task-replay": {"gere.objective": "none", "task_replay.per_task": 16},
     "ce+tm+task-replay": {"gere.objective": "ce+tm", "gere.margin_weight": "dy", "task_replay.per_task": 16},
+    "ewc": {"gere.objective": "none", "ewc.strength": 1000},
+    "ce+tm+ewc": {"gere.objective": "ce+tm", "gere.margin_weight": "dy", "ewc.strength": 1000},
     "lwf": {"gere.objective": "none", "lwf.weight": 1},
     "ce+tm+lwf": {"gere.objective": "ce+tm", "gere.margin_weight": "dy", "lwf.weight": 1},
     "olora": {"gere.objective": "none", "finetuning": "olora"},
