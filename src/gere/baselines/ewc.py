@@ -26,6 +26,31 @@ from gere.errors import GeReError
 FILE = "ewc.safetensors"
 
 
+class _Penalty(torch.autograd.Function):
+    """``strength / 2 * sum F (theta - anchor)^2`` with its gradient ``strength * F * (theta - anchor)`` written
+    out: a few fused passes over all parameters at once (``torch._foreach_*``), instead of an autograd graph
+    that keeps several parameter-sized temporaries per tensor until the backward pass."""
+
+    @staticmethod
+    def forward(ctx, fisher, anchor, strength, *params):
+        ctx.fisher, ctx.anchor, ctx.strength = fisher, anchor, strength
+        ctx.save_for_backward(*params)
+        squares = torch._foreach_sub([p.detach().float() for p in params], anchor)  # one temporary per tensor
+        torch._foreach_mul_(squares, squares)
+        total = torch.zeros((), dtype=torch.float64, device=params[0].device)
+        for sq, f in zip(squares, fisher, strict=True):
+            total += torch.dot(sq.flatten(), f.flatten()).double()
+        return (0.5 * strength * total).float()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        params = ctx.saved_tensors
+        grads = torch._foreach_sub([p.detach().float() for p in params], ctx.anchor)
+        torch._foreach_mul_(grads, ctx.fisher)
+        torch._foreach_mul_(grads, grad_out * ctx.strength)
+        return (None, None, None, *(g.to(p.dtype) for g, p in zip(grads, params, strict=True)))
+
+
 def ewc_penalty(
     params: dict[str, torch.Tensor],
     fisher: dict[str, torch.Tensor],
@@ -33,13 +58,11 @@ def ewc_penalty(
     strength: float,
 ) -> torch.Tensor:
     """``strength / 2 * sum F * (theta - anchor)^2`` over the parameters named in ``fisher``."""
-    total = None
-    for name, f in fisher.items():
-        term = (f * (params[name] - anchor[name]).pow(2)).sum()
-        total = term if total is None else total + term
-    if total is None:
+    if not fisher:
         raise GeReError("EWC has no Fisher information yet; it applies from the second task on")
-    return 0.5 * strength * total
+    names = list(fisher)
+    return _Penalty.apply([fisher[n] for n in names], [anchor[n] for n in names], float(strength),
+                          *(params[n] for n in names))  # fmt: skip
 
 
 def trainable_parameters(model) -> dict[str, torch.Tensor]:
