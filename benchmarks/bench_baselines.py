@@ -178,12 +178,19 @@ def ewc_figures(model, tokenizer, texts: list[str], args, work: Path) -> dict:
     }  # fmt: skip
 
 
+def step_rows(r: dict, key: str, title: str) -> list[str]:
+    """The step times without and with a baseline's loss part (``r['step_s']['none']`` / ``[key]``), and their ratio."""
+    return [
+        f"| training step without {title}, median s ({r['steps']} steps) | {r['step_s']['none']:.3f} |",
+        f"| training step with {title}, median s | {r['step_s'][key]:.3f} |",
+        f"| step time with / without {title} (median of paired ratios) | {r['ratio']:.3f} |",
+    ]
+
+
 def ewc_rows(r: dict) -> list[str]:
     return [
         f"| Fisher estimate, s per example (median over {r['fisher_examples']}) | {r['fisher_s_per_example']:.3f} |",
-        f"| training step without EWC, median s ({r['steps']} steps) | {r['step_s']['none']:.3f} |",
-        f"| training step with EWC, median s | {r['step_s']['ewc']:.3f} |",
-        f"| step time with / without EWC (median of paired ratios) | {r['ratio']:.3f} |",
+        *step_rows(r, "ewc", "EWC"),
         f"| trainable parameters | {r['trainable']:,} |",
         f"| EWC memory (Fisher + anchor), MiB | {r['held_bytes'] / 2**20:.1f} |",
         f"| EWC memory per trainable parameter, bytes | {r['bytes_per_param']:.1f} |",
@@ -193,9 +200,7 @@ def ewc_rows(r: dict) -> list[str]:
 def lwf_rows(r: dict) -> list[str]:
     return [
         f"| previous stage's top-{r['topk']} logits, s per training row (over {r['rows']} rows) | {r['prepare_s_per_row']:.3f} |",
-        f"| training step without LwF, median s ({r['steps']} steps) | {r['step_s']['none']:.3f} |",
-        f"| training step with LwF, median s | {r['step_s']['lwf']:.3f} |",
-        f"| step time with / without LwF (median of paired ratios) | {r['ratio']:.3f} |",
+        *step_rows(r, "lwf", "LwF"),
         f"| LwF memory, bytes per training token | {r['bytes_per_token']:.1f} |",
     ]  # fmt: skip
 
