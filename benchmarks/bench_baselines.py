@@ -9,6 +9,9 @@ LwF: (1) the previous stage's top-k logits, seconds per training row (one no-gra
 task's rows, once per task); (2) the step time with the distillation relative to the same step without it;
 (3) the memory its targets hold, bytes per training token.
 
+Task replay, ``batch`` mixing: the step time with a separate batch of buffered rows relative to the step
+alone (the other mixings put buffered rows in place of task rows, at no cost per step).
+
 O-LoRA: the step time of the third task (two frozen adapters in the forward pass, the orthogonality and L2
 penalties) relative to plain LoRA (one adapter, no penalty), same rank and modules; the adapter parameters
 each task adds.
@@ -55,6 +58,7 @@ from bench_engine import (  # noqa: E402  (the engine benchmark's inputs, model 
 from gere.baselines.ewc import EWC, diagonal_fisher, trainable_parameters  # noqa: E402
 from gere.baselines.lwf import INDEX, LwF  # noqa: E402
 from gere.baselines.olora import OLoRA, adapter_name  # noqa: E402
+from gere.baselines.task_replay import SeparateBufferBatches  # noqa: E402
 from gere.batching import IGNORE_INDEX, pad_token_id  # noqa: E402
 from gere.provenance import provenance  # noqa: E402
 
@@ -113,6 +117,29 @@ def lwf_figures(model, tokenizer, texts: list[str], args, work: Path) -> dict:
     step_s, ratio = paired_steps(model, indexed, trainers, args)
     return {"prepare_s_per_row": prepare_s, "rows": len(rows), "bytes_per_token": held / tokens, "topk": lwf.topk,
             "step_s": step_s, "ratio": ratio, "steps": args.steps, "batch": (sizes.task_batch, sizes.task_length)}  # fmt: skip
+
+
+def task_replay_figures(model, tokenizer, texts: list[str], args, work: Path) -> dict:
+    """Task replay's ``batch`` mixing: the step with a separate batch of buffered rows against the step alone.
+    (``concat`` and ``interpolate`` put buffered rows in place of task rows: no cost per step.)"""
+    from transformers import DataCollatorForSeq2Seq
+
+    sizes = sizes_for(args.model, quick=False)
+    batches = task_batches(tokenizer, texts, sizes)
+    rows = [{"input_ids": ids[: int(m.sum())].tolist(), "labels": ids[: int(m.sum())].tolist()}
+            for b in batches for ids, m in zip(b["input_ids"], b["attention_mask"], strict=True)]  # fmt: skip
+    buffer = SeparateBufferBatches(rows, sizes.task_batch, DataCollatorForSeq2Seq(tokenizer, padding=True), seed=0)
+    trainers = {"none": plain_trainer(model, tokenizer, sizes.task_batch, work),
+                "batch": plain_trainer(model, tokenizer, sizes.task_batch, work, [buffer])}  # fmt: skip
+    step_s, ratio = paired_steps(model, batches, trainers, args)
+    return {"step_s": step_s, "ratio": ratio, "steps": args.steps, "batch": (sizes.task_batch, sizes.task_length)}
+
+
+def task_replay_rows(r: dict) -> list[str]:
+    return [
+        *step_rows(r, "batch", f"a separate buffered batch of {r['batch'][0]}"),
+        "| memory: the buffer's (task, example) positions | a few bytes per buffered example |",
+    ]
 
 
 def olora_figures(model, tokenizer, texts: list[str], args, work: Path) -> dict:
@@ -215,6 +242,8 @@ def olora_rows(r: dict) -> list[str]:
 
 
 BASELINES = {"ewc": ("EWC", ewc_figures, ewc_rows, "baselines"), "lwf": ("LwF", lwf_figures, lwf_rows, "baselines-lwf"),
+             "task-replay": ("task replay (batch mixing)", task_replay_figures, task_replay_rows,
+                             "baselines-task-replay"),
              "olora": ("O-LoRA", olora_figures, olora_rows, "baselines-olora")}  # fmt: skip
 
 
