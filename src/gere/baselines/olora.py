@@ -69,6 +69,7 @@ class OLoRA:
                 raise GeReError(f"O-LoRA: {label} must be a finite number, 0 or more (got {value})")
         self.orthogonal, self.l2, self.lora_config = float(orthogonal), float(l2), lora_config
         self.task: int | None = None
+        self._modules: list = []  # the adapted modules holding the training task's adapter (found once per task)
 
     @property
     def active(self) -> bool:
@@ -91,12 +92,13 @@ class OLoRA:
         for name, p in model.named_parameters():
             p.requires_grad_("lora_" in name and new in name)
         self.task = task
+        self._modules = [m for m in lora_modules(model) if adapter_name(task) in m.lora_A]
 
     def __call__(self, model) -> dict[str, torch.Tensor]:
         if self.task is None:
             raise GeReError("O-LoRA: call begin_task(model, task) before training a task")
         new, earlier = adapter_name(self.task), [adapter_name(t) for t in range(self.task)]
-        modules = [m for m in lora_modules(model) if new in m.lora_A]
+        modules = self._modules
         if not modules:
             raise GeReError(f"O-LoRA: the model has no adapter {new!r}; call begin_task(model, {self.task}) on it")
         zero = modules[0].lora_A[new].weight.new_zeros((), dtype=torch.float32)
