@@ -79,15 +79,19 @@ def plain_trainer(model, tokenizer, batch: int, work: Path, penalties=()):
     return trainer
 
 
-def paired_steps(model, batches: list[dict], trainers: dict, args) -> tuple[dict[str, float], float]:
+def paired_steps(models, batches: list[dict], trainers: dict, args) -> tuple[dict[str, float], float]:
     """Median step time of each trainer on the same batches, interleaved ABBA, and the median ratio of the
-    second's time to the first's (each trainer's step plus a fused AdamW step on what trains)."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    second's time to the first's (each trainer's step plus a fused AdamW step on what trains). ``models``: the
+    model every trainer steps, or a dict of one per trainer (trainers on one model share its optimizer)."""
+    models = models if isinstance(models, dict) else dict.fromkeys(trainers, models)
+    optimizers = {id(m): torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5, fused=True)
+                  for m in models.values()}  # fmt: skip
     times: dict[str, list[float]] = {k: [] for k in trainers}
     for step in range(args.warmup + args.steps):
         for name in list(trainers) if step % 2 == 0 else list(trainers)[::-1]:
             start = clock()
-            trainers[name].training_step(model, dict(batches[step % len(batches)]))
+            trainers[name].training_step(models[name], dict(batches[step % len(batches)]))
+            optimizer = optimizers[id(models[name])]
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if step >= args.warmup:
@@ -156,22 +160,11 @@ def olora_figures(model, tokenizer, texts: list[str], args, work: Path) -> dict:
     olora = OLoRA(orthogonal=0.5, l2=0.0, lora_config=copy.deepcopy(config))
     olora.begin_task(olora_model, 2)
     per_task = sum(p.numel() for p in olora_model.parameters() if p.requires_grad)
-    # Two separate models: alternated step by step (ABBA) for the paired ratio.
+    # Two separate models, alternated step by step (ABBA) for the paired ratio.
     trainers = {"lora": plain_trainer(plain, tokenizer, sizes.task_batch, work / "p"),
                 "olora": plain_trainer(olora_model, tokenizer, sizes.task_batch, work / "o", [olora])}  # fmt: skip
-    times: dict[str, list[float]] = {"lora": [], "olora": []}
-    models = {"lora": plain, "olora": olora_model}
-    optimizers = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5) for k, m in models.items()}
-    for step in range(args.warmup + args.steps):
-        for name in ("lora", "olora") if step % 2 == 0 else ("olora", "lora"):
-            start = clock()
-            trainers[name].training_step(models[name], dict(batches[step % len(batches)]))
-            optimizers[name].step()
-            optimizers[name].zero_grad(set_to_none=True)
-            if step >= args.warmup:
-                times[name].append(since(start)[0])
-    ratio = median([b / a for a, b in zip(times["lora"], times["olora"], strict=True)])
-    return {"step_s": {k: median(v) for k, v in times.items()}, "ratio": ratio, "per_task": per_task, "rank": 8,
+    step_s, ratio = paired_steps({"lora": plain, "olora": olora_model}, batches, trainers, args)
+    return {"step_s": step_s, "ratio": ratio, "per_task": per_task, "rank": 8,
             "steps": args.steps, "batch": (sizes.task_batch, sizes.task_length)}  # fmt: skip
 
 
