@@ -154,12 +154,65 @@ def test_combined_with_ce_tm_and_resumed_after_a_crash(setup, tmp_path, monkeypa
 
 def test_settings_are_checked(setup):  # noqa: F811
     for bad, words in (("lwf.weight=-1", "lwf.weight"), ("lwf.temperature=0", "lwf.temperature"),
-                       ("lwf.topk=0", "lwf.topk"), ("lwf.weight=.inf", "lwf.weight")):  # fmt: skip
+                       ("lwf.topk=0", "lwf.topk"), ("lwf.weight=.inf", "lwf.weight"),
+                       ("lwf.tokens=answers", "lwf.tokens")):  # fmt: skip
         with pytest.raises(GeReError, match=words):
             load_run_config(setup / "run.yaml", [bad])
     assert load_run_config(setup / "run.yaml", ["lwf.weight=0.5"]).to_dict()["lwf"] == {
-        "weight": 0.5, "temperature": 2.0, "topk": 64}
+        "weight": 0.5, "temperature": 2.0, "topk": 64, "tokens": "all"}
     with pytest.raises(GeReError, match="LwF: weight"):
         LwF(weight=0)
     with pytest.raises(GeReError, match="prepare"):
         LwF()(None, {}, torch.zeros(1, 1, 2))
+
+
+def test_keep_index_carries_the_index_past_a_collator_that_drops_it():
+    from gere.baselines.lwf import KeepIndex
+
+    def known_columns_only(features):  # as collators that build batches from the columns they know do
+        return {"input_ids": torch.tensor([f["input_ids"] for f in features])}
+
+    collate = KeepIndex(known_columns_only)
+    batch = collate([{"input_ids": [1, 2], INDEX: 7}, {"input_ids": [3, 4], INDEX: 2}])
+    assert batch[INDEX].tolist() == [7, 2] and batch["input_ids"].shape == (2, 2)
+    assert INDEX not in collate([{"input_ids": [1, 2]}]), "examples without the index pass through"
+    joined = KeepIndex(lambda features: {"input_ids": torch.tensor([sum((f["input_ids"] for f in features), [])])})
+    with pytest.raises(GeReError, match="2 examples"):
+        joined([{"input_ids": [1, 2], INDEX: 0}, {"input_ids": [3], INDEX: 1}])
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_answer_tokens_distils_only_the_positions_that_predict_the_answer(side):
+    tok, model, rows = rows_and_model()
+    lwf = LwF(weight=1.0, topk=4, tokens="answer")
+    lwf.prepare(model, rows, tok.pad_token_id)
+    tok.padding_side = side
+    batch = DataCollatorForSeq2Seq(tok, padding=True)([rows[2], rows[1]])
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # Slow reference: each row alone; the positions whose next token is labelled, found from the row itself.
+    total, count = 0.0, 0
+    for b, i in enumerate([2, 1]):
+        real = batch["attention_mask"][b].bool()
+        row_labels = rows[i]["labels"]
+        answer = [t for t in range(len(row_labels) - 1) if row_labels[t + 1] != -100]
+        values, indices = lwf._targets[i]
+        row_logits = logits[b : b + 1, real][:, answer]
+        value = slow_lwf(row_logits, values[None, answer].float(), indices[None, answer].long(),
+                         torch.ones(1, len(answer)), 2.0)  # fmt: skip
+        total, count = total + value * len(answer), count + len(answer)
+    assert lwf(model, batch, logits).item() == pytest.approx(total / count, rel=1e-4)
+    assert lwf(model, batch, logits).item() != pytest.approx(LwF.__call__(_all(lwf), model, batch, logits).item())
+    with pytest.raises(GeReError, match="needs the batch's labels"):
+        lwf(model, {k: v for k, v in batch.items() if k != "labels"}, logits)
+    with pytest.raises(GeReError, match="tokens must be one of"):
+        LwF(tokens="prompt")
+
+
+def _all(lwf):
+    """The same targets, every real token distilled."""
+    other = LwF(lwf.weight, lwf.temperature, lwf.topk, tokens="all")
+    other._targets = lwf._targets
+    return other
+

@@ -95,3 +95,44 @@ def test_two_processes_train_with_the_separate_replay_batch_and_refuse_interpola
                                                 for h in result["logs"])  # fmt: skip
         assert "replay_mixing='batch'" in result["refused"]
     assert ranks[0]["logs"] == ranks[1]["logs"]  # logged values are averaged over the processes
+
+
+def lwf_trainer(tmp_path, with_lwf=True, **kw):
+    from gere.baselines.lwf import LwF, with_index
+
+    model, lwf = tiny_llama(), LwF(weight=2.0, topk=8)
+    dataset = datasets.Dataset.from_list(with_index(prompt_completion().to_list()))
+    trainer = GeReSFTTrainer(model=model, args=sft_args(tmp_path, **kw), train_dataset=dataset,
+                             processing_class=tiny_tokenizer(), gere_config=GeReConfig(objective="none"),
+                             penalties=[lwf] if with_lwf else [])  # fmt: skip
+    return trainer, lwf
+
+
+def test_sft_with_lwf_distils_the_rows_sft_tokenized_through_trls_collator(tmp_path):
+    trainer, lwf = lwf_trainer(tmp_path / "lwf", max_steps=6)
+    lwf.prepare(trainer.model, trainer.train_dataset, trainer.processing_class.pad_token_id)
+    batch = next(iter(trainer.get_train_dataloader()))  # through TRL's collator: the index column survives
+    logs = trained(trainer)
+    assert all(name in logs[0] for name in SFT_METRICS)
+    assert logs[0]["lwf"] < 1e-3 < logs[-1]["lwf"], "0 at the model it distils toward, then it grows"
+    for entry in logs:
+        assert entry["loss"] == pytest.approx(entry["task_ce"] + entry["lwf"], rel=1e-3)
+    # The distillation trains the model: it ends nearer the model it distils toward than SFT alone does.
+    plain, _ = lwf_trainer(tmp_path / "plain", with_lwf=False, max_steps=6)
+    trained(plain)
+
+    def distance(model):
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return lwf(model, batch, logits).item()
+
+    assert distance(trainer.model) < 0.9 * distance(plain.model)  # equal if the LwF part had no gradient
+
+
+@pytest.mark.parametrize("setting", [{"packing": True}, {"padding_free": True, "max_length": None}])
+def test_sft_with_lwf_refuses_batches_that_join_rows(tmp_path, setting):
+    from gere.errors import GeReError
+
+    trainer, lwf = lwf_trainer(tmp_path, **setting)
+    with pytest.raises(GeReError, match="packing=False and padding_free=False"):
+        trainer.train()

@@ -43,6 +43,7 @@ from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import seed_worker
 
 from gere.baselines.lwf import INDEX as LWF_INDEX
+from gere.baselines.lwf import KeepIndex, task_logits
 from gere.batching import (
     adapters_disabled,
     check_context_length,
@@ -120,12 +121,14 @@ class GeReMixin:
         # task batch and its logits. A sampler replaces the Trainer's shuffling (e.g. exactly k buffered rows
         # of earlier tasks in every global batch: `gere.baselines.task_replay.interpolating_sampler`).
         self._penalties, self._train_sampler = checked_loss_parts(penalties), train_sampler
+        if any(getattr(p, "uses_batch", False) for p in self._penalties):
+            self.data_collator = KeepIndex(self.data_collator)  # LwF's row index, past collators that drop it
         if train_sampler is not None and self._replay_rows_in_batches:
             raise GeReError(
                 f"train_sampler= and replay_mixing {self.gere.mixing!r} both decide the task batches; give the "
                 "general replay set a separate batch (replay_mixing='batch', num_interpolate_per_batch=0)"
             )
-        self._gere_ready = False
+        self._gere_ready, self._gere_own_logits = False, False
         self._replay_tokens: list[list[int]] = []
         self._reference: StoreReference | OnlineReference | None = None
         self._separate_batches: SeparateReplayBatches | None = None
@@ -340,10 +343,12 @@ class GeReMixin:
         # Loss parts on the task batch itself (LwF's distillation) need its logits.
         on_batch = [p for p in self._penalties if getattr(p, "uses_batch", False) and p.active] if model.training else []
         if "input_ids" in inputs or "inputs_embeds" in inputs:
-            want_outputs = return_outputs or bool(on_batch)
+            want_outputs = return_outputs or (bool(on_batch) and not self._gere_own_logits)
             parts["task_ce"], outputs = self._task_loss(model, inputs, want_outputs, num_items_in_batch)
             if on_batch:
-                logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+                logits, own_pass = task_logits(model, inputs, outputs)
+                # A parent loss without logits that carry a gradient (TRL's fused LM head): own pass from now on.
+                self._gere_own_logits = self._gere_own_logits or own_pass
                 batch = {**inputs, LWF_INDEX: example_index} if example_index is not None else inputs
                 parts.update({p.name: p(self._unwrapped(model), batch, logits) for p in on_batch})
         if self.gere.parts and model.training:

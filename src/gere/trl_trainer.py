@@ -13,6 +13,10 @@ inside the task batches (``replay_mixing`` interpolate or concat) a process may 
 replay rows only and would skip that gather while the others wait in it, so those modes are refused under
 several processes; the separate replay batch (``replay_mixing: batch``, the default) keeps every micro-batch
 a task batch.
+
+LwF (``penalties=[LwF(...)]``) works on the rows SFTTrainer tokenized: build the dataset with
+`gere.baselines.lwf.with_index`, then ``lwf.prepare(model, trainer.train_dataset, pad_id)`` before ``train()``.
+Packing and padding-free batches are refused with it.
 """
 
 from __future__ import annotations
@@ -35,5 +39,12 @@ class GeReSFTTrainer(GeReMixin, SFTTrainer):
                 f"GeReSFTTrainer with replay_mixing {self.gere.mixing!r} under {self.args.world_size} processes: "
                 "a process holding only replay rows would skip SFTTrainer's metric gathering while the others "
                 "wait in it. Use replay_mixing='batch' (num_interpolate_per_batch=0, replay_batch_size=N)"
+            )
+        if any(getattr(p, "uses_batch", False) for p in self._penalties) and (
+            self.args.packing or getattr(self.args, "padding_free", False)
+        ):
+            raise GeReError(
+                "LwF distils each training row toward its own stored logits, and packed or padding-free batches "
+                "join rows: set packing=False and padding_free=False in the SFTConfig"
             )
         return super().train(*args, **kwargs)

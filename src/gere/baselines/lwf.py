@@ -9,8 +9,10 @@ are pulled toward them:
 
 where both distributions are the softmax at temperature T over the previous model's k tokens of that
 position (`gere.losses.topk_kl_loss`, the objective the ``kl`` replay part uses on general texts; T^2
-keeps the gradient's scale independent of T, as in knowledge distillation). Every real token of the
-training row is distilled: the prompt and the answer alike.
+keeps the gradient's scale independent of T, as in knowledge distillation). With ``tokens="all"`` (the
+default) every real token of the training row is distilled, the prompt and the answer alike; with
+``tokens="answer"`` only the positions that predict a labelled token (``labels`` not -100 at the next
+position), i.e. the answer where the prompt is masked out of the labels.
 
 No second model is kept: the previous model's outputs are computed once per task, at the task's start.
 Memory: 6 * k bytes per training token (384 bytes at k = 64), for the stage's rows, held on the CPU; time:
@@ -18,13 +20,15 @@ one no-grad forward pass over the task's training rows per task. A crash mid-tas
 checkpoint, which is the previous stage's model, so the targets computed again are the same.
 
 The rows carry their position in the training set as ``gere_example_index`` (`INDEX`), which the trainer
-takes out of the batch before the model sees it.
+takes out of the batch before the model sees it. Collators that build batches from known columns only (TRL's,
+for one) would drop it: `KeepIndex`, which the trainer puts around its collator when an LwF part is given,
+carries it past them. Packed or padding-free batches join rows, so LwF refuses them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -54,6 +58,43 @@ def with_index(rows: Sequence[dict]) -> list[dict]:
     return [{**row, INDEX: i} for i, row in enumerate(rows)]
 
 
+def task_logits(model, inputs: dict, outputs) -> tuple[torch.Tensor, bool]:
+    """The task batch's logits for LwF, and whether they took a forward pass of their own: the parent
+    trainer's outputs' logits when they carry a gradient; otherwise (no outputs asked for, or TRL's fused LM
+    head, which recomputes them without one) the model's, from a pass with the gradient."""
+    logits = None if outputs is None else outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+    if logits is not None and (logits.requires_grad or not torch.is_grad_enabled()):
+        return logits, False
+    return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits, True
+
+
+class KeepIndex:
+    """A collator that carries `INDEX` past another one: the index is taken out of each example, the inner
+    collator batches the rest, and the indices come back as a tensor. Examples without it pass through."""
+
+    def __init__(self, collator: Callable):
+        self.collator = collator
+
+    def __getattr__(self, name):  # the inner collator's settings (its tokenizer, padding, ...) stay visible
+        if name == "collator":
+            raise AttributeError(name)
+        return getattr(self.collator, name)
+
+    def __call__(self, features):
+        if not features or not isinstance(features[0], Mapping) or INDEX not in features[0]:
+            return self.collator(features)
+        index = [int(f[INDEX]) for f in features]
+        batch = self.collator([{k: v for k, v in f.items() if k != INDEX} for f in features])
+        rows = len(batch["input_ids"]) if "input_ids" in batch else None
+        if rows != len(index):
+            raise GeReError(
+                f"LwF: the collator made {rows} rows of {len(index)} examples; LwF distils row by row, so turn "
+                "packing and padding-free batches off"
+            )
+        batch[INDEX] = torch.tensor(index)
+        return batch
+
+
 class LwF:
     """The previous stage's top-k logits on the current task's rows; a loss part for `gere.trainer.GeReMixin`.
 
@@ -64,8 +105,12 @@ class LwF:
     name = "lwf"
     uses_batch = True  # called with the task batch and its logits, not with the model alone
 
-    def __init__(self, weight: float = 1.0, temperature: float = 2.0, topk: int = 64, batch_size: int = 8):
+    TOKENS = ("all", "answer")
+
+    def __init__(self, weight: float = 1.0, temperature: float = 2.0, topk: int = 64, batch_size: int = 8,
+                 tokens: str = "all"):  # fmt: skip
         problems = [
+            (tokens in self.TOKENS, f"tokens must be one of {self.TOKENS} (got {tokens!r})"),
             (0 < weight < math.inf, f"weight must be a finite number above 0 (got {weight}); leave LwF off instead"),
             (0 < temperature < math.inf, f"temperature must be above 0 (got {temperature})"),
             (topk >= 1, f"topk must be 1 or more (got {topk})"),
@@ -75,7 +120,7 @@ class LwF:
             if not ok:
                 raise GeReError(f"LwF: {text}")
         self.weight, self.temperature = float(weight), float(temperature)
-        self.topk, self.batch_size = int(topk), int(batch_size)
+        self.topk, self.batch_size, self.tokens = int(topk), int(batch_size), tokens
         self._targets: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
@@ -130,7 +175,19 @@ class LwF:
                     "computed; prepare LwF on the same rows the trainer trains on"
                 )
             values[b, where], indices[b, where], mask[b, where] = v.float(), ix.long(), 1.0
+        if self.tokens == "answer":
+            mask = mask * self._predicts_a_label(inputs, length)
         return self.weight * lwf_loss(logits, values, indices, mask, self.temperature)
+
+    @staticmethod
+    def _predicts_a_label(inputs: dict, length: int) -> torch.Tensor:
+        """1 where the next position's label is not -100: the positions whose logits predict the answer."""
+        labels = inputs.get("labels")
+        if labels is None:
+            raise GeReError("LwF with tokens='answer' needs the batch's labels; the collator gave none")
+        predicts = torch.zeros(labels.shape[0], length)
+        predicts[:, :-1] = (labels[:, 1:length] != -100).float().cpu()
+        return predicts
 
     @property
     def _k(self) -> int:
