@@ -28,9 +28,11 @@ class LwfSettings:
     weight: float = field(default=0.0, metadata={"help": "LwF distillation weight (times T^2 * KL to the previous stage); 0 is off."})
     temperature: float = field(default=2.0, metadata={"help": "Distillation temperature T."})
     topk: int = field(default=64, metadata={"help": "Previous-stage logits kept per token (the top k)."})
+    tokens: str = field(default="all", metadata={"help": "Distilled positions: 'all' real tokens or the 'answer' (labelled) ones."})
 
     def __post_init__(self) -> None:
         check_settings([
+            (self.tokens in ("all", "answer"), "tokens", "'all' or 'answer'"),
             (0 <= self.weight < math.inf, "weight", "a finite number, 0 (off) or more"),
             (0 < self.temperature < math.inf, "temperature", "a finite number above 0"),
             (self.topk >= 1, "topk", "1 or more"),

@@ -182,7 +182,9 @@ def _run_locked(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, b
     tr = cfg.task_replay
     run.task_buffer = TaskReplayBuffer(tr.per_task, tr.selection, tr.seed) if tr.per_task > 0 else None
     lwf = cfg.lwf
-    run.lwf = LwF(lwf.weight, lwf.temperature, lwf.topk, cfg.evaluation.batch_size) if lwf.weight > 0 else None
+    run.lwf = (
+        LwF(lwf.weight, lwf.temperature, lwf.topk, cfg.evaluation.batch_size, lwf.tokens) if lwf.weight > 0 else None
+    )
     if not fresh:
         _resume(run)
         _track_history(run)  # a resumed run's tracked run holds the whole sequence too
