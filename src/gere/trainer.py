@@ -121,7 +121,8 @@ class GeReMixin:
         # task batch and its logits. A sampler replaces the Trainer's shuffling (e.g. exactly k buffered rows
         # of earlier tasks in every global batch: `gere.baselines.task_replay.interpolating_sampler`).
         self._penalties, self._train_sampler = checked_loss_parts(penalties), train_sampler
-        if any(getattr(p, "uses_batch", False) for p in self._penalties):
+        self._batch_parts = [p for p in self._penalties if getattr(p, "uses_batch", False)]
+        if self._batch_parts:
             self.data_collator = KeepIndex(self.data_collator)  # LwF's row index, past collators that drop it
         if train_sampler is not None and self._replay_rows_in_batches:
             raise GeReError(
@@ -341,7 +342,7 @@ class GeReMixin:
         outputs = None
         example_index = inputs.pop(LWF_INDEX, None)
         # Loss parts on the task batch itself (LwF's distillation) need its logits.
-        on_batch = [p for p in self._penalties if getattr(p, "uses_batch", False) and p.active] if model.training else []
+        on_batch = [p for p in self._batch_parts if p.active] if model.training else []
         if "input_ids" in inputs or "inputs_embeds" in inputs:
             want_outputs = return_outputs or (bool(on_batch) and not self._gere_own_logits)
             parts["task_ce"], outputs = self._task_loss(model, inputs, want_outputs, num_items_in_batch)
@@ -365,7 +366,7 @@ class GeReMixin:
             raise GeReError("empty batch: neither task nor replay samples")
         if model.training:
             for penalty in self._penalties:
-                if getattr(penalty, "active", True) and not getattr(penalty, "uses_batch", False):
+                if getattr(penalty, "active", True) and penalty not in self._batch_parts:
                     value = penalty(self._unwrapped(model))  # a tensor, or a dict of named parts (O-LoRA's)
                     parts.update(value if isinstance(value, dict) else {penalty.name: value})
         loss, weights = combine_losses(parts, self.gere.margin_weight)

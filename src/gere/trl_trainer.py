@@ -40,7 +40,7 @@ class GeReSFTTrainer(GeReMixin, SFTTrainer):
                 "a process holding only replay rows would skip SFTTrainer's metric gathering while the others "
                 "wait in it. Use replay_mixing='batch' (num_interpolate_per_batch=0, replay_batch_size=N)"
             )
-        if any(getattr(p, "uses_batch", False) for p in self._penalties) and (
+        if self._batch_parts and (
             self.args.packing or getattr(self.args, "padding_free", False)
         ):
             raise GeReError(

@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from gere.baselines.settings import LWF_TOKENS
 from gere.batching import eval_mode, length_sorted_batches, model_device, pad_batch
 from gere.errors import GeReError
 from gere.losses import topk_kl_loss
@@ -105,12 +106,10 @@ class LwF:
     name = "lwf"
     uses_batch = True  # called with the task batch and its logits, not with the model alone
 
-    TOKENS = ("all", "answer")
-
     def __init__(self, weight: float = 1.0, temperature: float = 2.0, topk: int = 64, batch_size: int = 8,
                  tokens: str = "all"):  # fmt: skip
         problems = [
-            (tokens in self.TOKENS, f"tokens must be one of {self.TOKENS} (got {tokens!r})"),
+            (tokens in LWF_TOKENS, f"tokens must be one of {LWF_TOKENS} (got {tokens!r})"),
             (0 < weight < math.inf, f"weight must be a finite number above 0 (got {weight}); leave LwF off instead"),
             (0 < temperature < math.inf, f"temperature must be above 0 (got {temperature})"),
             (topk >= 1, f"topk must be 1 or more (got {topk})"),

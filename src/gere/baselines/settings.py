@@ -23,6 +23,9 @@ class EwcSettings:
         ], self)  # fmt: skip
 
 
+LWF_TOKENS = ("all", "answer")  # the positions LwF distils: every real token, or those predicting the answer
+
+
 @dataclass
 class LwfSettings:
     weight: float = field(default=0.0, metadata={"help": "LwF distillation weight (times T^2 * KL to the previous stage); 0 is off."})
@@ -32,7 +35,7 @@ class LwfSettings:
 
     def __post_init__(self) -> None:
         check_settings([
-            (self.tokens in ("all", "answer"), "tokens", "'all' or 'answer'"),
+            (self.tokens in LWF_TOKENS, "tokens", f"one of {LWF_TOKENS}"),
             (0 <= self.weight < math.inf, "weight", "a finite number, 0 (off) or more"),
             (0 < self.temperature < math.inf, "temperature", "a finite number above 0"),
             (self.topk >= 1, "topk", "1 or more"),
