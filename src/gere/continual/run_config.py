@@ -23,6 +23,7 @@ from gere.continual.multiple_choice import MC_FORMATS
 from gere.continual.tasks import TaskSpec
 from gere.distributed import launched_world_size
 from gere.errors import GeReError, check_settings
+from gere.precision import parse_bf16
 
 FINETUNING = ("full", "lora", "olora")
 EVAL_METHODS = ("label", "generate")
@@ -60,10 +61,17 @@ class TrainingSettings:
     lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers scheduler name."})
     optim: str = field(default="adamw_torch_fused", metadata={"help": "transformers optimizer name."})
     logging_steps: int = field(default=1, metadata={"help": "Log the loss parts every this many steps."})
-    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (GPUs; slow on CPUs)."})
+    bf16: bool | str = field(
+        default="auto",
+        metadata={
+            "help": "bf16 autocast in training: 'auto' (on where the hardware computes bf16 natively: CUDA "
+            "devices with bf16, CPUs with avx512_bf16 or amx_bf16; fp32 elsewhere), true or false."
+        },
+    )
     activation_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations to save memory."})
 
     def __post_init__(self) -> None:
+        self.bf16 = parse_bf16(self.bf16)
         check_settings([
             (0 < self.learning_rate < math.inf, "learning_rate", "a finite number above 0"),
             (0 < self.num_train_epochs < math.inf, "num_train_epochs", "a finite number above 0"),

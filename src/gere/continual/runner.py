@@ -64,6 +64,7 @@ from gere.io_utils import atomic_write_json, safe_join
 from gere.locks import hold_lock
 from gere.modeling import load_model_and_tokenizer
 from gere.parts import LOGGED
+from gere.precision import Precision, resolve_bf16
 from gere.provenance import provenance
 from gere.replay.replay_set import ReplaySet
 from gere.store.extract import extract_store
@@ -84,8 +85,10 @@ _CHECKPOINTING = next(
 )
 
 
-def _training_args(cfg: RunConfig, task: str, stage_dir: Path, progress: bool) -> TrainingArguments:
+def _training_args(cfg: RunConfig, task: str, stage_dir: Path, progress: bool, bf16: bool) -> TrainingArguments:
     t = cfg.training_for(task)
+    if isinstance(cfg.per_task.get(task, {}).get("bf16"), bool):  # a task's own explicit choice wins
+        bf16 = t.bf16
     return TrainingArguments(
         output_dir=str(stage_dir),
         learning_rate=t.learning_rate,
@@ -98,7 +101,9 @@ def _training_args(cfg: RunConfig, task: str, stage_dir: Path, progress: bool) -
         lr_scheduler_type=t.lr_scheduler_type,
         optim=t.optim,
         logging_steps=t.logging_steps,
-        bf16=t.bf16,
+        bf16=bf16,
+        # transformers refuses bf16 without a bf16 GPU unless told the run is on the CPU (it autocasts there).
+        use_cpu=bf16 and not torch.cuda.is_available(),
         **{_CHECKPOINTING: t.activation_checkpointing},
         save_strategy="no",
         report_to=[],
@@ -130,6 +135,7 @@ class _Run:
     task_buffer: TaskReplayBuffer | None = None
     lwf: LwF | None = None  # its targets are recomputed at every stage's start: nothing to save
     olora: OLoRA | None = None  # its adapters are saved in the checkpoint's weights
+    precision: Precision = Precision(False, "fp32")
 
     @property
     def baselines(self) -> list:
@@ -174,8 +180,9 @@ def _run_locked(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, b
         model = _with_lora(cfg, model)
     if cfg.finetuning == "olora":
         olora = OLoRA(cfg.olora.orthogonal, cfg.olora.l2, _lora_config(cfg))
-    run = _Run(cfg, out, state or _new_state(cfg, model, store), tasks, model, tokenizer, evaluator, replay_set,
-               store, progress, started)  # fmt: skip
+    precision = _precision(cfg, state)
+    run = _Run(cfg, out, state or _new_state(cfg, model, store, precision), tasks, model, tokenizer, evaluator,
+               replay_set, store, progress, started, precision=precision)  # fmt: skip
     run.olora = olora
     run.tracker = SequenceTracker(check_report_to(cfg.report_to), cfg.name, out, cfg.to_dict())
     run.ewc = EWC(cfg.ewc.strength) if cfg.ewc.strength > 0 else None
@@ -261,11 +268,29 @@ def _with_lora(cfg: RunConfig, model):
     return get_peft_model(model, _lora_config(cfg))
 
 
-def _new_state(cfg: RunConfig, model, store: ActivationStore | None) -> dict[str, Any]:
+_ANNOUNCED: set[str] = set()
+
+
+def _precision(cfg: RunConfig, state: dict | None) -> Precision:
+    """The run's training precision: resolved from ``training.bf16`` on this machine when the run starts, and
+    kept from its state when it resumes (a run does not change precision half-way). Printed once a process."""
+    if state is not None and state.get("precision") in ("bf16", "fp32"):
+        precision = Precision(state["precision"] == "bf16", "as the run started")
+    else:
+        precision = resolve_bf16(cfg.training.bf16)
+    line = precision.describe()
+    if line not in _ANNOUNCED:
+        _ANNOUNCED.add(line)
+        print(line, flush=True)
+    return precision
+
+
+def _new_state(cfg: RunConfig, model, store: ActivationStore | None, precision: Precision) -> dict[str, Any]:
     from gere.store.fingerprint import model_fingerprint
 
     return {
         "config_digest": config_digest(cfg),
+        "precision": precision.name,
         "inputs": input_digests(cfg),
         "base_model": store.manifest["model"] if store is not None else model_fingerprint(model),
         "stages_done": 0,
@@ -390,7 +415,8 @@ def _stage_trainer(run: _Run, index: int) -> GeReTrainer:
         penalties.append(run.lwf)
     return GeReTrainer(
         model=run.model,
-        args=_training_args(run.cfg, name, run.out / "stages" / f"{index + 1}-{name}", run.progress),
+        args=_training_args(run.cfg, name, run.out / "stages" / f"{index + 1}-{name}", run.progress,
+                            run.precision.bf16),
         train_dataset=features,
         data_collator=collator,
         processing_class=tokenizer,
@@ -418,7 +444,7 @@ def _finish(run: _Run) -> dict[str, Any]:
         timing={"total_s": time.time() - run.started, "per_task_s": state["per_task_s"], "eval_s": state["eval_s"],
                 "train_steps": _steps_before(state)},  # fmt: skip
     )
-    results["provenance"] = provenance()
+    results["provenance"] = {**provenance(), "precision": run.precision.name, "precision_reason": run.precision.reason}
     if run.replay_set is not None:
         results["replay_set"] = {"requested": cfg.gere.num_replay_samples, "used": len(run.replay_set)}
     paths = write_report(run.out, results)
