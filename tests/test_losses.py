@@ -218,3 +218,47 @@ def test_topk_kl_is_zero_at_the_base_model_and_matches_a_slow_reference():
             total += float((p * (p / q).log()).sum())
             count += 1
     assert float(topk_kl_loss(current, values, indices, mask, t)) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_margin_weight_rules_parse_to_one_canonical_text():
+    from gere.config import weight_rule
+
+    assert parse_margin_weight("dy:10") == "dy:10.0" and weight_rule("dy:10").value == 10.0
+    assert parse_margin_weight("warm:4:dy") == "warm:4:dy" and weight_rule("warm:4:dy").warmup == 4
+    assert parse_margin_weight("warm:8:10") == "warm:8:10.0" and weight_rule("warm:8:10").kind == "fixed"
+    for text in ("dy:10", "warm:3:dy:5", "warm:2:1", "100", "dy"):
+        assert parse_margin_weight(parse_margin_weight(text)) == parse_margin_weight(text)
+    for bad in ("dy:0", "dy:-3", "dy:inf", "warm:0:dy", "warm:2", "warm:x:dy", "warm:2:warm:2:dy", "nan"):
+        with pytest.raises(GeReError, match="margin weight"):
+            parse_margin_weight(bad)
+
+
+@pytest.mark.parametrize("rule,ce,reg,step,expected", [
+    ("dy", 2.0, 0.5, 1, 4.0),                 # CE / regulariser
+    ("dy:3", 2.0, 0.5, 1, 3.0),               # capped
+    ("dy:10", 2.0, 0.5, 1, 4.0),              # under the cap: dy itself
+    ("warm:4:dy", 2.0, 0.5, 1, 1.0),          # 1/4 of dy at the task's first step
+    ("warm:4:dy", 2.0, 0.5, 2, 2.0),
+    ("warm:4:dy", 2.0, 0.5, 9, 4.0),          # warm-up over: dy
+    ("warm:4:dy:2", 2.0, 0.5, 2, 1.0),        # 2/4 of the capped dy
+    ("warm:5:100", 2.0, 0.5, 1, 20.0),        # a fixed weight warmed up
+    ("dy:3", 2.0, 0.0, 1, 0.0),               # nothing to weigh
+])  # fmt: skip
+def test_weight_rules_against_hand_computed_values(rule, ce, reg, step, expected):
+    from gere.losses import resolve_margin_weight
+
+    got = resolve_margin_weight(rule, torch.tensor(ce), torch.tensor(reg), step)
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_loss_contributions_sum_to_the_combined_loss():
+    from gere.losses import combine_losses, loss_contributions
+
+    parts = {"task_ce": torch.tensor(2.0), "replay_ce": torch.tensor(3.0), "replay_margin": torch.tensor(0.25),
+             "ewc": torch.tensor(0.5)}  # fmt: skip
+    for rule, step in (("dy", 1), (10.0, 1), ("warm:4:dy:6", 3)):
+        loss, weights = combine_losses(parts, rule, step)
+        contributions = loss_contributions(parts, weights)
+        assert set(contributions) == set(parts)
+        assert_close(sum(contributions.values()), loss)
+        assert_close(contributions["task_ce"], torch.tensor(1.0))

@@ -2,12 +2,11 @@ import json
 
 import pytest
 import torch
+from test_runner import run, setup  # noqa: F401
 
 from gere.continual.run_config import load_run_config
 from gere.errors import GeReError
 from gere.precision import cpu_flags, parse_bf16, resolve_bf16
-
-from test_runner import run, setup  # noqa: F401
 
 
 def test_parse_bf16_takes_auto_and_booleans_and_refuses_the_rest():

@@ -43,17 +43,82 @@ def parse_objective(objective: str) -> tuple[str, ...]:
     return parts
 
 
-def parse_margin_weight(value: str | float | int) -> float | str:
-    """``"dy"`` stays ``"dy"``; numbers (or numeric strings such as ``"100"``) become floats."""
-    if isinstance(value, str) and value.strip().lower() in (DYNAMIC, "dynamic"):
-        return DYNAMIC
+@dataclass(frozen=True)
+class WeightRule:
+    """A parsed ``margin_weight``: how the weight of each regulariser is chosen at every step.
+
+    ``kind``: ``fixed`` (``value`` is the weight), ``dy`` (CE / regulariser, detached; ``value`` is a ceiling,
+    ``inf`` for none). ``warmup``: the weight grows linearly over the first ``warmup`` optimisation steps of
+    each task (each ``train()`` from step 0): ``min(1, step / warmup)`` times the rule's weight at step
+    ``step`` (1-based).
+    """
+
+    kind: str
+    value: float
+    warmup: int = 0
+
+
+def _parse_rule(text: str, original) -> WeightRule:
+    t = text.strip().lower()
+    if t.startswith("warm:"):
+        _, steps, inner = (t.split(":", 2) + ["", ""])[:3]
+        if not steps.isdigit() or int(steps) < 1 or not inner or inner.startswith("warm:"):
+            raise GeReError(
+                f"margin weight {original!r}: write a warm-up as warm:<steps>:<weight>, e.g. warm:4:dy or warm:8:10 "
+                "(steps 1 or more; the weight any other margin weight)"
+            )
+        inner_rule = _parse_rule(inner, original)
+        return WeightRule(inner_rule.kind, inner_rule.value, int(steps))
+    if t in (DYNAMIC, "dynamic"):
+        return WeightRule(DYNAMIC, math.inf)
+    if t.startswith(DYNAMIC + ":"):
+        cap = _number(t[len(DYNAMIC) + 1 :])
+        if cap is None or not 0 < cap < math.inf:
+            raise GeReError(f"margin weight {original!r}: the ceiling of dy:<ceiling> must be a finite number above 0")
+        return WeightRule(DYNAMIC, cap)
+    weight = _number(t)
+    if weight is None:
+        raise GeReError(
+            f"margin weight {original!r} is not valid: use a number (1, 100, ...), 'dy' (dynamic: CE / margin), "
+            "'dy:<ceiling>' (dynamic, at most the ceiling) or 'warm:<steps>:<weight>' (linear warm-up per task)"
+        )
+    if not 0 <= weight < math.inf:
+        raise GeReError(f"margin weight {original!r} must be a finite number >= 0, or 'dy'")
+    return WeightRule("fixed", weight)
+
+
+def _number(text: str) -> float | None:
     try:
-        weight = float(value)
-    except (TypeError, ValueError):
-        raise GeReError(f"margin weight {value!r} is not a number or 'dy' (dynamic: CE / margin)") from None
-    if not weight >= 0 or weight == float("inf"):
-        raise GeReError(f"margin weight {value!r} must be a finite number >= 0, or 'dy'")
-    return weight
+        return float(text)
+    except ValueError:
+        return None
+
+
+def weight_rule(value: str | float | int) -> WeightRule:
+    """The `WeightRule` of a ``margin_weight`` value (a number, ``dy``, ``dy:<ceiling>``, ``warm:<steps>:<w>``)."""
+    if isinstance(value, bool):
+        raise GeReError(f"margin weight {value!r} is not a number or 'dy'")
+    if isinstance(value, (int, float)):
+        return _parse_rule(repr(float(value)), value)
+    return _parse_rule(str(value), value)
+
+
+def parse_margin_weight(value: str | float | int) -> float | str:
+    """A ``margin_weight`` value, checked and written one way: numbers (or numeric strings such as ``"100"``)
+    become floats, ``dy`` stays ``"dy"``, the other rules become their canonical text (``"dy:10.0"``,
+    ``"warm:4:dy"``). `weight_rule` turns it into a `WeightRule`."""
+    rule = weight_rule(value)
+    return _rule_text(rule)
+
+
+def _rule_text(rule: WeightRule) -> float | str:
+    if rule.kind == "fixed":
+        base: float | str = rule.value
+    elif rule.value == math.inf:
+        base = DYNAMIC
+    else:
+        base = f"{DYNAMIC}:{rule.value!r}"
+    return f"warm:{rule.warmup}:{base}" if rule.warmup else base
 
 
 @dataclass
@@ -91,7 +156,9 @@ class GeReConfig:
         default=DYNAMIC,
         metadata={
             "help": "Weight of every regularising replay part (tm, and kl / l1 / l2 when used): a number "
-            "(1, 100, ...) or 'dy' (CE / part, detached, per part). Parsed once: a float or 'dy'."
+            "(1, 100, ...), 'dy' (CE / part, detached, per part, as the paper), 'dy:<ceiling>' (dy, at most the "
+            "ceiling) or 'warm:<steps>:<weight>' (any of those, raised linearly from 0 over the first steps of "
+            "each task). Parsed once: a float or the rule's canonical text."
         },
     )
     threshold_k: float = field(default=1.0, metadata={"help": "Thresholds are mean -/+ k*std per dimension."})
@@ -152,6 +219,14 @@ class GeReConfig:
     extract_batch_size: int = field(
         default=8, metadata={"help": "Batch size of the extraction forward pass."}
     )
+    grad_share_every: int = field(
+        default=0,
+        metadata={
+            "help": "Diagnostic: every this many optimisation steps, measure each loss part's gradient norm on the "
+            "trainable parameters and its cosine with the total gradient (gere.diagnostics; one extra backward "
+            "pass per part on a measured step). 0: off."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.parts = parse_objective(self.objective)
@@ -174,6 +249,7 @@ class GeReConfig:
             (self.num_interpolate_per_batch >= 0, "num_interpolate_per_batch", "0 or more"),
             (self.replay_batch_size >= 1, "replay_batch_size", "at least 1"),
             (self.extract_batch_size >= 1, "extract_batch_size", "at least 1"),
+            (self.grad_share_every >= 0, "grad_share_every", "0 (off) or more"),
             (bool(self.layers), "layers", "a non-empty list"),
         ]
         for ok, name, need in checks:

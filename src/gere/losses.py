@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from gere.batching import IGNORE_INDEX
-from gere.config import DYNAMIC
+from gere.config import WeightRule, weight_rule
 from gere.errors import GeReError
 from gere.parts import PENALTIES, REDUCTIONS, REPLAY_PARTS, TASK_CE
 from gere.stats import thresholds
@@ -41,7 +41,7 @@ from gere.store.format import CODE_NEGATIVE, CODE_NEUTRAL, CODE_POSITIVE
 
 __all__ = [
     "CODE_NEGATIVE", "CODE_NEUTRAL", "CODE_POSITIVE", "ReplayTargets", "causal_lm_ce", "coded_margin_loss",
-    "combine_losses", "feature_loss", "margin_loss", "replay_losses", "resolve_margin_weight", "threshold_codes",
+    "combine_losses", "feature_loss", "loss_contributions", "margin_loss", "replay_losses", "resolve_margin_weight", "threshold_codes",
     "topk_kl_loss",
 ]  # fmt: skip
 
@@ -229,16 +229,27 @@ def topk_kl_loss(
     return (kl * m).sum() / m.sum().clamp_min(1.0)
 
 
-def resolve_margin_weight(weight: float | str, ce: torch.Tensor | None, regulariser: torch.Tensor) -> float:
-    """The weight applied to a regulariser: the fixed number, or for ``dy`` CE / regulariser (detached)."""
-    if weight != DYNAMIC:
-        return float(weight)
-    value = float(regulariser.detach())
-    if ce is None or value <= 0.0:
-        # A zero regulariser adds nothing whatever its weight (the reference's CE / (0 + 1e-8) would log
-        # a weight of ~1e8 on the first step, when the model still equals the base model).
-        return 1.0 if ce is None else 0.0
-    return float(ce.detach()) / (value + 1e-8)
+def resolve_margin_weight(
+    weight: float | str | WeightRule, ce: torch.Tensor | None, regulariser: torch.Tensor, step: int = 1
+) -> float:
+    """The weight applied to a regulariser at optimisation step ``step`` (1-based, within a task): the fixed
+    number, or for ``dy`` CE / regulariser (detached), at most the rule's ceiling; times the warm-up factor
+    ``min(1, step / warmup)`` when the rule has one (`gere.config.WeightRule`)."""
+    rule = weight if isinstance(weight, WeightRule) else weight_rule(weight)
+    if rule.kind == "fixed":
+        value = rule.value
+    else:
+        reg = float(regulariser.detach())
+        if ce is None or reg <= 0.0:
+            # A zero regulariser adds nothing whatever its weight (the reference's CE / (0 + 1e-8) would log
+            # a weight of ~1e8 on the first step, when the model still equals the base model).
+            value = 1.0 if ce is None else 0.0
+        else:
+            value = float(ce.detach()) / (reg + 1e-8)
+        value = min(value, rule.value)
+    if rule.warmup:
+        value *= min(1.0, step / rule.warmup)
+    return value
 
 
 # ---------------------------------------------------------------------------------------------- composition
@@ -296,13 +307,14 @@ def replay_losses(
 
 
 def combine_losses(
-    parts: dict[str, torch.Tensor], weight: float | str
+    parts: dict[str, torch.Tensor], weight: float | str | WeightRule, step: int = 1
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss from its logged parts, and the weight given to each regulariser.
 
     ``CE = mean(task_ce, replay_ce)`` (whichever are present, as the reference averages them), then
     ``loss = CE + sum_r w_r * r`` over the regularisers present, with ``w_r`` = ``weight`` or, for ``dy``,
     CE / r (detached; see `resolve_margin_weight`), plus any weight penalty (`gere.parts.PENALTIES`) as is.
+    ``step``: the optimisation step within the task (1-based), for a weight with a warm-up.
     """
     ce_terms = [parts[n] for n in (TASK_CE, REPLAY_PARTS["ce"].loss) if n in parts]
     ce = sum(ce_terms) / len(ce_terms) if ce_terms else None
@@ -310,10 +322,23 @@ def combine_losses(
     weights: dict[str, float] = {}
     for part in REPLAY_PARTS.values():
         if part.weight is not None and part.loss in parts:
-            w = resolve_margin_weight(weight, ce, parts[part.loss])
+            w = resolve_margin_weight(weight, ce, parts[part.loss], step)
             weights[part.weight] = w
             total = total + w * parts[part.loss]
     for name in PENALTIES:  # weight penalties (EWC) carry their own strength
         if name in parts:
             total = total + parts[name]
     return total, weights
+
+
+def loss_contributions(parts: dict[str, torch.Tensor], weights: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Each part as it enters the training loss of `combine_losses` (the CE terms divided by their count,
+    each regulariser times its weight, penalties as they are): the terms whose sum is the loss, named after
+    their parts. The gradient-share diagnostic (`gere.diagnostics`) takes the gradient of each."""
+    ce_names = [n for n in (TASK_CE, REPLAY_PARTS["ce"].loss) if n in parts]
+    out = {n: parts[n] / len(ce_names) for n in ce_names}
+    for part in REPLAY_PARTS.values():
+        if part.weight is not None and part.loss in parts:
+            out[part.loss] = weights[part.weight] * parts[part.loss]
+    out.update({n: parts[n] for n in PENALTIES if n in parts})
+    return out

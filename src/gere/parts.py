@@ -49,6 +49,12 @@ PENALTIES = ("ewc", "lwf", "olora_orth", "olora_l2", "task_replay_ce")
 LOSS_PARTS = (TASK_CE, *(p.loss for p in REPLAY_PARTS.values()), *PENALTIES)
 WEIGHTS = tuple(p.weight for p in REPLAY_PARTS.values() if p.weight is not None)
 LOGGED = (TOTAL, *LOSS_PARTS, *WEIGHTS)
+#: The gradient-share diagnostic's names (`gere.diagnostics`): each part's gradient norm on the trainable
+#: parameters and its cosine with the total gradient, and the total's norm; logged on measured steps only.
+GRAD_NORM, GRAD_COS, GRAD_NORM_TOTAL = "grad_norm_", "grad_cos_", "grad_norm_total"
+GRAD_SHARE = (GRAD_NORM_TOTAL, *(GRAD_NORM + p for p in LOSS_PARTS), *(GRAD_COS + p for p in LOSS_PARTS))
+#: What the Trainer itself logs each step and a run's loss history keeps beside the parts.
+TRAINER_LOGGED = ("grad_norm", "learning_rate")
 
 #: How the margin loss is reduced over elements: sum / non-zero elements (the reference), / real, or sum.
 REDUCTIONS = ("nonzero", "mean", "sum")

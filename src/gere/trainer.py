@@ -51,10 +51,11 @@ from gere.batching import (
     pad_token_id,
     resolve_layers,
 )
-from gere.config import GeReConfig, resolved_config
+from gere.config import GeReConfig, resolved_config, weight_rule
+from gere.diagnostics import gradient_shares
 from gere.errors import GeReError
-from gere.losses import combine_losses, replay_losses
-from gere.parts import LOSS_PARTS, WEIGHTS, checked_loss_parts
+from gere.losses import combine_losses, loss_contributions, replay_losses
+from gere.parts import GRAD_SHARE, LOSS_PARTS, WEIGHTS, checked_loss_parts
 from gere.reference import OnlineReference, StoreReference, replay_statistics
 from gere.replay.batches import (
     REPLAY_INDEX,
@@ -70,7 +71,7 @@ from gere.store.extract import extract_store
 from gere.store.fingerprint import check_store_belongs
 from gere.store.format import ActivationStore
 
-LOGGED_PARTS = (*LOSS_PARTS, *WEIGHTS)
+LOGGED_PARTS = (*LOSS_PARTS, *WEIGHTS, *GRAD_SHARE)
 class GeReMixin:
     """The GeRe machinery; mixed into `Trainer` and `Seq2SeqTrainer` below."""
 
@@ -135,6 +136,9 @@ class GeReMixin:
         self._separate_batches: SeparateReplayBatches | None = None
         self._gere_sums: dict[str, float] = {}
         self._gere_counts: dict[str, int] = {}
+        self._weight_rule = weight_rule(self.gere.margin_weight)
+        self._grad_share_step = -1  # the last step the gradient share was measured at
+        self._trainable: list[torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------------------------ set-up
 
@@ -369,7 +373,8 @@ class GeReMixin:
                 if getattr(penalty, "active", True) and penalty not in self._batch_parts:
                     value = penalty(self._unwrapped(model))  # a tensor, or a dict of named parts (O-LoRA's)
                     parts.update(value if isinstance(value, dict) else {penalty.name: value})
-        loss, weights = combine_losses(parts, self.gere.margin_weight)
+        step = self.state.global_step + 1  # the optimisation step this micro-batch belongs to, within the task
+        loss, weights = combine_losses(parts, self._weight_rule, step)
         if not torch.isfinite(loss):
             shown = {k: round(float(v.detach()), 6) for k, v in parts.items()}
             raise GeReError(
@@ -379,6 +384,8 @@ class GeReMixin:
             )
         if model.training:
             logged = {**{k: float(v.detach()) for k, v in parts.items()}, **weights}
+            if self._grad_share_due():
+                logged.update(gradient_shares(loss_contributions(parts, weights), self._trainable_parameters()))
             for name, value in logged.items():
                 self._gere_sums[name] = self._gere_sums.get(name, 0.0) + value
                 self._gere_counts[name] = self._gere_counts.get(name, 0) + 1
@@ -414,6 +421,24 @@ class GeReMixin:
             cfg.parts, out.logits, hidden, labels, mask, targets,
             reduction=cfg.margin_reduction, temperature=cfg.kl_temperature,
         )  # fmt: skip
+
+    def _grad_share_due(self) -> bool:
+        """Whether this micro-batch is the first of a step the gradient-share diagnostic measures."""
+        every, step = self.gere.grad_share_every, self.state.global_step
+        if not every or step % every or step == self._grad_share_step:
+            return False
+        if self.args.world_size > 1:
+            raise GeReError(
+                "grad_share_every measures on one process (its backward passes would meet the other processes' "
+                "gradient all-reduce); run the diagnostic on one process, or set grad_share_every: 0"
+            )
+        self._grad_share_step = step
+        return True
+
+    def _trainable_parameters(self) -> list[torch.Tensor]:
+        if self._trainable is None:
+            self._trainable = [p for p in self._unwrapped().parameters() if p.requires_grad]
+        return self._trainable
 
     # ------------------------------------------------------------------------------------------ logging
 

@@ -1,4 +1,5 @@
-"""The plots of a run report: accuracy matrix, task accuracy across stages, general ability, loss parts.
+"""The plots of a run report: accuracy matrix, task accuracy across stages, general ability, loss parts,
+and (when measured) the gradient share of each loss part.
 
 Plots use matplotlib's Agg canvas directly (no pyplot state) and are written atomically.
 """
@@ -10,7 +11,7 @@ from typing import Any
 
 from gere.continual.metrics import general_scores
 from gere.io_utils import atomic_path
-from gere.parts import LOGGED
+from gere.parts import GRAD_COS, GRAD_NORM, LOGGED, LOSS_PARTS
 
 
 def stage_names(tasks) -> list[str]:
@@ -146,4 +147,45 @@ def plot_loss_parts(results: dict[str, Any], path: Path) -> Path:
         ax.set_ylabel(part)
         if k == len(parts) - 1:
             ax.set_xlabel("step")
+    return save_figure(fig, path)
+
+
+def grad_share_series(results: dict[str, Any]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """The gradient-share diagnostic's data (`gere.diagnostics`): ``{"norm": {part: [(step, value)]},
+    "cos": {...}}`` for every part the run measured; empty dicts when it measured none."""
+    history = results.get("loss_history") or []
+    out: dict[str, dict[str, list[tuple[int, float]]]] = {"norm": {}, "cos": {}}
+    for kind, prefix in (("norm", GRAD_NORM), ("cos", GRAD_COS)):
+        for part in LOSS_PARTS:
+            points = [(h["step"], h[prefix + part]) for h in history if h.get(prefix + part) is not None]
+            if points:
+                out[kind][part] = points
+    return out
+
+
+def plot_grad_share(results: dict[str, Any], path: Path) -> Path | None:
+    """Each loss part's gradient norm (log scale) and its cosine with the total gradient, per measured step;
+    None (nothing written) when the run did not measure them."""
+    series = grad_share_series(results)
+    if not series["norm"]:
+        return None
+    history = results.get("loss_history") or []
+    boundaries = [h["step"] for prev, h in zip(history, history[1:], strict=False) if h.get("task") != prev.get("task")]
+    fig = new_figure(8.0, 5.5)
+    top, bottom = fig.add_subplot(2, 1, 1), None
+    bottom = fig.add_subplot(2, 1, 2, sharex=top)
+    for k, (part, points) in enumerate(series["norm"].items()):
+        top.plot([p[0] for p in points], [max(p[1], 1e-12) for p in points], label=part, color=f"C{k}", linewidth=1)
+        cos = series["cos"].get(part, [])
+        bottom.plot([p[0] for p in cos], [p[1] for p in cos], label=part, color=f"C{k}", linewidth=1)
+    top.set_yscale("log")
+    top.set_ylabel("gradient norm (weighted part)")
+    bottom.set_ylabel("cosine with the total")
+    bottom.set_ylim(-1.05, 1.05)
+    bottom.set_xlabel("step")
+    for ax in (top, bottom):
+        for step in boundaries:
+            ax.axvline(step, color="grey", linestyle=":", linewidth=0.8)
+    top.legend(fontsize=7)
+    top.set_title("Gradient share of each loss part (trainable parameters, before clipping)")
     return save_figure(fig, path)

@@ -36,9 +36,11 @@ from typing import Any
 
 from gere.continual.metrics import LEARNED_MARGIN, check_matrix, compute_metrics, not_learned
 from gere.continual.plots import (
+    grad_share_series,
     perplexity_sets,
     plot_accuracy_matrix,
     plot_general,
+    plot_grad_share,
     plot_loss_parts,
     plot_task_accuracy,
     stage_names,
@@ -146,6 +148,33 @@ def _general_section(results: dict[str, Any]) -> list[str]:
     return ["", "## General ability per stage", "", table(header, rows)]
 
 
+def _grad_share_section(results: dict[str, Any]) -> list[str]:
+    """Per task and loss part: the median gradient norm and cosine with the total over the measured steps,
+    and the norm at the task's first measured step (where a dynamic weight is largest)."""
+    series = grad_share_series(results)
+    if not series["norm"]:
+        return []
+    task_of = {h["step"]: h.get("task") for h in results.get("loss_history") or []}
+    rows = []
+    for task in results["tasks"]:
+        for part, points in series["norm"].items():
+            norms = [v for s, v in points if task_of.get(s) == task]
+            cosines = [v for s, v in series["cos"].get(part, []) if task_of.get(s) == task]
+            if norms:
+                rows.append([task, part, num(median(norms), 3), num(median(cosines), 3) if cosines else "-",
+                             num(norms[0], 3)])  # fmt: skip
+    return ["", "## Gradient share (diagnostic)", "",
+            "Each weighted loss part's gradient norm on the trainable parameters and its cosine with the total "
+            "gradient, over the measured steps (`grad_share.png` plots every step).", "",
+            table(["task", "part", "median norm", "median cosine", "first measured norm"], rows)]  # fmt: skip
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     """The text of report.md: accuracy matrix, metrics, general ability per stage, timing."""
     tasks, matrix, m = results["tasks"], results["accuracy_matrix"], results["metrics"]
@@ -175,6 +204,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     ]
     parts.append(table(["metric", "value"], [[k, pct(v)] for k, v in metric_rows]))
     parts += _general_section(results)
+    parts += _grad_share_section(results)
     timing = results.get("timing") or {}
     if timing:
         per_task = timing.get("per_task_s") or []
@@ -212,4 +242,5 @@ def write_report(run_dir: str | Path, results: dict[str, Any]) -> list[Path]:
     plot_task_accuracy(results, paths[3])
     plot_general(results, paths[4])
     plot_loss_parts(results, paths[5])
-    return paths
+    extra = plot_grad_share(results, run_dir / "grad_share.png")
+    return paths + ([extra] if extra else [])

@@ -63,7 +63,7 @@ from gere.faults import train_step_callback
 from gere.io_utils import atomic_write_json, safe_join
 from gere.locks import hold_lock
 from gere.modeling import load_model_and_tokenizer
-from gere.parts import LOGGED
+from gere.parts import GRAD_SHARE, LOGGED, TRAINER_LOGGED
 from gere.precision import Precision, resolve_bf16
 from gere.provenance import provenance
 from gere.replay.replay_set import ReplaySet
@@ -338,7 +338,8 @@ def _run_stage(run: _Run, index: int) -> None:
     if run.lwf:
         run.lwf.clear()  # the targets belong to this stage's rows
     step_offset = _steps_before(state)
-    rows = [{"step": step_offset + int(entry["step"]), "task": name, **{k: entry.get(k) for k in LOGGED}}
+    rows = [{"step": step_offset + int(entry["step"]), "task": name, **{k: entry.get(k) for k in LOGGED},
+             **{k: entry[k] for k in (*TRAINER_LOGGED, *GRAD_SHARE) if entry.get(k) is not None}}
             for entry in trainer.state.log_history if "loss" in entry]  # fmt: skip
     state["loss_history"].extend(rows)
     run.tracker.log_training(rows)
