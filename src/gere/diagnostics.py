@@ -57,6 +57,32 @@ def gradient_shares(contributions: dict[str, torch.Tensor], params: list[torch.T
     return out
 
 
+class GradShareMeter:
+    """Measures `gradient_shares` on the first micro-batch of every ``every``-th optimisation step."""
+
+    def __init__(self, every: int):
+        self.every, self._last_step, self._params = every, -1, None
+
+    def due(self, step: int, world_size: int = 1) -> bool:
+        """Whether the micro-batch of completed-step count ``step`` is the first of a measured step."""
+        if not self.every or step % self.every or step == self._last_step:
+            return False
+        if world_size > 1:
+            from gere.errors import GeReError
+
+            raise GeReError(
+                "grad_share_every measures on one process (its backward passes would meet the other processes' "
+                "gradient all-reduce); run the diagnostic on one process, or set grad_share_every: 0"
+            )
+        self._last_step = step
+        return True
+
+    def measure(self, contributions: dict[str, torch.Tensor], model) -> dict[str, float]:
+        if self._params is None:
+            self._params = [p for p in model.parameters() if p.requires_grad]
+        return gradient_shares(contributions, self._params)
+
+
 def _dot(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> float:
     """Sum over parameters of ``<a_p, b_p>`` in float64 (a missing gradient counts as zero)."""
     total = 0.0

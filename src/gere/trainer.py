@@ -52,7 +52,7 @@ from gere.batching import (
     resolve_layers,
 )
 from gere.config import GeReConfig, resolved_config, weight_rule
-from gere.diagnostics import gradient_shares
+from gere.diagnostics import GradShareMeter
 from gere.errors import GeReError
 from gere.losses import combine_losses, loss_contributions, replay_losses
 from gere.parts import GRAD_SHARE, LOSS_PARTS, WEIGHTS, checked_loss_parts
@@ -72,6 +72,8 @@ from gere.store.fingerprint import check_store_belongs
 from gere.store.format import ActivationStore
 
 LOGGED_PARTS = (*LOSS_PARTS, *WEIGHTS, *GRAD_SHARE)
+
+
 class GeReMixin:
     """The GeRe machinery; mixed into `Trainer` and `Seq2SeqTrainer` below."""
 
@@ -137,8 +139,7 @@ class GeReMixin:
         self._gere_sums: dict[str, float] = {}
         self._gere_counts: dict[str, int] = {}
         self._weight_rule = weight_rule(self.gere.margin_weight)
-        self._grad_share_step = -1  # the last step the gradient share was measured at
-        self._trainable: list[torch.Tensor] | None = None
+        self._grad_share = GradShareMeter(self.gere.grad_share_every)
 
     # ------------------------------------------------------------------------------------------ set-up
 
@@ -384,8 +385,8 @@ class GeReMixin:
             )
         if model.training:
             logged = {**{k: float(v.detach()) for k, v in parts.items()}, **weights}
-            if self._grad_share_due():
-                logged.update(gradient_shares(loss_contributions(parts, weights), self._trainable_parameters()))
+            if self._grad_share.due(self.state.global_step, self.args.world_size):
+                logged.update(self._grad_share.measure(loss_contributions(parts, weights), self._unwrapped(model)))
             for name, value in logged.items():
                 self._gere_sums[name] = self._gere_sums.get(name, 0.0) + value
                 self._gere_counts[name] = self._gere_counts.get(name, 0) + 1
@@ -421,24 +422,6 @@ class GeReMixin:
             cfg.parts, out.logits, hidden, labels, mask, targets,
             reduction=cfg.margin_reduction, temperature=cfg.kl_temperature,
         )  # fmt: skip
-
-    def _grad_share_due(self) -> bool:
-        """Whether this micro-batch is the first of a step the gradient-share diagnostic measures."""
-        every, step = self.gere.grad_share_every, self.state.global_step
-        if not every or step % every or step == self._grad_share_step:
-            return False
-        if self.args.world_size > 1:
-            raise GeReError(
-                "grad_share_every measures on one process (its backward passes would meet the other processes' "
-                "gradient all-reduce); run the diagnostic on one process, or set grad_share_every: 0"
-            )
-        self._grad_share_step = step
-        return True
-
-    def _trainable_parameters(self) -> list[torch.Tensor]:
-        if self._trainable is None:
-            self._trainable = [p for p in self._unwrapped().parameters() if p.requires_grad]
-        return self._trainable
 
     # ------------------------------------------------------------------------------------------ logging
 
