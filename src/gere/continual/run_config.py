@@ -146,6 +146,20 @@ class BenchmarkSettings:
     data_dir: str = field(default="data/cl15", metadata={"help": "Folder with <task>/{train,test}.json."})
     train_size: int | None = field(default=None, metadata={"help": "Training samples per task."})
     test_size: int | None = field(default=None, metadata={"help": "Test samples per task."})
+    tasks: list[str] | None = field(
+        default=None,
+        metadata={"help": "Only these of the benchmark's tasks (e.g. [sst2, boolq]), in the order's sequence."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.tasks is not None:
+            from gere.continual.tasks import load_benchmark_definition
+            from gere.data.olora import check_task_names
+
+            known = list(load_benchmark_definition(self.name)["tasks"])
+            if not self.tasks:
+                raise GeReError("tasks: an empty list trains nothing; name some tasks, or leave tasks out for all")
+            check_task_names(self.tasks, known, self.name, flag="tasks")
 
 
 @dataclass
@@ -242,9 +256,10 @@ class RunConfig:
             from gere.continual.tasks import load_benchmark
 
             b = self.benchmark
-            return load_benchmark(
+            specs = load_benchmark(
                 b.name, order=b.order, data_dir=b.data_dir, train_size=b.train_size, test_size=b.test_size, seed=self.seed
             )
+            return [s for s in specs if b.tasks is None or s.name in b.tasks]
         if not self.tasks:
             raise GeReError("the run config has no tasks: add a 'tasks' list or a 'benchmark' section")
         return list(self.tasks)
