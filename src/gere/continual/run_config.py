@@ -22,7 +22,7 @@ from gere.continual.lm_eval_general import lm_eval_tasks
 from gere.continual.multiple_choice import MC_FORMATS
 from gere.continual.tasks import TaskSpec
 from gere.distributed import launched_world_size
-from gere.errors import GeReError, check_settings
+from gere.errors import GeReError, check_settings, nearest
 from gere.precision import parse_bf16
 
 FINETUNING = ("full", "lora", "olora")
@@ -69,9 +69,47 @@ class TrainingSettings:
         },
     )
     activation_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations to save memory."})
+    trainer_args: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Any other transformers.TrainingArguments field (max_grad_norm, fp16, adam_beta2, "
+            "torch_compile, ...), written straight into the training section; each is checked against "
+            "TrainingArguments' own fields when the config is read and passed to every stage's Trainer."
+        },
+    )
+
+    @classmethod
+    def route_keys(cls, data: dict, where: str) -> dict:
+        """The section's keys with every key that is not a gere setting moved into ``trainer_args``, checked
+        against `transformers.TrainingArguments` (`trainer_arg_names`)."""
+        own = {f.name for f in fields(cls)}
+        routed = {k: v for k, v in data.items() if k in own}
+        extra = {k: v for k, v in data.items() if k not in own}
+        if "warmup_ratio" in extra and "warmup_ratio" not in trainer_arg_names():
+            # transformers 5 folded warmup_ratio into warmup_steps, which gere reads as a share below 1.
+            if "warmup_steps" in data:
+                raise GeReError(f"{where}: give warmup_steps or warmup_ratio, not both")
+            routed["warmup_steps"] = extra.pop("warmup_ratio")
+        if "gradient_checkpointing" in extra:
+            routed["activation_checkpointing"] = extra.pop("gradient_checkpointing")
+        if extra:
+            given = routed.get("trainer_args") or {}
+            if not isinstance(given, dict):
+                raise GeReError(f"{where}.trainer_args: expected a mapping, got {type(given).__name__}")
+            routed["trainer_args"] = {**given, **extra}
+        if routed.get("trainer_args"):
+            routed["trainer_args"] = checked_trainer_args(routed["trainer_args"], where, own)
+        return routed
+
+    def plain(self) -> dict[str, Any]:
+        """The section as a config file writes it: ``trainer_args`` flat beside the gere settings."""
+        data = {f.name: to_plain(getattr(self, f.name)) for f in fields(self) if f.name != "trainer_args"}
+        return {**data, **to_plain(self.trainer_args)}
 
     def __post_init__(self) -> None:
         self.bf16 = parse_bf16(self.bf16)
+        if self.bf16 is True and self.trainer_args.get("fp16") is True:
+            raise GeReError("training.bf16 and training.fp16 are both true; choose one (bf16: auto gives way to fp16)")
         check_settings([
             (0 < self.learning_rate < math.inf, "learning_rate", "a finite number above 0"),
             (0 < self.num_train_epochs < math.inf, "num_train_epochs", "a finite number above 0"),
@@ -84,6 +122,50 @@ class TrainingSettings:
             (0 <= self.warmup_steps < math.inf, "warmup_steps", "a finite number, 0 or more"),
             (self.logging_steps >= 1, "logging_steps", "1 or more"),
         ], self)  # fmt: skip
+
+
+#: TrainingArguments fields gere sets itself: each names where the setting lives in a run config instead.
+RESERVED_TRAINER_ARGS = {
+    "output_dir": "the run's top-level output_dir (each stage trains in <output_dir>/stages/)",
+    "seed": "the run's top-level seed",
+    "run_name": "the run's top-level name",
+    "report_to": "the run's top-level report_to (gere tracks the whole task sequence as one run)",
+    "eval_strategy": "the evaluation section (gere evaluates every task after every stage)",
+    "do_eval": "the evaluation section (gere evaluates every task after every stage)",
+    "remove_unused_columns": "nothing: gere's batches need every column they carry",
+    "resume_from_checkpoint": "`gere run --resume`",
+    "local_rank": "the launcher (torchrun sets it)",
+}
+
+
+def trainer_arg_names() -> dict[str, Any]:
+    """`transformers.TrainingArguments`' own fields (of the installed version): ``{name: default}``."""
+    from transformers import TrainingArguments
+
+    return {f.name: f.default for f in fields(TrainingArguments) if f.init}
+
+
+def checked_trainer_args(args: dict[str, Any], where: str, own: set[str]) -> dict[str, Any]:
+    """``args`` with every name a TrainingArguments field (a typo is refused with the nearest name among
+    gere's settings and TrainingArguments' fields) and not one gere sets itself; a number YAML read as text
+    (``1e-8``) becomes a float where the field's default is one."""
+    known = trainer_arg_names()
+    out = {}
+    for key, value in args.items():
+        if key in RESERVED_TRAINER_ARGS:
+            raise GeReError(f"{where}.{key}: gere sets this TrainingArguments field itself; use "
+                            f"{RESERVED_TRAINER_ARGS[key]}")  # fmt: skip
+        if key not in known:
+            hint = nearest(key, [*own - {"trainer_args"}, *known])
+            raise GeReError(f"unknown config key {where}.{key}{hint}: it is neither a gere training setting nor a "
+                            "field of transformers.TrainingArguments (of the installed transformers)")  # fmt: skip
+        if isinstance(value, str) and isinstance(known[key], float) and not isinstance(known[key], bool):
+            try:
+                value = float(value)
+            except ValueError:
+                raise GeReError(f"{where}.{key}: expected a number, got {value[:80]!r}") from None
+        out[key] = value
+    return out
 
 
 @dataclass
@@ -112,7 +194,17 @@ class EvalSettings:
             "(lm-evaluation-harness tasks on the in-memory model; pip install 'gere[eval]')."
         },
     )
-    lm_eval_include_path: str | None = field(default=None, metadata={"help": "Folder of your own lm-eval task YAMLs."})
+    lm_eval_include_path: str | None = field(
+        default=None,
+        metadata={"help": "Folder of your own lm-eval task YAMLs; a relative path is read from the config file's folder."},
+    )
+    lm_eval_batch_size: int | str | None = field(
+        default=None,
+        metadata={
+            "help": "lm-eval's batch size: a number, 'auto' (lm-eval finds the largest that fits) or 'auto:N' "
+            "(re-found N times); null: evaluation.batch_size."
+        },
+    )
     lm_eval_metric: str = field(default="acc", metadata={"help": "The lm-eval metric that scores each task."})
     lm_eval_num_fewshot: int | None = field(default=None, metadata={"help": "Few-shot examples (null: the task's own)."})
     lm_eval_limit: int | None = field(default=None, metadata={"help": "At most this many examples per lm-eval task."})
@@ -134,9 +226,21 @@ class EvalSettings:
               for n in ("test_limit", "mc_limit", "perplexity_limit", "lm_eval_limit")],
             (self.lm_eval_num_fewshot is None or self.lm_eval_num_fewshot >= 0, "lm_eval_num_fewshot",
              "0 or more, or null for the task's own"),
+            (_lm_eval_batch_size_ok(self.lm_eval_batch_size), "lm_eval_batch_size",
+             "a number of 1 or more, 'auto', 'auto:N' (N of 1 or more) or null"),
         ], self)  # fmt: skip
         # 'mc' or 'lm_eval:<task,...>' (an error says so), parsed once: None for the built-in set.
         self.lm_eval_task_names: list[str] | None = lm_eval_tasks(self.general)
+
+
+def _lm_eval_batch_size_ok(value: int | str | None) -> bool:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value is None or value >= 1
+    text = str(value)
+    if text == "auto":
+        return True
+    head, _, times = text.partition(":")
+    return head == "auto" and times.isdigit() and int(times) >= 1
 
 
 @dataclass
@@ -205,11 +309,8 @@ class RunConfig:
         from gere.continual.tracking import check_report_to
 
         check_report_to(self.report_to)
-        known = {f.name for f in fields(TrainingSettings)}
         for task, overrides in self.per_task.items():
-            bad = set(overrides) - known
-            if bad:
-                raise GeReError(f"per_task.{task}: unknown key(s) {sorted(bad)}; allowed: {sorted(known)}")
+            self.per_task[task] = TrainingSettings.route_keys(dict(overrides), f"per_task.{task}")
         # Every setting is checked now, before any model is loaded or any file written.
         for task in [None, *self.per_task]:
             self._check_interpolation(self.training_for(task) if task else self.training, task)
@@ -265,8 +366,11 @@ class RunConfig:
         return list(self.tasks)
 
     def training_for(self, task: str) -> TrainingSettings:
+        overrides = dict(self.per_task.get(task, {}))
+        if "trainer_args" in overrides:  # a task's TrainingArguments fields add to (and win over) the section's
+            overrides["trainer_args"] = {**self.training.trainer_args, **overrides["trainer_args"]}
         try:
-            return dataclasses.replace(self.training, **self.per_task.get(task, {}))
+            return dataclasses.replace(self.training, **overrides)
         except GeReError as err:
             raise GeReError(f"per_task.{task}: {err}") from None
 
@@ -278,6 +382,8 @@ class RunConfig:
 
 
 def to_plain(obj: Any) -> Any:
+    if hasattr(obj, "plain") and dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return obj.plain()
     if dataclasses.is_dataclass(obj):
         return {f.name: to_plain(getattr(obj, f.name)) for f in fields(obj)}
     if isinstance(obj, (list, tuple)):
@@ -354,6 +460,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def from_dict(cls, data: dict, where: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types by dotted name."""
+    route = getattr(cls, "route_keys", None)
+    if route is not None:  # a section that passes keys through to another library (TrainingSettings)
+        data = route(data, where or cls.__name__)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls) if f.init}
     unknown = sorted(set(data) - names)
@@ -422,11 +531,21 @@ def read_yaml_mapping(path: str | Path) -> dict:
     return loaded
 
 
+def _relative_to_config(data: dict, path: Path) -> None:
+    """A relative ``evaluation.lm_eval_include_path`` in a config file names a folder beside that file (as
+    lm-eval task folders are kept with the config that uses them), wherever the command runs from."""
+    section = data.get("evaluation")
+    include = section.get("lm_eval_include_path") if isinstance(section, dict) else None
+    if isinstance(include, str) and include and not Path(include).expanduser().is_absolute():
+        section["lm_eval_include_path"] = str((path.parent / include).resolve())
+
+
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
     """Read a YAML run config (or start from ``base``), apply ``key.path=value`` overrides, validate."""
     data: dict = dict(base or {})
     if path is not None:
         data.update(read_yaml_mapping(path))
+        _relative_to_config(data, Path(path))
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:

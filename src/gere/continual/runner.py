@@ -86,10 +86,14 @@ _CHECKPOINTING = next(
 
 
 def _training_args(cfg: RunConfig, task: str, stage_dir: Path, progress: bool, bf16: bool) -> TrainingArguments:
+    """The Trainer's arguments for ``task``: gere's training settings, then any other TrainingArguments
+    field the training section (or ``per_task``) gives, which win over gere's defaults below."""
     t = cfg.training_for(task)
     if isinstance(cfg.per_task.get(task, {}).get("bf16"), bool):  # a task's own explicit choice wins
         bf16 = t.bf16
-    return TrainingArguments(
+    if t.trainer_args.get("fp16") is True:
+        bf16 = False  # checked when the config was read: fp16 is on only where bf16 is not asked for
+    kwargs = dict(
         output_dir=str(stage_dir),
         learning_rate=t.learning_rate,
         num_train_epochs=t.num_train_epochs,
@@ -113,6 +117,20 @@ def _training_args(cfg: RunConfig, task: str, stage_dir: Path, progress: bool, b
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
     )
+    return TrainingArguments(**{**kwargs, **t.trainer_args})
+
+
+def _check_training_args(cfg: RunConfig, out: Path, precision: Precision) -> None:
+    """Build every stage's TrainingArguments once before any work, so that values TrainingArguments itself
+    refuses (``fp16`` without a GPU, ``lr_scheduler_type: cosine_typo``, ...) stop the run now, not after the
+    store is extracted and earlier tasks have trained."""
+    for task in [None, *cfg.per_task]:
+        try:
+            _training_args(cfg, task, out / "stages" / "check", False, precision.bf16)
+        except (ValueError, TypeError, ImportError) as err:
+            where = f"per_task.{task}" if task else "training"
+            raise GeReError(f"{where}: transformers.TrainingArguments refuses these settings: {str(err)[:400]}; "
+                            f"fix them in the {where} section") from None  # fmt: skip
 
 
 @dataclass
@@ -169,6 +187,8 @@ def _run_locked(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, b
     # Everything is checked (flags, tasks, model, store) before a previous run's files are removed.
     state = existing_state(cfg, resume=resume, overwrite=overwrite)
     fresh = state is None
+    precision = _precision(cfg, state)
+    _check_training_args(cfg, out, precision)
     set_seed(cfg.seed)
     tasks = _load_tasks(cfg, out)
     evaluator = Evaluator(cfg, tasks)  # reads the probe and held-out texts: a bad file stops the run here
@@ -180,7 +200,6 @@ def _run_locked(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, b
         model = _with_lora(cfg, model)
     if cfg.finetuning == "olora":
         olora = OLoRA(cfg.olora.orthogonal, cfg.olora.l2, _lora_config(cfg))
-    precision = _precision(cfg, state)
     run = _Run(cfg, out, state or _new_state(cfg, model, store, precision), tasks, model, tokenizer, evaluator,
                replay_set, store, progress, started, precision=precision)  # fmt: skip
     run.olora = olora
@@ -274,10 +293,10 @@ _ANNOUNCED: set[str] = set()
 def _precision(cfg: RunConfig, state: dict | None) -> Precision:
     """The run's training precision: resolved from ``training.bf16`` on this machine when the run starts, and
     kept from its state when it resumes (a run does not change precision half-way). Printed once a process."""
-    if state is not None and state.get("precision") in ("bf16", "fp32"):
-        precision = Precision(state["precision"] == "bf16", "as the run started")
+    if state is not None and state.get("precision") in ("bf16", "fp16", "fp32"):
+        precision = Precision(state["precision"] == "bf16", "as the run started", fp16=state["precision"] == "fp16")
     else:
-        precision = resolve_bf16(cfg.training.bf16)
+        precision = resolve_bf16(cfg.training.bf16, fp16=cfg.training.trainer_args.get("fp16") is True)
     line = precision.describe()
     if line not in _ANNOUNCED:
         _ANNOUNCED.add(line)
