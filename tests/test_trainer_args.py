@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 from gere.cli import main
 from gere.continual.run_config import load_run_config
 from gere.continual.run_folder import config_digest
-from gere.continual.runner import _training_args
+from gere.continual.training_args import stage_training_args
 from gere.errors import GeReError
 
 
@@ -31,7 +31,7 @@ def test_trainer_arguments_pass_through_and_reach_every_stage(tmp_path):
     training = {"max_grad_norm": 0.25, "adam_beta2": 0.95, "adam_epsilon": "1e-7", "torch_empty_cache_steps": 3,
                 "lr_scheduler_kwargs": {"min_lr": 1e-6}, "warmup_ratio": 0.1, "learning_rate": 3e-4}  # fmt: skip
     cfg = load_run_config(config(tmp_path, training, per_task={"t": {"max_grad_norm": 2.0, "max_steps": 4}}))
-    args = _training_args(cfg, "t", tmp_path / "stage", False, False)
+    args = stage_training_args(cfg, "t", tmp_path / "stage", False, False)
     assert (args.max_grad_norm, args.adam_beta2, args.adam_epsilon) == (2.0, 0.95, 1e-7), "the task's own wins"
     assert args.lr_scheduler_kwargs == {"min_lr": 1e-6} and args.torch_empty_cache_steps == 3
     assert args.max_steps == 4 and args.learning_rate == 3e-4 and args.save_strategy == "no"

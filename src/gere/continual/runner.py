@@ -20,7 +20,7 @@ CPU with the same seed ends with the same metrics as an uninterrupted run.
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
 import logging
 import shutil
 import time
@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
+from transformers import DataCollatorForSeq2Seq, set_seed
 
 from gere.baselines.ewc import EWC
 from gere.baselines.lwf import LwF, with_index
@@ -58,6 +57,7 @@ from gere.continual.run_folder import (
 )
 from gere.continual.tasks import TaskData, load_task
 from gere.continual.tracking import SequenceTracker, check_report_to, stage_metrics
+from gere.continual.training_args import check_training_args, stage_training_args
 from gere.errors import GeReError
 from gere.faults import train_step_callback
 from gere.io_utils import atomic_write_json, safe_join
@@ -76,61 +76,6 @@ logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ the run
-
-
-# transformers renamed `gradient_checkpointing` to `activation_checkpointing` during 5.x; use the one it has.
-_CHECKPOINTING = next(
-    (f.name for f in dataclasses.fields(TrainingArguments) if f.name == "activation_checkpointing"),
-    "gradient_checkpointing",
-)
-
-
-def _training_args(cfg: RunConfig, task: str, stage_dir: Path, progress: bool, bf16: bool) -> TrainingArguments:
-    """The Trainer's arguments for ``task``: gere's training settings, then any other TrainingArguments
-    field the training section (or ``per_task``) gives, which win over gere's defaults below."""
-    t = cfg.training_for(task)
-    if isinstance(cfg.per_task.get(task, {}).get("bf16"), bool):  # a task's own explicit choice wins
-        bf16 = t.bf16
-    if t.trainer_args.get("fp16") is True:
-        bf16 = False  # checked when the config was read: fp16 is on only where bf16 is not asked for
-    kwargs = dict(
-        output_dir=str(stage_dir),
-        learning_rate=t.learning_rate,
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_steps,
-        lr_scheduler_type=t.lr_scheduler_type,
-        optim=t.optim,
-        logging_steps=t.logging_steps,
-        bf16=bf16,
-        # transformers refuses bf16 without a bf16 GPU unless told the run is on the CPU (it autocasts there).
-        use_cpu=bf16 and not torch.cuda.is_available(),
-        **{_CHECKPOINTING: t.activation_checkpointing},
-        save_strategy="no",
-        report_to=[],
-        seed=cfg.seed,
-        disable_tqdm=not progress,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        remove_unused_columns=False,
-    )
-    return TrainingArguments(**{**kwargs, **t.trainer_args})
-
-
-def _check_training_args(cfg: RunConfig, out: Path, precision: Precision) -> None:
-    """Build every stage's TrainingArguments once before any work, so that values TrainingArguments itself
-    refuses (``fp16`` without a GPU, ``lr_scheduler_type: cosine_typo``, ...) stop the run now, not after the
-    store is extracted and earlier tasks have trained."""
-    for task in [None, *cfg.per_task]:
-        try:
-            _training_args(cfg, task, out / "stages" / "check", False, precision.bf16)
-        except (ValueError, TypeError, ImportError) as err:
-            where = f"per_task.{task}" if task else "training"
-            raise GeReError(f"{where}: transformers.TrainingArguments refuses these settings: {str(err)[:400]}; "
-                            f"fix them in the {where} section") from None  # fmt: skip
 
 
 @dataclass
@@ -188,7 +133,7 @@ def _run_locked(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, b
     state = existing_state(cfg, resume=resume, overwrite=overwrite)
     fresh = state is None
     precision = _precision(cfg, state)
-    _check_training_args(cfg, out, precision)
+    check_training_args(cfg, out, precision)
     set_seed(cfg.seed)
     tasks = _load_tasks(cfg, out)
     evaluator = Evaluator(cfg, tasks)  # reads the probe and held-out texts: a bad file stops the run here
@@ -345,7 +290,7 @@ def _evaluate_base(run: _Run, cache) -> None:
     run.state["general"].append(base["general"])
     run.state["eval_s"] += time.time() - t0
     run.save_state()
-    run.tracker.log_stage(0, stage_metrics([t.spec.name for t in run.tasks], base["accuracies"], base["general"]))
+    run.tracker.log_stage(0, stage_metrics([t.spec.name for t in run.tasks], base["accuracies"], base["general"]), 0)
 
 
 def _run_stage(run: _Run, index: int) -> None:
@@ -378,7 +323,8 @@ def _run_stage(run: _Run, index: int) -> None:
     state["stages_done"] = index + 1
     run.save_state()
     names = [t.spec.name for t in run.tasks]
-    run.tracker.log_stage(index + 1, stage_metrics(names, evaluation["accuracies"], evaluation["general"]))
+    metrics = stage_metrics(names, evaluation["accuracies"], evaluation["general"])
+    run.tracker.log_stage(index + 1, metrics, _steps_before(state))
     prune_checkpoints(run.out, cfg)
     shutil.rmtree(run.out / "stages" / f"{index + 1}-{name}", ignore_errors=True)
 
@@ -386,8 +332,9 @@ def _run_stage(run: _Run, index: int) -> None:
 def _track_history(run: _Run) -> None:
     names = [t.spec.name for t in run.tasks]
     run.tracker.log_training(run.state["loss_history"])
+    ends = [0, *itertools.accumulate(run.state.get("per_task_steps") or [])]  # the step where each stage ended
     for stage, (accuracies, general) in enumerate(zip(run.state["accuracy_matrix"], run.state["general"], strict=True)):
-        run.tracker.log_stage(stage, stage_metrics(names, accuracies, general))
+        run.tracker.log_stage(stage, stage_metrics(names, accuracies, general), ends[stage] if stage < len(ends) else None)
 
 
 def _steps_before(state: dict[str, Any]) -> int:
@@ -435,7 +382,7 @@ def _stage_trainer(run: _Run, index: int) -> GeReTrainer:
         penalties.append(run.lwf)
     return GeReTrainer(
         model=run.model,
-        args=_training_args(run.cfg, name, run.out / "stages" / f"{index + 1}-{name}", run.progress,
+        args=stage_training_args(run.cfg, name, run.out / "stages" / f"{index + 1}-{name}", run.progress,
                             run.precision.bf16),
         train_dataset=features,
         data_collator=collator,
