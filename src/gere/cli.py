@@ -1,4 +1,4 @@
-"""The `gere` command: ``extract``, ``run``, ``sweep``, ``data``, ``compare`` and ``demo``.
+"""The `gere` command: ``extract``, ``run``, ``sweep``, ``data``, ``compare``, ``export`` and ``demo``.
 
 Errors a user can fix are printed as one line naming the problem and the fix, with exit status 2.
 """
@@ -81,6 +81,15 @@ def _add_compare(sub) -> None:
     p.add_argument("--out", default="comparison", help="Folder for comparison.md and comparison.png.")
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="A run's model as a Hugging Face folder (from_pretrained, lm_eval, LLaMA-Factory).")
+    p.add_argument("run", help="The run's output folder.")
+    p.add_argument("--out", required=True, help="Folder to write the model (or adapter) and tokenizer into.")
+    p.add_argument("--stage", type=int, default=None, help="Export the model after this task (default: the newest).")
+    p.add_argument("--merge-lora", action="store_true", help="Merge the LoRA adapter(s) into the weights.")
+    p.add_argument("--overwrite", action="store_true", help="Replace a folder already at --out.")
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="A real LLM forgets; GeRe holds it back. Offline after the first run.")
     p.add_argument("--cache-dir", default=None, help="Asset cache (default $GERE_CACHE or ~/.cache/gere).")
@@ -110,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep(sub)
     _add_data(sub)
     _add_compare(sub)
+    _add_export(sub)
     _add_demo(sub)
     return parser
 
@@ -217,6 +227,18 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import json
+
+    from gere.continual.export import EXPORT_MARKER, export_model
+
+    out = export_model(args.run, args.out, stage=args.stage, merge_lora=args.merge_lora, overwrite=args.overwrite)
+    info = json.loads((out / EXPORT_MARKER).read_text())
+    kind = "LoRA adapter" if info["finetuning"] == "lora" and not info["lora_merged"] else "model"
+    print(f"{kind} after stage {info['stage']} ({info['after_task']}) of {args.run} in {out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from gere.continual.sweep import grid_cells, parse_grid, parse_seeds
     from gere.demo.run import run_demo
@@ -260,7 +282,7 @@ def for_command(err: GeReError, command: str) -> str:
 
 
 COMMANDS = {"extract": cmd_extract, "run": cmd_run, "sweep": cmd_sweep, "data": cmd_data, "compare": cmd_compare,
-            "demo": cmd_demo}  # fmt: skip
+            "export": cmd_export, "demo": cmd_demo}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

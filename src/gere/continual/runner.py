@@ -32,7 +32,7 @@ from transformers import DataCollatorForSeq2Seq, set_seed
 
 from gere.baselines.ewc import EWC
 from gere.baselines.lwf import LwF, with_index
-from gere.baselines.olora import OLoRA, adapter_name
+from gere.baselines.olora import OLoRA
 from gere.baselines.task_replay import (
     SeparateBufferBatches,
     TaskReplayBuffer,
@@ -40,7 +40,14 @@ from gere.baselines.task_replay import (
     stage_seed,
 )
 from gere.batching import IGNORE_INDEX, pad_token_id
-from gere.continual.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
+from gere.continual.checkpoint import (
+    checkpoint_dir,
+    load_checkpoint,
+    lora_config,
+    prune_checkpoints,
+    save_checkpoint,
+    with_lora,
+)
 from gere.continual.evaluator import Evaluator
 from gere.continual.prompts import build_train_features
 from gere.continual.report import build_results, learning_warnings, write_report
@@ -142,9 +149,9 @@ def _run_locked(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, b
     claim(cfg, fresh=fresh)
     olora = None
     if cfg.finetuning in ("lora", "olora"):
-        model = _with_lora(cfg, model)
+        model = with_lora(cfg, model)
     if cfg.finetuning == "olora":
-        olora = OLoRA(cfg.olora.orthogonal, cfg.olora.l2, _lora_config(cfg))
+        olora = OLoRA(cfg.olora.orthogonal, cfg.olora.l2, lora_config(cfg))
     run = _Run(cfg, out, state or _new_state(cfg, model, store, precision), tasks, model, tokenizer, evaluator,
                replay_set, store, progress, started, precision=precision)  # fmt: skip
     run.olora = olora
@@ -214,22 +221,6 @@ def _prepare_replay(cfg: RunConfig, model, tokenizer, out: Path, state: dict | N
         if store.manifest["model"] != state["base_model"]:
             raise GeReError(f"{store_dir} no longer belongs to this run's base model; use --overwrite")
     return replay_set, store
-
-
-def _lora_config(cfg: RunConfig):
-    from peft import LoraConfig
-
-    lora = cfg.lora
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
-
-
-def _with_lora(cfg: RunConfig, model):
-    from peft import get_peft_model
-
-    if cfg.finetuning == "olora":  # the first task's adapter; each later task adds its own
-        return get_peft_model(model, _lora_config(cfg), adapter_name=adapter_name(0))
-    return get_peft_model(model, _lora_config(cfg))
 
 
 _ANNOUNCED: set[str] = set()
