@@ -148,3 +148,23 @@ def test_olora_exports_every_task_adapter_merged(setup, tmp_path):  # noqa: F811
                 b = tensors[f"{adapter}/base_model.model.{name}.lora_B.weight"]
                 module.weight += scale * b @ a
     torch.testing.assert_close(merged, logits(model, tokenizer), atol=1e-5, rtol=1e-5)
+
+
+def test_lm_eval_scores_the_exported_folder_as_the_run_s_model(setup, full_run, tmp_path):  # noqa: F811
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+    from test_lm_eval import questions, write_task  # a tiny local lm-eval task (no hub)
+
+    from gere.continual.lm_eval_general import LmEvalGeneral
+
+    export_model(full_run, tmp_path / "hf")
+    tasks = write_task(tmp_path / "tasks", questions())
+    # lm-eval's own "hf" model reading the folder by path, as `lm_eval --model hf` does ...
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tmp_path / 'hf'},dtype=float32",
+                                  tasks=["tiny_probe"], task_manager=TaskManager(include_path=str(tasks)),
+                                  bootstrap_iters=0, batch_size=4, device="cpu")  # fmt: skip
+    # ... scores what the run's model scores in memory.
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = LmEvalGeneral(["tiny_probe"], include_path=str(tasks), batch_size=4)(model, tokenizer)
+    assert out["results"]["tiny_probe"]["acc,none"] == pytest.approx(ours["lm_eval"]["tiny_probe"])
