@@ -3,7 +3,8 @@
 ``report_to`` in a run config takes the names the Trainer takes (``tensorboard``, ``mlflow``, ``wandb``).
 gere logs to them itself rather than through each stage's Trainer, so that a whole sequence is one tracked
 run: the training loss parts (`gere.parts.LOGGED`), the learning rate and the gradient norm
-(``train/learning_rate``, ``train/grad_norm``) at the sequence's step; after each stage ``eval/<task>/acc``,
+(``train/learning_rate``, ``train/grad_norm``; with the gradient-share diagnostic on, its values too) at the
+sequence's step; after each stage ``eval/<task>/acc``,
 ``eval/general``, ``eval/lm_eval/<task>`` and ``eval/ppl/<set>`` with the stage (0 = base model) as the
 step, and the same values as ``eval_at_step/...`` at the sequence's step where that stage ended (beside the
 training curves); at the end AP / BWT / FWT / forgetting / general / F1 Avg as the summary, the accuracy
