@@ -48,3 +48,21 @@ def test_every_number_is_checked_before_any_work(override, message):
     base = {"model": "x", "tasks": [], "gere": {"replay_source": "general.jsonl"}}
     with pytest.raises(GeReError, match=message.replace(".", r"\.").replace("(", r"\(")):
         load_run_config(None, [override], base=base)
+
+
+def test_settings_added_later_leave_an_earlier_run_s_identity_as_it_was(tmp_path):
+    import hashlib
+    import json
+
+    from gere.continual.run_folder import config_digest
+
+    cfg = load_run_config(Path(__file__).parent.parent / "configs" / "cl15_order4.yaml")
+    # The digest as a run written before lm_eval_batch_size and benchmark.tasks existed recorded it.
+    data = cfg.to_dict()
+    for key in ("output_dir", "keep_checkpoints", "cache_dir", "report_to"):
+        data.pop(key)
+    del data["evaluation"]["lm_eval_batch_size"], data["benchmark"]["tasks"]
+    assert config_digest(cfg) == hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    changed = load_run_config(Path(__file__).parent.parent / "configs" / "cl15_order4.yaml",
+                              ["benchmark.tasks=[mnli, cb]"])  # fmt: skip
+    assert config_digest(changed) != config_digest(cfg), "set, they are part of the run's identity"

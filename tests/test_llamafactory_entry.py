@@ -52,3 +52,49 @@ def test_without_llamafactory_the_command_says_how_to_get_it(tmp_path, capsys):
     assert main(["train", write(tmp_path, {"gere": {"replay_source": "r.jsonl"}})]) == 2
     assert "needs LLaMA-Factory" in capsys.readouterr().err
     assert main(["run"]) == 2 and "usage: gere-lf train" in capsys.readouterr().err
+
+
+def stand_in_llamafactory(root, tuner_source: str):
+    """A package named llamafactory whose tuner module runs ``tuner_source`` on import: LLaMA-Factory installed
+    but failing to import, as it does without torchaudio on a CPU machine (the real one: `make test-lf`)."""
+    for folder in ("llamafactory", "llamafactory/train", "llamafactory/train/sft"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / "__init__.py").write_text("")
+    (root / "llamafactory/train/tuner.py").write_text(tuner_source)
+    (root / "llamafactory/train/sft/workflow.py").write_text("")
+    return root
+
+
+def gere_lf(tmp_path, packages):
+    import os
+    import subprocess
+    import sys
+
+    path = write(tmp_path, {"gere": {"replay_source": "r.jsonl"}})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(packages), *sys.path])}
+    return subprocess.run([sys.executable, "-m", "gere.integrations.llamafactory", "train", path], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "source,words",
+    [
+        ("import torchaudio\n", ["needs the module 'torchaudio', which is missing",
+                                 "pip install the torchaudio built for your torch", "stand-in module"]),
+        ("import gere_no_such_dependency\n", ["needs the module 'gere_no_such_dependency'",
+                                              "pip install gere_no_such_dependency in this environment"]),
+        ("from json import no_such_name\n", ["installed but does not import (ImportError: cannot import name",
+                                             "tested with llamafactory 0.9.5"]),
+    ],
+)
+def test_an_installed_llamafactory_that_fails_to_import_is_named_with_the_fix(tmp_path, source, words):
+    import importlib.util
+
+    if importlib.util.find_spec("llamafactory") or (source.startswith("import torchaudio")
+                                                     and importlib.util.find_spec("torchaudio")):  # fmt: skip
+        pytest.skip("needs an environment without LLaMA-Factory (and without torchaudio)")
+    done = gere_lf(tmp_path, stand_in_llamafactory(tmp_path / "packages", source))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "needs LLaMA-Factory" not in done.stderr and "Traceback" not in done.stderr
+    for word in words:
+        assert word in done.stderr, done.stderr

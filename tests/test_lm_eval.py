@@ -116,3 +116,50 @@ def test_a_lora_run_takes_its_general_score_from_lm_eval(tmp_path, task_dir):
     assert results["metrics"]["f1_avg"] == pytest.approx(2 * final * ap / (final + ap))
     report = (tmp_path / "out" / "report.md").read_text()
     assert "lm-eval tiny_probe (%)" in report
+
+
+def test_auto_batch_size_scores_the_same(task_dir):
+    model, tok = tiny_llama(vocab_size=len(tiny_tokenizer()), seed=3), tiny_tokenizer()
+    fixed = LmEvalGeneral(["tiny_probe"], include_path=str(task_dir), batch_size=5)(model, tok)
+    auto = LmEvalGeneral(["tiny_probe"], include_path=str(task_dir), batch_size="auto")(model, tok)
+    assert auto["lm_eval"]["tiny_probe"] == pytest.approx(fixed["lm_eval"]["tiny_probe"])
+
+
+def lm_eval_run_config(tmp_path, evaluation: dict) -> dict:
+    model_dir = write_tiny_run_files(tmp_path)
+    return {
+        "name": "tiny", "model": str(model_dir), "output_dir": str(tmp_path / "out"),
+        "tasks": [{"source": str(tmp_path / "mood")}],
+        "gere": {"objective": "ce+tm", "replay_source": str(tmp_path / "replay.jsonl"), "num_replay_samples": 8,
+                 "replay_max_length": 16, "replay_batch_size": 2},
+        "training": {"max_steps": 1, "per_device_train_batch_size": 4, "max_length": 32, "optim": "adamw_torch"},
+        "evaluation": {"lm_eval_limit": 4, **evaluation},
+    }  # fmt: skip
+
+
+def test_include_path_is_read_from_the_config_folder_and_batch_size_takes_auto(tmp_path, monkeypatch):
+    write_task(tmp_path / "configs" / "lm_tasks", questions(4))
+    config = lm_eval_run_config(tmp_path, {"general": "lm_eval:tiny_probe", "lm_eval_include_path": "lm_tasks",
+                                           "lm_eval_batch_size": "auto"})  # fmt: skip
+    (tmp_path / "configs" / "run.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)  # not the config's folder: the relative path still names configs/lm_tasks
+    cfg = load_run_config("configs/run.yaml")
+    assert cfg.evaluation.lm_eval_include_path == str(tmp_path / "configs" / "lm_tasks")
+    assert cfg.evaluation.lm_eval_batch_size == "auto"
+    results = run_continual(cfg, progress=False)
+    assert all(set(e["lm_eval"]) == {"tiny_probe"} for e in results["general"])
+    for bad in ("0", "autox", "auto:0"):
+        with pytest.raises(GeReError, match="evaluation.lm_eval_batch_size .* 'auto', 'auto:N'"):
+            load_run_config("configs/run.yaml", [f"evaluation.lm_eval_batch_size={bad}"])
+    with pytest.raises(GeReError, match="evaluation.lm_eval_batch_size: expected int, got bool"):
+        load_run_config("configs/run.yaml", ["evaluation.lm_eval_batch_size=true"])
+
+
+def test_a_missing_lm_eval_task_or_folder_is_found_before_the_store_is_extracted(tmp_path, task_dir):
+    config = lm_eval_run_config(tmp_path, {"general": "lm_eval:tiny_prob", "lm_eval_include_path": str(task_dir)})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(GeReError, match=r"\['tiny_prob'\] not found"):
+        run_continual(load_run_config(tmp_path / "run.yaml"), progress=False)
+    assert not (tmp_path / "out" / "gere_store").exists() and not (tmp_path / "out" / "config.yaml").exists()
+    with pytest.raises(GeReError, match="lm_eval_include_path no_tasks is not a folder"):
+        run_continual(load_run_config(tmp_path / "run.yaml", ["evaluation.lm_eval_include_path=no_tasks"]))

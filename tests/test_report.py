@@ -110,16 +110,37 @@ def test_compare_runs(tmp_path):
     paths = compare_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp")
     assert [p.name for p in paths] == ["comparison.md", "comparison.png"]
     table = (tmp_path / "cmp" / "comparison.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ce")]
-    assert len(rows) == 2
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert len(rows) == 2 and "Note" not in table, "the same task list: nothing to note"
     # AP 80.00 vs 82.00; final perplexity = mean(13, 18) = 15.50; wall time 123.4
     assert (
-        rows[0].startswith("| ce | run-ce | 80.00 |") and "15.50" in rows[0] and rows[0].endswith("123.4 |")
+        rows[0].startswith("| `a` | ce | run-ce | 80.00 |") and "15.50" in rows[0] and rows[0].endswith("123.4 |")
     )
-    assert rows[1].startswith("| ce+tm | run-ce+tm | 82.00 |")
+    assert rows[1].startswith("| `b` | ce+tm | run-ce+tm | 82.00 |")
     check_png(paths[1])
     with pytest.raises(GeReError, match="results.json"):
         compare_runs([tmp_path / "missing"], tmp_path / "cmp")
+
+
+def test_compare_names_runs_by_folder_and_says_when_task_lists_differ(tmp_path):
+    # Two runs of one method, model and name: only their folders tell them apart.
+    write_report(tmp_path / "order4" / "seed-0", synthetic_results("ce"))
+    write_report(tmp_path / "order5" / "seed-0", synthetic_results("ce", final_shift=0.01))
+    table = compare_runs([tmp_path / "order4" / "seed-0", tmp_path / "order5" / "seed-0"], tmp_path / "cmp")[0]
+    rows = [line for line in table.read_text().splitlines() if line.startswith("| `")]
+    assert [r.split(" | ")[0] for r in rows] == ["| `order4/seed-0`", "| `order5/seed-0`"]
+    reordered = synthetic_results("ce")
+    reordered["tasks"] = reordered["tasks"][::-1]
+    write_report(tmp_path / "reordered", reordered)
+    fewer = synthetic_results("ce")
+    fewer["tasks"] = ["mnli", "cb", "qqp"]
+    write_report(tmp_path / "other", fewer)
+    text = compare_runs([tmp_path / "order4" / "seed-0", tmp_path / "reordered"], tmp_path / "c2")[0].read_text()
+    assert "the runs trained the same tasks in different orders" in text
+    text = compare_runs([tmp_path / "order4" / "seed-0", tmp_path / "other"], tmp_path / "c3")[0].read_text()
+    note = text.split("All metrics")[0]
+    assert "the runs' task lists differ" in note and "`other`: mnli, cb, qqp" in note
+    assert f"`order4/seed-0`: {', '.join(TASKS)}" in note
 
 
 def test_report_warns_about_a_task_its_training_did_not_teach(tmp_path):

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 from test_runner import run, setup  # noqa: F401 (the tiny two-task run files, shared)
 
-from gere.continual.tracking import check_report_to
+from gere.continual.tracking import _mlflow_major, check_report_to, mlflow_store_problem
 from gere.errors import GeReError
+
+# MLflow 3's default store is SQLite, which needs SQLAlchemy and Alembic (gere[track] installs them).
+SQL_STORE = all(importlib.util.find_spec(m) for m in ("sqlalchemy", "alembic"))
 
 
 def test_tensorboard_holds_the_sequence_stage_metrics_losses_and_summary(setup, tmp_path):  # noqa: F811
@@ -22,18 +27,32 @@ def test_tensorboard_holds_the_sequence_stage_metrics_losses_and_summary(setup, 
     assert [v for _, v in mood] == pytest.approx([row[0] for row in results["accuracy_matrix"]])
     assert {"train/task_ce", "train/replay_margin", "train/margin_weight", "eval/ppl/heldout"} <= set(scalars)
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]  # one step axis over both tasks
+    # The learning rate and gradient norm of every step, as the loss history holds them.
+    lr = [(e.step, e.value) for e in events.Scalars("train/learning_rate")]
+    assert lr == [(h["step"], pytest.approx(h["learning_rate"])) for h in results["loss_history"]]
+    assert lr[0][1] == pytest.approx(0.01)
+    grad = [e.value for e in events.Scalars("train/grad_norm")]
+    assert grad == pytest.approx([h["grad_norm"] for h in results["loss_history"]]) and min(grad) > 0
+    # Each stage's evaluation again at the step where it ended: base at 0, after mood at 2, after compass at 4.
+    at_step = [(e.step, e.value) for e in events.Scalars("eval_at_step/mood/acc")]
+    assert at_step == [(s, pytest.approx(v)) for s, v in zip([0, 2, 4], [r[0] for r in results["accuracy_matrix"]])]
     assert events.Scalars("summary/AP")[0].value == pytest.approx(results["metrics"]["ap"])
     assert {"accuracy_matrix/text_summary", "report/text_summary"} <= set(events.Tags()["tensors"])
     table = events.Tensors("accuracy_matrix/text_summary")[0].tensor_proto.string_val[0].decode()
     assert table.splitlines()[0] == "| stage | mood | compass |" and "| after compass |" in table
 
 
-def test_mlflow_holds_one_run_with_history_summary_table_and_artifacts(setup, tmp_path, monkeypatch):  # noqa: F811
+@pytest.mark.skipif(not SQL_STORE, reason="MLflow's default SQLite store needs sqlalchemy and alembic (gere[track])")
+def test_mlflow_by_default_holds_one_run_with_history_summary_table_and_artifacts(setup, tmp_path, monkeypatch):  # noqa: F811
     mlflow = pytest.importorskip("mlflow")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store for such uses
-    mlflow.set_tracking_uri((tmp_path / "mlruns").as_uri())
+    # No tracking URI and no opt-in to anything: MLflow's own default, in the working directory.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(None)  # forget a URI an earlier test set in this process
     results = run(setup, tmp_path / "r", "report_to=[mlflow]")
+    if _mlflow_major() >= 3:
+        assert (tmp_path / "mlflow.db").is_file(), "MLflow 3's default SQLite store, where the command ran"
     client = mlflow.tracking.MlflowClient()
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1 and runs[0].info.run_name == "tiny"
@@ -43,6 +62,30 @@ def test_mlflow_holds_one_run_with_history_summary_table_and_artifacts(setup, tm
     assert runs[0].data.metrics["summary.F1 Avg"] == pytest.approx(results["metrics"]["f1_avg"] or 0.0)
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     assert {"report.md", "results.json", "accuracy_matrix.png", "accuracy_matrix.json"} <= artifacts
+    lr = client.get_metric_history(runs[0].info.run_id, "train.learning_rate")
+    assert [m.step for m in lr] == [1, 2, 3, 4] and lr[0].value == pytest.approx(0.01)
+    assert len(client.get_metric_history(runs[0].info.run_id, "train.grad_norm")) == 4
+    at_step = client.get_metric_history(runs[0].info.run_id, "eval_at_step.compass.acc")
+    assert [m.step for m in at_step] == [0, 2, 4]
+    assert [m.value for m in at_step] == pytest.approx([row[1] for row in results["accuracy_matrix"]])
+
+
+def test_an_mlflow_store_mlflow_would_refuse_is_refused_when_the_config_is_read(monkeypatch, tmp_path):
+    pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    file_store = (tmp_path / "mlruns").as_uri()
+    if _mlflow_major() >= 3:
+        assert "MLFLOW_ALLOW_FILE_STORE=true" in mlflow_store_problem(file_store)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", file_store)
+        with pytest.raises(GeReError, match="report_to: mlflow: MLflow 3 keeps the file store .* maintenance mode"):
+            check_report_to(["mlflow"])
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    assert mlflow_store_problem(file_store) is None
+    assert mlflow_store_problem("http://localhost:5000") is None
+    default = mlflow_store_problem("")  # no MLFLOW_TRACKING_URI: MLflow's own default
+    assert default is None if SQL_STORE or _mlflow_major() < 3 else "sqlite:///mlflow.db) needs sqlalchemy" in default
+    sqlite = mlflow_store_problem(f"sqlite:///{tmp_path}/mlflow.db")
+    assert sqlite is None if SQL_STORE else "needs sqlalchemy" in sqlite and "gere[track]" in sqlite
 
 
 def test_unknown_or_missing_tracker_is_refused_when_the_config_is_read():

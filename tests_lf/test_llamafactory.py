@@ -74,6 +74,14 @@ def test_full_fine_tuning_trains_with_the_margin_loss(files, tmp_path):
     steps = [e for e in logged(tmp_path) if "loss" in e]
     assert len(steps) == 2 and all({"task_ce", "replay_ce", "replay_margin", "margin_weight"} <= set(e) for e in steps)
     assert steps[-1]["replay_margin"] > 0, "the model moved off the base model's bands after a step"
+    # LlamaBoard's source, trainer_log.jsonl, carries the same parts beside each step's loss.
+    lines = [json.loads(line) for line in (tmp_path / "model" / "trainer_log.jsonl").read_text().splitlines()]
+    lines = [line for line in lines if "loss" in line]  # the last line sums the run up, without a loss
+    assert [line["current_steps"] for line in lines] == [1, 2]
+    for line, step in zip(lines, steps, strict=True):
+        assert list(line)[:6] == ["current_steps", "total_steps", "loss", "task_ce", "replay_ce", "replay_margin"]
+        assert {k: line[k] for k in ("task_ce", "replay_ce", "replay_margin", "margin_weight")} == pytest.approx(
+            {k: step[k] for k in ("task_ce", "replay_ce", "replay_margin", "margin_weight")})
     assert (tmp_path / "store" / "manifest.json").exists(), "the activation store was built where gere: said"
     assert (tmp_path / "model" / "model.safetensors").exists()
 
@@ -94,6 +102,18 @@ def test_two_processes_each_run_gere(files, tmp_path):
     for rank in (0, 1):
         assert f"LLaMA-Factory's SFT trainer, rank {rank}" in done.stderr, "the patch reached every worker"
     assert any("replay_margin" in e for e in logged(tmp_path))
+
+
+def test_without_torchaudio_the_error_names_it_and_the_fix(files, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("torchaudio") is None or "stubs" not in str(importlib.util.find_spec("torchaudio").origin):
+        pytest.skip("runs where torchaudio is the stand-in of tests_lf/stubs")
+    env = {"PYTHONPATH": os.pathsep.join(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                         if "stubs" not in p)}  # fmt: skip
+    done = gere_lf(config(files, tmp_path), env=env)
+    assert done.returncode == 2 and "needs LLaMA-Factory" not in done.stderr
+    assert "needs the module 'torchaudio', which is missing" in done.stderr and "stand-in" in done.stderr
 
 
 def test_bad_configs_are_refused_before_training(files, tmp_path):

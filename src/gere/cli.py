@@ -1,4 +1,4 @@
-"""The `gere` command: ``extract``, ``run``, ``sweep``, ``data``, ``compare`` and ``demo``.
+"""The `gere` command: ``extract``, ``run``, ``sweep``, ``data``, ``compare``, ``export`` and ``demo``.
 
 Errors a user can fix are printed as one line naming the problem and the fix, with exit status 2.
 """
@@ -68,16 +68,26 @@ def _add_data(sub) -> None:
     p.add_argument("--out", default="data/cl15", help="Folder to write <task>/{train,test}.json into.")
     p.add_argument("--amazon-csv", default=None, help="Amazon 5-class reviews as label,title,text (no Hub copy).")
     p.add_argument("--hub-mirror", default=None, help="Local copies: DIR/<dataset>/<config>/<split>.jsonl.")
-    p.add_argument("--from-olora", default=None, help="Convert O-LoRA's CL_Benchmark folder instead.")
-    p.add_argument("--tasks", nargs="+", default=None, help="Only these tasks.")
-    p.add_argument("--per-class", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from-olora", default=None,
+                   help="Convert O-LoRA's CL_Benchmark folder (<group>/<Dataset>/{train,test}.json) as released.")  # fmt: skip
+    p.add_argument("--tasks", nargs="+", default=None, help="Only these tasks (gere's names, e.g. sst2 boolq).")
+    p.add_argument("--per-class", type=int, default=None, help="Training examples per class (default 1000).")
+    p.add_argument("--seed", type=int, default=None, help="Seed of the class-balanced sampling (default 0).")
 
 
 def _add_compare(sub) -> None:
     p = sub.add_parser("compare", help="One table and plot across finished runs.")
     p.add_argument("runs", nargs="+", help="Run folders holding results.json.")
     p.add_argument("--out", default="comparison", help="Folder for comparison.md and comparison.png.")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="A run's model as a Hugging Face folder (from_pretrained, lm_eval, LLaMA-Factory).")
+    p.add_argument("run", help="The run's output folder.")
+    p.add_argument("--out", required=True, help="Folder to write the model (or adapter) and tokenizer into.")
+    p.add_argument("--stage", type=int, default=None, help="Export the model after this task (default: the newest).")
+    p.add_argument("--merge-lora", action="store_true", help="Merge the LoRA adapter(s) into the weights.")
+    p.add_argument("--overwrite", action="store_true", help="Replace a folder already at --out.")
 
 
 def _add_demo(sub) -> None:
@@ -109,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep(sub)
     _add_data(sub)
     _add_compare(sub)
+    _add_export(sub)
     _add_demo(sub)
     return parser
 
@@ -188,13 +199,20 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from gere.data.cl15 import build_cl15, from_olora
+    from gere.data.cl15 import PER_CLASS, build_cl15
+    from gere.data.olora import from_olora
 
     if args.from_olora:
-        out = from_olora(args.from_olora, args.out)
+        given = [flag for flag, value in (("--amazon-csv", args.amazon_csv), ("--hub-mirror", args.hub_mirror),
+                                          ("--per-class", args.per_class), ("--seed", args.seed)) if value is not None]  # fmt: skip
+        if given:
+            raise GeReError(f"--from-olora converts O-LoRA's files as released, so {', '.join(given)} would be "
+                            "ignored; leave them out (or drop --from-olora to build from the sources)")  # fmt: skip
+        out = from_olora(args.from_olora, args.out, tasks=args.tasks)
     else:
-        out = build_cl15(args.out, amazon_csv=args.amazon_csv, mirror=args.hub_mirror, per_class=args.per_class,
-                         seed=args.seed, tasks=args.tasks)  # fmt: skip
+        per_class = PER_CLASS if args.per_class is None else args.per_class
+        out = build_cl15(args.out, amazon_csv=args.amazon_csv, mirror=args.hub_mirror, per_class=per_class,
+                         seed=args.seed or 0, tasks=args.tasks)  # fmt: skip
     print(f"cl15 data in {out} (manifest.json lists every file with its sha256)")
     return 0
 
@@ -206,6 +224,18 @@ def cmd_compare(args) -> int:
     print(Path(paths[0]).read_text())
     for path in paths:
         print(f"wrote {path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import json
+
+    from gere.continual.export import EXPORT_MARKER, export_model
+
+    out = export_model(args.run, args.out, stage=args.stage, merge_lora=args.merge_lora, overwrite=args.overwrite)
+    info = json.loads((out / EXPORT_MARKER).read_text())
+    kind = "LoRA adapter" if info["finetuning"] == "lora" and not info["lora_merged"] else "model"
+    print(f"{kind} after stage {info['stage']} ({info['after_task']}) of {args.run} in {out}")
     return 0
 
 
@@ -252,7 +282,7 @@ def for_command(err: GeReError, command: str) -> str:
 
 
 COMMANDS = {"extract": cmd_extract, "run": cmd_run, "sweep": cmd_sweep, "data": cmd_data, "compare": cmd_compare,
-            "demo": cmd_demo}  # fmt: skip
+            "export": cmd_export, "demo": cmd_demo}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

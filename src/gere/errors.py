@@ -6,6 +6,8 @@ and exits with status 2.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -19,6 +21,12 @@ class GeReError(Exception):
     def __init__(self, message: str, *, setting: str | None = None):
         super().__init__(message)
         self.setting = setting
+
+
+def nearest(name: str, choices: Iterable[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the choice closest to a mistyped ``name``, or ``""`` when none is close."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def check_settings(checks: list[tuple[bool, str, str]], obj: Any) -> None:

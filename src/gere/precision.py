@@ -27,13 +27,15 @@ class Precision:
 
     bf16: bool
     reason: str
+    fp16: bool = False  # fp16 mixed precision, asked for with the TrainingArguments field ``training.fp16``
 
     @property
     def name(self) -> str:
-        return "bf16" if self.bf16 else "fp32"
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
 
     def describe(self) -> str:
-        return f"training precision: {'bf16 autocast' if self.bf16 else 'fp32'} ({self.reason})"
+        kind = {"bf16": "bf16 autocast", "fp16": "fp16 mixed precision", "fp32": "fp32"}[self.name]
+        return f"training precision: {kind} ({self.reason})"
 
 
 def parse_bf16(value) -> bool | str:
@@ -84,8 +86,11 @@ def native_bf16(device: str | None = None, flags: set[str] | None = None) -> tup
     return False, "the CPU has no avx512_bf16 or amx_bf16, so bf16 would be emulated and slower"
 
 
-def resolve_bf16(setting: bool | str, device: str | None = None, flags: set[str] | None = None) -> Precision:
-    """The precision ``training.bf16`` asks for on this machine."""
+def resolve_bf16(setting: bool | str, device: str | None = None, flags: set[str] | None = None,
+                 fp16: bool = False) -> Precision:  # fmt: skip
+    """The precision ``training.bf16`` (and ``training.fp16``, which ``auto`` gives way to) asks for here."""
+    if fp16 and setting is not True:
+        return Precision(False, "training.fp16: true", fp16=True)
     if setting is True:
         return Precision(True, "training.bf16: true")
     if setting is False:

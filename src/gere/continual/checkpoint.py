@@ -20,6 +20,26 @@ from gere.errors import GeReError
 from gere.io_utils import atomic_write_json
 
 
+def lora_config(cfg: RunConfig):
+    """The run's `peft.LoraConfig` (its ``lora:`` section)."""
+    from peft import LoraConfig
+
+    lora = cfg.lora
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
+
+
+def with_lora(cfg: RunConfig, model):
+    """``model`` with the run's LoRA adapter (under O-LoRA, the first task's; each later task adds its own)."""
+    from peft import get_peft_model
+
+    from gere.baselines.olora import adapter_name
+
+    if cfg.finetuning == "olora":
+        return get_peft_model(model, lora_config(cfg), adapter_name=adapter_name(0))
+    return get_peft_model(model, lora_config(cfg))
+
+
 def checkpoint_dir(out: Path, stage: int) -> Path:
     return out / "checkpoints" / f"stage-{stage}"
 

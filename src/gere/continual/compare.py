@@ -1,8 +1,14 @@
-"""Several finished runs side by side: ``comparison.md`` and ``comparison.png``."""
+"""Several finished runs side by side: ``comparison.md`` and ``comparison.png``.
+
+Each run is named by its folder (as given, less the part all folders share), so two runs of one method and
+model stay apart. Runs whose task lists differ are compared with a note saying so at the top: their AP,
+BWT and forgetting average over different tasks (or the same tasks in another order).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,12 +40,15 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Pa
     values = [_metric_values(r) for r in runs]
     out_dir = Path(out_dir)
     md_path, png_path = out_dir / "comparison.md", out_dir / "comparison.png"
-    text = "# Comparison of runs\n\nAll metrics in %, except perplexity (final stage) and wall time.\n\n"
+    note = task_list_note(runs)
+    text = "# Comparison of runs\n\n" + note + "All metrics in %, except perplexity (final stage) and wall time.\n\n"
     groups = group_by_method(runs)
     if any(len(g) > 1 for g in groups.values()) and all(_distinct_seeds(g) for g in groups.values()):
         # Several seeds of one method: the mean +- sd and paired differences say more than single runs.
         result = aggregate_runs(groups)
-        text = render_aggregate(result, "Comparison of runs") + "\n## Each run\n\n"
+        aggregate = render_aggregate(result, "Comparison of runs")
+        title, _, rest = aggregate.partition("\n")
+        text = title + "\n\n" + note + rest.lstrip("\n") + "\n## Each run\n\n"
         write_aggregate(result, out_dir, "Comparison of runs", stem="comparison_seeds")
     atomic_write_text(md_path, text + _comparison_table(runs, values) + "\n")
     _plot_comparison(runs, values, png_path)
@@ -70,8 +79,32 @@ def group_by_method(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, 
     return dict(zip(labels, groups.values(), strict=True))
 
 
+def task_list_note(runs: Sequence[dict[str, Any]]) -> str:
+    """A paragraph for the top of a comparison when the runs' task lists differ (``""`` when they agree)."""
+    lists = {r["folder"]: list(r["tasks"]) for r in runs}
+    if len({tuple(t) for t in lists.values()}) <= 1:
+        return ""
+    each = "; ".join(f"`{folder}`: {', '.join(tasks)}" for folder, tasks in lists.items())
+    if len({tuple(sorted(t)) for t in lists.values()}) == 1:
+        return (f"**Note: the runs trained the same tasks in different orders** ({each}). Their metrics average "
+                "over the same tasks, but BWT, FWT and forgetting depend on the order.\n\n")  # fmt: skip
+    return (f"**Note: the runs' task lists differ** ({each}). Their AP, BWT, FWT and forgetting average over "
+            "different tasks and do not compare directly; compare runs of one task list, or read each run's "
+            "report.\n\n")  # fmt: skip
+
+
+def _folder_names(run_dirs: Sequence[str | Path]) -> list[str]:
+    """Each run's folder less the part all of them share (``runs/a/s0``, ``runs/b/s0`` -> ``a/s0``, ``b/s0``)."""
+    paths = [Path(d).resolve() for d in run_dirs]
+    if len(paths) == 1:
+        return [paths[0].name or str(paths[0])]
+    common = Path(os.path.commonpath(paths))
+    return [str(p.relative_to(common)) if p != common else p.name for p in paths]
+
+
 def read_runs(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """The results.json of each run folder, with clear errors for a missing or broken one."""
+    """The results.json of each run folder, with clear errors for a missing or broken one; each run's
+    ``folder`` is its name in the comparison."""
     if not run_dirs:
         raise GeReError("compare_runs needs at least one run folder; pass the folders holding results.json")
     runs = []
@@ -84,6 +117,8 @@ def read_runs(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise GeReError(f"{path} is not valid JSON ({e}); rerun write_report for that run") from None
         runs.append(_checked_results(data, path))
+    for run, folder in zip(runs, _folder_names(run_dirs), strict=True):
+        run["folder"] = folder
     return runs
 
 
@@ -110,10 +145,10 @@ def _metric_values(run: dict[str, Any]) -> list[float | None]:
 
 
 def _comparison_table(runs: list[dict[str, Any]], values: list[list[float | None]]) -> str:
-    header = ["method", "run", "AP", "AP weighted", "BWT", "FWT", "forgetting", "general score", "perplexity",
+    header = ["run folder", "method", "name", "AP", "AP weighted", "BWT", "FWT", "forgetting", "general score", "perplexity",
               "F1 Avg", "wall time (s)"]  # fmt: skip
     rows = [
-        [str(r.get("method", "?")), str(r.get("name", "")), *map(pct, numbers[:6]), num(_final_perplexity(r)),
+        [f"`{r['folder']}`", str(r.get("method", "?")), str(r.get("name", "")), *map(pct, numbers[:6]), num(_final_perplexity(r)),
          pct(numbers[6]), num((r.get("timing") or {}).get("total_s"), 1)]  # fmt: skip
         for r, numbers in zip(runs, values, strict=True)
     ]
@@ -127,7 +162,7 @@ def _plot_comparison(runs: list[dict[str, Any]], values: list[list[float | None]
     for k, (r, numbers) in enumerate(zip(runs, values, strict=True)):
         xs = [c + (k - (len(runs) - 1) / 2) * width for c in range(len(COMPARE_COLUMNS))]
         heights = [0.0 if v is None else 100 * v for v in numbers]
-        ax.bar(xs, heights, width, label=f"{r.get('method', '?')} ({r.get('name', '')})")
+        ax.bar(xs, heights, width, label=f"{r['folder']}: {r.get('method', '?')}")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(COMPARE_COLUMNS)), COMPARE_COLUMNS, rotation=20)
     ax.set_ylabel("%")

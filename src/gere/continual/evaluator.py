@@ -25,8 +25,11 @@ class Evaluator:
         self.mc = load_multiple_choice(ev.general_mc, limit=ev.mc_limit) if ev.general_mc else None
         self.mc_dev = load_multiple_choice(ev.mc_dev) if ev.mc_dev else None
         lm_tasks = ev.lm_eval_task_names
+        batch_size = ev.batch_size if ev.lm_eval_batch_size is None else ev.lm_eval_batch_size
         self.lm_eval = lm_tasks and LmEvalGeneral(lm_tasks, ev.lm_eval_include_path, ev.lm_eval_metric,
-                                                  ev.lm_eval_num_fewshot, ev.lm_eval_limit, ev.batch_size)  # fmt: skip
+                                                  ev.lm_eval_num_fewshot, ev.lm_eval_limit, batch_size)  # fmt: skip
+        if self.lm_eval:
+            self.lm_eval.check_tasks()  # a missing task is found now, before the store is extracted
         self.ppl_sets = {}
         for name, path in ev.perplexity_sets.items():
             texts = [text for _, text in load_replay_records(path)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from gere.errors import GeReError
@@ -61,7 +62,7 @@ class LmEvalGeneral:
         metric: str = "acc",
         num_fewshot: int | None = None,
         limit: int | None = None,
-        batch_size: int = 16,
+        batch_size: int | str = 16,
     ):
         try:
             import lm_eval  # noqa: F401
@@ -70,9 +71,16 @@ class LmEvalGeneral:
                 f"evaluation.general=lm_eval:{','.join(tasks)} needs lm-evaluation-harness; "
                 "pip install 'gere[eval]' (or lm-eval[hf]), or set evaluation.general: mc"
             ) from err
+        if include_path and not Path(include_path).expanduser().is_dir():
+            raise GeReError(f"evaluation.lm_eval_include_path {include_path} is not a folder; point it at the folder "
+                            "of your lm-eval task YAMLs (a relative path is read from the run config's folder)")  # fmt: skip
         self.tasks, self.include_path, self.metric = tasks, include_path, metric
         self.num_fewshot, self.limit, self.batch_size = num_fewshot, limit, batch_size
         self._manager = None
+
+    def check_tasks(self) -> None:
+        """Build lm-eval's task index now (seconds) and refuse task names it does not hold."""
+        self._task_manager()
 
     def _task_manager(self):
         if self._manager is None:

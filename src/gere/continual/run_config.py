@@ -21,9 +21,9 @@ from gere.config import GeReConfig
 from gere.continual.lm_eval_general import lm_eval_tasks
 from gere.continual.multiple_choice import MC_FORMATS
 from gere.continual.tasks import TaskSpec
+from gere.continual.training_settings import TrainingSettings
 from gere.distributed import launched_world_size
 from gere.errors import GeReError, check_settings
-from gere.precision import parse_bf16
 
 FINETUNING = ("full", "lora", "olora")
 EVAL_METHODS = ("label", "generate")
@@ -45,44 +45,6 @@ class LoraSettings:
             (0 < self.alpha < math.inf, "alpha", "a finite number above 0"),
             (0 <= self.dropout < 1, "dropout", "at least 0 and below 1"),
             (bool(self.target_modules), "target_modules", "a non-empty list of module names"),
-        ], self)  # fmt: skip
-
-
-@dataclass
-class TrainingSettings:
-    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs per task (ignored when max_steps > 0)."})
-    max_steps: int = field(default=-1, metadata={"help": "Optimisation steps per task; -1 uses num_train_epochs."})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "Task batch size per device."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per step."})
-    max_length: int = field(default=256, metadata={"help": "Task samples are cut to this many tokens (answer kept)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    warmup_steps: float = field(default=0, metadata={"help": "Linear warm-up: steps (int) or share of the steps (<1)."})
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "transformers scheduler name."})
-    optim: str = field(default="adamw_torch_fused", metadata={"help": "transformers optimizer name."})
-    logging_steps: int = field(default=1, metadata={"help": "Log the loss parts every this many steps."})
-    bf16: bool | str = field(
-        default="auto",
-        metadata={
-            "help": "bf16 autocast in training: 'auto' (on where the hardware computes bf16 natively: CUDA "
-            "devices with bf16, CPUs with avx512_bf16 or amx_bf16; fp32 elsewhere), true or false."
-        },
-    )
-    activation_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations to save memory."})
-
-    def __post_init__(self) -> None:
-        self.bf16 = parse_bf16(self.bf16)
-        check_settings([
-            (0 < self.learning_rate < math.inf, "learning_rate", "a finite number above 0"),
-            (0 < self.num_train_epochs < math.inf, "num_train_epochs", "a finite number above 0"),
-            (self.max_steps == -1 or self.max_steps >= 1, "max_steps",
-             "1 or more, or -1 to train num_train_epochs (0 would train nothing)"),
-            (self.per_device_train_batch_size >= 1, "per_device_train_batch_size", "1 or more"),
-            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "1 or more"),
-            (self.max_length >= 2, "max_length", "2 or more"),
-            (0 <= self.weight_decay < math.inf, "weight_decay", "a finite number, 0 or more"),
-            (0 <= self.warmup_steps < math.inf, "warmup_steps", "a finite number, 0 or more"),
-            (self.logging_steps >= 1, "logging_steps", "1 or more"),
         ], self)  # fmt: skip
 
 
@@ -112,7 +74,17 @@ class EvalSettings:
             "(lm-evaluation-harness tasks on the in-memory model; pip install 'gere[eval]')."
         },
     )
-    lm_eval_include_path: str | None = field(default=None, metadata={"help": "Folder of your own lm-eval task YAMLs."})
+    lm_eval_include_path: str | None = field(
+        default=None,
+        metadata={"help": "Folder of your own lm-eval task YAMLs; a relative path is read from the config file's folder."},
+    )
+    lm_eval_batch_size: int | str | None = field(
+        default=None,
+        metadata={
+            "help": "lm-eval's batch size: a number, 'auto' (lm-eval finds the largest that fits) or 'auto:N' "
+            "(re-found N times); null: evaluation.batch_size."
+        },
+    )
     lm_eval_metric: str = field(default="acc", metadata={"help": "The lm-eval metric that scores each task."})
     lm_eval_num_fewshot: int | None = field(default=None, metadata={"help": "Few-shot examples (null: the task's own)."})
     lm_eval_limit: int | None = field(default=None, metadata={"help": "At most this many examples per lm-eval task."})
@@ -134,9 +106,21 @@ class EvalSettings:
               for n in ("test_limit", "mc_limit", "perplexity_limit", "lm_eval_limit")],
             (self.lm_eval_num_fewshot is None or self.lm_eval_num_fewshot >= 0, "lm_eval_num_fewshot",
              "0 or more, or null for the task's own"),
+            (_lm_eval_batch_size_ok(self.lm_eval_batch_size), "lm_eval_batch_size",
+             "a number of 1 or more, 'auto', 'auto:N' (N of 1 or more) or null"),
         ], self)  # fmt: skip
         # 'mc' or 'lm_eval:<task,...>' (an error says so), parsed once: None for the built-in set.
         self.lm_eval_task_names: list[str] | None = lm_eval_tasks(self.general)
+
+
+def _lm_eval_batch_size_ok(value: int | str | None) -> bool:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value is None or value >= 1
+    text = str(value)
+    if text == "auto":
+        return True
+    head, _, times = text.partition(":")
+    return head == "auto" and times.isdigit() and int(times) >= 1
 
 
 @dataclass
@@ -146,6 +130,20 @@ class BenchmarkSettings:
     data_dir: str = field(default="data/cl15", metadata={"help": "Folder with <task>/{train,test}.json."})
     train_size: int | None = field(default=None, metadata={"help": "Training samples per task."})
     test_size: int | None = field(default=None, metadata={"help": "Test samples per task."})
+    tasks: list[str] | None = field(
+        default=None,
+        metadata={"help": "Only these of the benchmark's tasks (e.g. [sst2, boolq]), in the order's sequence."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.tasks is not None:
+            from gere.continual.tasks import load_benchmark_definition
+            from gere.data.olora import check_task_names
+
+            known = list(load_benchmark_definition(self.name)["tasks"])
+            if not self.tasks:
+                raise GeReError("tasks: an empty list trains nothing; name some tasks, or leave tasks out for all")
+            check_task_names(self.tasks, known, self.name, flag="tasks")
 
 
 @dataclass
@@ -191,11 +189,8 @@ class RunConfig:
         from gere.continual.tracking import check_report_to
 
         check_report_to(self.report_to)
-        known = {f.name for f in fields(TrainingSettings)}
         for task, overrides in self.per_task.items():
-            bad = set(overrides) - known
-            if bad:
-                raise GeReError(f"per_task.{task}: unknown key(s) {sorted(bad)}; allowed: {sorted(known)}")
+            self.per_task[task] = TrainingSettings.route_keys(dict(overrides), f"per_task.{task}")
         # Every setting is checked now, before any model is loaded or any file written.
         for task in [None, *self.per_task]:
             self._check_interpolation(self.training_for(task) if task else self.training, task)
@@ -242,16 +237,20 @@ class RunConfig:
             from gere.continual.tasks import load_benchmark
 
             b = self.benchmark
-            return load_benchmark(
+            specs = load_benchmark(
                 b.name, order=b.order, data_dir=b.data_dir, train_size=b.train_size, test_size=b.test_size, seed=self.seed
             )
+            return [s for s in specs if b.tasks is None or s.name in b.tasks]
         if not self.tasks:
             raise GeReError("the run config has no tasks: add a 'tasks' list or a 'benchmark' section")
         return list(self.tasks)
 
     def training_for(self, task: str) -> TrainingSettings:
+        overrides = dict(self.per_task.get(task, {}))
+        if "trainer_args" in overrides:  # a task's TrainingArguments fields add to (and win over) the section's
+            overrides["trainer_args"] = {**self.training.trainer_args, **overrides["trainer_args"]}
         try:
-            return dataclasses.replace(self.training, **self.per_task.get(task, {}))
+            return dataclasses.replace(self.training, **overrides)
         except GeReError as err:
             raise GeReError(f"per_task.{task}: {err}") from None
 
@@ -263,6 +262,8 @@ class RunConfig:
 
 
 def to_plain(obj: Any) -> Any:
+    if hasattr(obj, "plain") and dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return obj.plain()
     if dataclasses.is_dataclass(obj):
         return {f.name: to_plain(getattr(obj, f.name)) for f in fields(obj)}
     if isinstance(obj, (list, tuple)):
@@ -339,6 +340,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def from_dict(cls, data: dict, where: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types by dotted name."""
+    route = getattr(cls, "route_keys", None)
+    if route is not None:  # a section that passes keys through to another library (TrainingSettings)
+        data = route(data, where or cls.__name__)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls) if f.init}
     unknown = sorted(set(data) - names)
@@ -407,11 +411,21 @@ def read_yaml_mapping(path: str | Path) -> dict:
     return loaded
 
 
+def _relative_to_config(data: dict, path: Path) -> None:
+    """A relative ``evaluation.lm_eval_include_path`` in a config file names a folder beside that file (as
+    lm-eval task folders are kept with the config that uses them), wherever the command runs from."""
+    section = data.get("evaluation")
+    include = section.get("lm_eval_include_path") if isinstance(section, dict) else None
+    if isinstance(include, str) and include and not Path(include).expanduser().is_absolute():
+        section["lm_eval_include_path"] = str((path.parent / include).resolve())
+
+
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
     """Read a YAML run config (or start from ``base``), apply ``key.path=value`` overrides, validate."""
     data: dict = dict(base or {})
     if path is not None:
         data.update(read_yaml_mapping(path))
+        _relative_to_config(data, Path(path))
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:

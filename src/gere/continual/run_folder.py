@@ -27,6 +27,8 @@ STATE_FILE = "run_state.json"
 CONFIG_FILE = "config.yaml"
 RUN_FILES = (STATE_FILE, CONFIG_FILE, "results.json", "report.md", "checkpoints", "stages")
 OWN_STORE = "gere_store"  # where a run keeps its store unless gere.store_dir points elsewhere
+#: (section, key) of settings added after runs were first written, left out of a run's identity when unset.
+LATER_SETTINGS = (("evaluation", "lm_eval_batch_size"), ("benchmark", "tasks"))
 
 
 def config_digest(cfg: RunConfig) -> str:
@@ -35,6 +37,10 @@ def config_digest(cfg: RunConfig) -> str:
     data = cfg.to_dict()
     for key in ("output_dir", "keep_checkpoints", "cache_dir", "report_to"):
         data.pop(key, None)
+    # Settings added later count only when set, so a run started before they existed still resumes.
+    for section, key in LATER_SETTINGS:
+        if isinstance(data.get(section), dict) and data[section].get(key, 0) is None:
+            del data[section][key]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

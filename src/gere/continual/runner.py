@@ -20,7 +20,7 @@ CPU with the same seed ends with the same metrics as an uninterrupted run.
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
 import logging
 import shutil
 import time
@@ -28,12 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
+from transformers import DataCollatorForSeq2Seq, set_seed
 
 from gere.baselines.ewc import EWC
 from gere.baselines.lwf import LwF, with_index
-from gere.baselines.olora import OLoRA, adapter_name
+from gere.baselines.olora import OLoRA
 from gere.baselines.task_replay import (
     SeparateBufferBatches,
     TaskReplayBuffer,
@@ -41,7 +40,14 @@ from gere.baselines.task_replay import (
     stage_seed,
 )
 from gere.batching import IGNORE_INDEX, pad_token_id
-from gere.continual.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
+from gere.continual.checkpoint import (
+    checkpoint_dir,
+    load_checkpoint,
+    lora_config,
+    prune_checkpoints,
+    save_checkpoint,
+    with_lora,
+)
 from gere.continual.evaluator import Evaluator
 from gere.continual.prompts import build_train_features
 from gere.continual.report import build_results, learning_warnings, write_report
@@ -58,6 +64,7 @@ from gere.continual.run_folder import (
 )
 from gere.continual.tasks import TaskData, load_task
 from gere.continual.tracking import SequenceTracker, check_report_to, stage_metrics
+from gere.continual.training_args import check_training_args, stage_training_args
 from gere.errors import GeReError
 from gere.faults import train_step_callback
 from gere.io_utils import atomic_write_json, safe_join
@@ -76,43 +83,6 @@ logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ the run
-
-
-# transformers renamed `gradient_checkpointing` to `activation_checkpointing` during 5.x; use the one it has.
-_CHECKPOINTING = next(
-    (f.name for f in dataclasses.fields(TrainingArguments) if f.name == "activation_checkpointing"),
-    "gradient_checkpointing",
-)
-
-
-def _training_args(cfg: RunConfig, task: str, stage_dir: Path, progress: bool, bf16: bool) -> TrainingArguments:
-    t = cfg.training_for(task)
-    if isinstance(cfg.per_task.get(task, {}).get("bf16"), bool):  # a task's own explicit choice wins
-        bf16 = t.bf16
-    return TrainingArguments(
-        output_dir=str(stage_dir),
-        learning_rate=t.learning_rate,
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_steps,
-        lr_scheduler_type=t.lr_scheduler_type,
-        optim=t.optim,
-        logging_steps=t.logging_steps,
-        bf16=bf16,
-        # transformers refuses bf16 without a bf16 GPU unless told the run is on the CPU (it autocasts there).
-        use_cpu=bf16 and not torch.cuda.is_available(),
-        **{_CHECKPOINTING: t.activation_checkpointing},
-        save_strategy="no",
-        report_to=[],
-        seed=cfg.seed,
-        disable_tqdm=not progress,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        remove_unused_columns=False,
-    )
 
 
 @dataclass
@@ -169,6 +139,8 @@ def _run_locked(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, b
     # Everything is checked (flags, tasks, model, store) before a previous run's files are removed.
     state = existing_state(cfg, resume=resume, overwrite=overwrite)
     fresh = state is None
+    precision = _precision(cfg, state)
+    check_training_args(cfg, out, precision)
     set_seed(cfg.seed)
     tasks = _load_tasks(cfg, out)
     evaluator = Evaluator(cfg, tasks)  # reads the probe and held-out texts: a bad file stops the run here
@@ -177,10 +149,9 @@ def _run_locked(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, b
     claim(cfg, fresh=fresh)
     olora = None
     if cfg.finetuning in ("lora", "olora"):
-        model = _with_lora(cfg, model)
+        model = with_lora(cfg, model)
     if cfg.finetuning == "olora":
-        olora = OLoRA(cfg.olora.orthogonal, cfg.olora.l2, _lora_config(cfg))
-    precision = _precision(cfg, state)
+        olora = OLoRA(cfg.olora.orthogonal, cfg.olora.l2, lora_config(cfg))
     run = _Run(cfg, out, state or _new_state(cfg, model, store, precision), tasks, model, tokenizer, evaluator,
                replay_set, store, progress, started, precision=precision)  # fmt: skip
     run.olora = olora
@@ -252,32 +223,16 @@ def _prepare_replay(cfg: RunConfig, model, tokenizer, out: Path, state: dict | N
     return replay_set, store
 
 
-def _lora_config(cfg: RunConfig):
-    from peft import LoraConfig
-
-    lora = cfg.lora
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
-
-
-def _with_lora(cfg: RunConfig, model):
-    from peft import get_peft_model
-
-    if cfg.finetuning == "olora":  # the first task's adapter; each later task adds its own
-        return get_peft_model(model, _lora_config(cfg), adapter_name=adapter_name(0))
-    return get_peft_model(model, _lora_config(cfg))
-
-
 _ANNOUNCED: set[str] = set()
 
 
 def _precision(cfg: RunConfig, state: dict | None) -> Precision:
     """The run's training precision: resolved from ``training.bf16`` on this machine when the run starts, and
     kept from its state when it resumes (a run does not change precision half-way). Printed once a process."""
-    if state is not None and state.get("precision") in ("bf16", "fp32"):
-        precision = Precision(state["precision"] == "bf16", "as the run started")
+    if state is not None and state.get("precision") in ("bf16", "fp16", "fp32"):
+        precision = Precision(state["precision"] == "bf16", "as the run started", fp16=state["precision"] == "fp16")
     else:
-        precision = resolve_bf16(cfg.training.bf16)
+        precision = resolve_bf16(cfg.training.bf16, fp16=cfg.training.trainer_args.get("fp16") is True)
     line = precision.describe()
     if line not in _ANNOUNCED:
         _ANNOUNCED.add(line)
@@ -326,7 +281,7 @@ def _evaluate_base(run: _Run, cache) -> None:
     run.state["general"].append(base["general"])
     run.state["eval_s"] += time.time() - t0
     run.save_state()
-    run.tracker.log_stage(0, stage_metrics([t.spec.name for t in run.tasks], base["accuracies"], base["general"]))
+    run.tracker.log_stage(0, stage_metrics([t.spec.name for t in run.tasks], base["accuracies"], base["general"]), 0)
 
 
 def _run_stage(run: _Run, index: int) -> None:
@@ -359,7 +314,8 @@ def _run_stage(run: _Run, index: int) -> None:
     state["stages_done"] = index + 1
     run.save_state()
     names = [t.spec.name for t in run.tasks]
-    run.tracker.log_stage(index + 1, stage_metrics(names, evaluation["accuracies"], evaluation["general"]))
+    metrics = stage_metrics(names, evaluation["accuracies"], evaluation["general"])
+    run.tracker.log_stage(index + 1, metrics, _steps_before(state))
     prune_checkpoints(run.out, cfg)
     shutil.rmtree(run.out / "stages" / f"{index + 1}-{name}", ignore_errors=True)
 
@@ -367,8 +323,9 @@ def _run_stage(run: _Run, index: int) -> None:
 def _track_history(run: _Run) -> None:
     names = [t.spec.name for t in run.tasks]
     run.tracker.log_training(run.state["loss_history"])
+    ends = [0, *itertools.accumulate(run.state.get("per_task_steps") or [])]  # the step where each stage ended
     for stage, (accuracies, general) in enumerate(zip(run.state["accuracy_matrix"], run.state["general"], strict=True)):
-        run.tracker.log_stage(stage, stage_metrics(names, accuracies, general))
+        run.tracker.log_stage(stage, stage_metrics(names, accuracies, general), ends[stage] if stage < len(ends) else None)
 
 
 def _steps_before(state: dict[str, Any]) -> int:
@@ -416,7 +373,7 @@ def _stage_trainer(run: _Run, index: int) -> GeReTrainer:
         penalties.append(run.lwf)
     return GeReTrainer(
         model=run.model,
-        args=_training_args(run.cfg, name, run.out / "stages" / f"{index + 1}-{name}", run.progress,
+        args=stage_training_args(run.cfg, name, run.out / "stages" / f"{index + 1}-{name}", run.progress,
                             run.precision.bf16),
         train_dataset=features,
         data_collator=collator,

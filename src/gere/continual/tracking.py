@@ -2,44 +2,97 @@
 
 ``report_to`` in a run config takes the names the Trainer takes (``tensorboard``, ``mlflow``, ``wandb``).
 gere logs to them itself rather than through each stage's Trainer, so that a whole sequence is one tracked
-run: the training loss parts (`gere.parts.LOGGED`) at the sequence's step, after each stage
-``eval/<task>/acc``, ``eval/general`` and ``eval/ppl/<set>`` with the stage (0 = base model) as the step,
-and at the end AP / BWT / FWT / forgetting / general / F1 Avg as the summary, the accuracy matrix as a
-table, and report.md, results.json and the plots as artifacts.
+run: the training loss parts (`gere.parts.LOGGED`), the learning rate and the gradient norm
+(``train/learning_rate``, ``train/grad_norm``; with the gradient-share diagnostic on, its values too) at the
+sequence's step; after each stage ``eval/<task>/acc``,
+``eval/general``, ``eval/lm_eval/<task>`` and ``eval/ppl/<set>`` with the stage (0 = base model) as the
+step, and the same values as ``eval_at_step/...`` at the sequence's step where that stage ended (beside the
+training curves); at the end AP / BWT / FWT / forgetting / general / F1 Avg as the summary, the accuracy
+matrix as a table, and report.md, results.json and the plots as artifacts.
 
 - TensorBoard: event files under ``<run>/tensorboard`` (``$TENSORBOARD_LOGGING_DIR`` to move them).
-- MLflow: the tracking URI and experiment from ``$MLFLOW_TRACKING_URI`` / ``$MLFLOW_EXPERIMENT_NAME``.
+- MLflow: ``$MLFLOW_TRACKING_URI`` (a server ``http://host:5000``, ``sqlite:///path/mlflow.db``,
+  ``databricks``) and ``$MLFLOW_EXPERIMENT_NAME``; unset, MLflow's own default: on MLflow 3 an SQLite store
+  ``mlflow.db`` with artifacts in ``mlruns/``, both in the working directory (``gere[track]`` installs the
+  SQLAlchemy and Alembic that store needs). A store MLflow would refuse (the file store, which MLflow 3
+  keeps only behind ``MLFLOW_ALLOW_FILE_STORE=true``; SQLite without SQLAlchemy) is refused when the config
+  is read, with the fix.
 - W&B: project from ``$WANDB_PROJECT`` (default ``gere``); ``WANDB_MODE=offline`` works without a network.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from gere.continual.metrics import general_score
 from gere.errors import GeReError
-from gere.parts import LOGGED
+from gere.parts import GRAD_SHARE, LOGGED, TRAINER_LOGGED
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # name -> module it needs
+AT_STEP = "eval_at_step/"  # evaluation metrics at the sequence's step where their stage ended
 SUMMARY = {"ap": "AP", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting", "general_final": "general",
            "f1_avg": "F1 Avg"}  # fmt: skip
 
 
 def check_report_to(names: list[str]) -> list[str]:
-    """The backends asked for (``all``: those installed; ``none`` or empty: none), each importable."""
+    """The backends asked for (``all``: those installed, and MLflow only where its store will work; ``none``
+    or empty: none), each importable."""
     if not names or names == ["none"]:
         return []
     if names == ["all"]:
-        return [n for n, module in BACKENDS.items() if importlib.util.find_spec(module)]
+        found = [n for n, module in BACKENDS.items() if importlib.util.find_spec(module)]
+        problem = "mlflow" in found and mlflow_store_problem(os.environ.get("MLFLOW_TRACKING_URI", ""))
+        if problem:
+            logger.warning("report_to: all leaves mlflow out: %s", problem)
+        return [n for n in found if n != "mlflow" or not problem]
     for name in names:
         if name not in BACKENDS:
             raise GeReError(f"report_to: {name!r} is not one of {', '.join(BACKENDS)}, 'all' or 'none'")
         if importlib.util.find_spec(BACKENDS[name]) is None:
             raise GeReError(f"report_to: {name} is not installed; pip install {BACKENDS[name]}, or leave it out")
+    if "mlflow" in names:
+        problem = mlflow_store_problem(os.environ.get("MLFLOW_TRACKING_URI", ""))
+        if problem:
+            raise GeReError(f"report_to: mlflow: {problem}")
     return list(names)
+
+
+def _mlflow_major() -> int:
+    for dist in ("mlflow", "mlflow-skinny"):
+        try:
+            return int(importlib.metadata.version(dist).split(".")[0])
+        except (importlib.metadata.PackageNotFoundError, ValueError):
+            continue
+    return 0
+
+
+def mlflow_store_problem(uri: str) -> str | None:
+    """Why MLflow would refuse the tracking store ``uri`` (``""``: MLflow's default), with the fix; None when
+    it will work. Checked when the config is read, so a run does not stop at its first logged value."""
+    major = _mlflow_major()
+    scheme = uri.split(":", 1)[0].lower() if "://" in uri or uri.startswith("sqlite:") else ("file" if uri else "")
+    if scheme == "" and major < 3:
+        return None  # MLflow 2's default is the ./mlruns file store, which it still writes
+    if scheme in ("", "sqlite", "postgresql", "mysql", "mssql") or "+" in scheme:
+        missing = [m for m in ("sqlalchemy", "alembic") if importlib.util.find_spec(m) is None]
+        if missing:
+            where = "MLflow's default store (sqlite:///mlflow.db)" if not uri else f"the store {uri}"
+            return (f"{where} needs {' and '.join(missing)}, which mlflow-skinny leaves out; pip install "
+                    "'gere[track]' (or sqlalchemy alembic), or point MLFLOW_TRACKING_URI at a server (http://...)")  # fmt: skip
+        return None
+    allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true", "yes")
+    if scheme == "file" and major >= 3 and not allowed:
+        return (f"MLflow {major} keeps the file store ({uri}) in maintenance mode and refuses it; set "
+                "MLFLOW_TRACKING_URI=sqlite:///<folder>/mlflow.db (or a server), or MLFLOW_ALLOW_FILE_STORE=true "
+                "to keep the file store")  # fmt: skip
+    return None
 
 
 def stage_metrics(tasks: list[str], accuracies: list[float], general: dict[str, Any]) -> dict[str, float]:
@@ -74,26 +127,37 @@ class SequenceTracker:
 
             self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "gere"), name=name, config=config,
                                      dir=str(out), reinit="finish_previous")  # fmt: skip
+            # Each family on its own axis: training and eval_at_step on the sequence's step, eval on the stage.
             self._wandb.define_metric("stage")
+            self._wandb.define_metric("global_step")
             self._wandb.define_metric("eval/*", step_metric="stage")
+            for family in ("train/*", f"{AT_STEP}*"):
+                self._wandb.define_metric(family, step_metric="global_step")
 
     def log_training(self, rows: list[dict[str, Any]]) -> None:
-        """Loss-history rows (``{"step", "task", <LOGGED>...}``) at the sequence's step."""
+        """Loss-history rows (``{"step", "task", <LOGGED>..., "learning_rate", "grad_norm", <GRAD_SHARE>...}``)
+        at the sequence's step."""
         for row in rows:
-            values = {f"train/{k}": float(row[k]) for k in LOGGED if row.get(k) is not None}
-            self._log(values, step=int(row["step"]))
+            names = (*LOGGED, *TRAINER_LOGGED, *GRAD_SHARE)
+            values = {f"train/{k}": float(row[k]) for k in names if row.get(k) is not None}
+            self._log(values, step=int(row["step"]), axis="global_step")
 
-    def log_stage(self, stage: int, metrics: dict[str, float]) -> None:
-        self._log(metrics, step=stage, stage=True)
+    def log_stage(self, stage: int, metrics: dict[str, float], global_step: int | None = None) -> None:
+        """A stage's evaluation with the stage as the step, and again as ``eval_at_step/...`` at
+        ``global_step``, the sequence's step where the stage ended (0 for the base model)."""
+        self._log(metrics, step=stage, axis="stage")
+        if global_step is not None:
+            at_step = {AT_STEP + k.removeprefix("eval/"): v for k, v in metrics.items()}
+            self._log(at_step, step=global_step, axis="global_step")
 
-    def _log(self, values: dict[str, float], step: int, stage: bool = False) -> None:
+    def _log(self, values: dict[str, float], step: int, axis: str) -> None:
         for key, value in values.items():
             if self._tb is not None:
                 self._tb.add_scalar(key, value, step)
         if self._mlflow is not None:
             self._mlflow.log_metrics({k.replace("/", "."): v for k, v in values.items()}, step=step)
         if self._wandb is not None:
-            self._wandb.log({**values, "stage": step} if stage else values, **({} if stage else {"step": step}))
+            self._wandb.log({**values, axis: step})
 
     def finish(self, results: dict[str, Any], files: list[Path]) -> None:
         """Summary metrics, the accuracy matrix as a table, the report files as artifacts; closes the run."""

@@ -10,7 +10,10 @@ counts and sha256 of every file written.
 
 ``--hub-mirror DIR`` reads local copies in the same layout instead of the Hub: ``DIR/<dataset>/<config or
 default>/<split>.{jsonl,json,csv,parquet}`` with the source's own columns (the tests use it).
-``--from-olora DIR`` converts O-LoRA's ``CL_Benchmark`` JSON files instead, for the paper's exact data.
+``--from-olora DIR`` converts O-LoRA's ``CL_Benchmark`` JSON files instead, for the paper's exact data
+(`gere.data.olora`). Either way every task is read and written into a staging folder first and swapped into
+place with ``manifest.json`` written last (`gere.data.staging`), so a source that fails half-way leaves an
+earlier conversion in ``--out`` as it was.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from gere.continual.tasks import load_benchmark_definition
+from gere.data.olora import check_task_names
+from gere.data.staging import StagedConversion
 from gere.errors import GeReError
-from gere.io_utils import atomic_write_json, read_rows, read_utf8, sha256_file
+from gere.io_utils import read_rows
 
 logger = logging.getLogger(__name__)
 
@@ -136,33 +141,24 @@ def _examples(task: str, rows: list[dict[str, Any]], source: Source | None) -> l
 def build_cl15(out: str | Path, *, amazon_csv: str | Path | None = None, mirror: str | Path | None = None,
                per_class: int = PER_CLASS, seed: int = 0, tasks: list[str] | None = None) -> Path:  # fmt: skip
     """Build ``out/<task>/{train,test}.json`` for every task (or ``tasks``) and ``out/manifest.json``."""
-    out = Path(out)
     mirror = Path(mirror) if mirror is not None else None
-    wanted = tasks or list(load_benchmark_definition("cl15")["tasks"])
+    wanted = check_task_names(tasks, list(load_benchmark_definition("cl15")["tasks"]))
     if "amazon" in wanted and amazon_csv is None:
         raise GeReError("amazon has no canonical Hub copy: pass --amazon-csv FILE (label,title,text; labels 1-5), "
                         "or leave amazon out with --tasks")  # fmt: skip
-    manifest: dict[str, Any] = {"per_class": per_class, "seed": seed, "tasks": {}}
-    for task in wanted:
-        source = SOURCES.get(task)
-        if source is None and task != "amazon":
-            raise GeReError(f"cl15 has no task {task!r}; choose from {sorted([*SOURCES, 'amazon'])}")
-        if source is None:
-            train_rows, test_rows = _amazon_rows(Path(amazon_csv))
-        else:
-            train_rows, test_rows = (_load_split(source, s, mirror) for s in source.splits)
-        split = {"train": balanced_sample(_examples(task, train_rows, source), per_class, seed),
-                 "test": balanced_sample(_examples(task, test_rows, source), per_class, seed + 1)}  # fmt: skip
-        files = {}
-        for name, rows in split.items():
-            path = out / task / f"{name}.json"
-            atomic_write_json(path, rows)
-            files[f"{task}/{name}.json"] = {"rows": len(rows), "sha256": sha256_file(path)}
-        where = "amazon CSV" if source is None else f"{source.dataset}:{source.config or 'default'}"
-        manifest["tasks"][task] = {"source": where, "files": files}
-        logger.info("cl15 %s: %d train, %d test from %s", task, len(split["train"]), len(split["test"]), where)
-    atomic_write_json(out / "manifest.json", manifest)
-    return out
+    with StagedConversion(out) as staged:
+        for task in wanted:
+            source = SOURCES.get(task)
+            if source is None:
+                train_rows, test_rows = _amazon_rows(Path(amazon_csv))
+            else:
+                train_rows, test_rows = (_load_split(source, s, mirror) for s in source.splits)
+            split = {"train": balanced_sample(_examples(task, train_rows, source), per_class, seed),
+                     "test": balanced_sample(_examples(task, test_rows, source), per_class, seed + 1)}  # fmt: skip
+            where = "amazon CSV" if source is None else f"{source.dataset}:{source.config or 'default'}"
+            staged.write_task(task, split, source=where, per_class=per_class, seed=seed)
+            logger.info("cl15 %s: %d train, %d test from %s", task, len(split["train"]), len(split["test"]), where)
+        return staged.commit(benchmark="cl15")
 
 
 def _amazon_rows(path: Path) -> tuple[list[dict], list[dict]]:
@@ -187,51 +183,3 @@ def _amazon_rows(path: Path) -> tuple[list[dict], list[dict]]:
         test += pool[:cut]
         train += pool[cut:]
     return train, test
-
-
-def from_olora(benchmark_dir: str | Path, out: str | Path) -> Path:
-    """Convert O-LoRA's ``CL_Benchmark/<group>/<task>/{train,test}.json`` (``{"Instances": [{"sentence",
-    "label"}]}``) into ``out/<task>/{train,test}.json``, keeping its exact samples."""
-    benchmark_dir, out = Path(benchmark_dir), Path(out)
-    definition = load_benchmark_definition("cl15")["tasks"]
-    manifest: dict[str, Any] = {"from_olora": str(benchmark_dir), "tasks": {}}
-    for task in definition:
-        found = sorted(benchmark_dir.glob(f"*/{task}/train.json")) + sorted(benchmark_dir.glob(f"{task}/train.json"))
-        if not found:
-            raise GeReError(f"{benchmark_dir} has no */{task}/train.json; pass O-LoRA's CL_Benchmark folder")
-        files = {}
-        for name in ("train", "test"):
-            rows = _olora_rows(found[0].parent / f"{name}.json", definition[task]["labels"])
-            path = out / task / f"{name}.json"
-            atomic_write_json(path, rows)
-            files[f"{task}/{name}.json"] = {"rows": len(rows), "sha256": sha256_file(path)}
-        manifest["tasks"][task] = {"source": str(found[0].parent), "files": files}
-    atomic_write_json(out / "manifest.json", manifest)
-    return out
-
-
-def _olora_rows(path: Path, words: list[str]) -> list[dict[str, str]]:
-    data = _read_json(path)
-    instances = data.get("Instances") if isinstance(data, dict) else None
-    if not isinstance(instances, list):
-        raise GeReError(f"{path}: expected O-LoRA's {{'Instances': [{{'sentence', 'label'}}, ...]}}")
-    lowered = {w.lower(): w for w in words}
-    rows = []
-    for i, item in enumerate(instances):
-        label = lowered.get(str(item.get("label", "")).strip().lower())
-        if label is None or "sentence" not in item:
-            raise GeReError(f"{path}, instance {i}: label {item.get('label')!r} is not one of {words} "
-                            "(or 'sentence' is missing)")  # fmt: skip
-        rows.append({"input": str(item["sentence"]), "label": label})
-    return rows
-
-
-def _read_json(path: Path) -> Any:
-    import json
-
-    if not path.is_file():
-        raise GeReError(f"{path} does not exist; O-LoRA's CL_Benchmark has train.json and test.json per task")
-    try:
-        return json.loads(read_utf8(path))
-    except json.JSONDecodeError as err:
-        raise GeReError(f"{path}: not valid JSON at line {err.lineno} ({err.msg})") from None

@@ -16,6 +16,12 @@ With replay on, gradient checkpointing is made non-reentrant (``use_reentrant_gc
 config says otherwise: the replay batch is a second forward pass before each backward, which reentrant
 checkpointing under DDP refuses.
 
+The loss parts (``task_ce``, ``replay_ce``, ``replay_margin``, ``margin_weight``, ...) reach LLaMA-Factory's
+``trainer_state.json`` through the Trainer's log, and its ``trainer_log.jsonl`` (what LlamaBoard reads)
+through a subclass of its ``LogCallback`` that adds them to each line. When LLaMA-Factory is installed but
+does not import (a module it needs is missing, e.g. torchaudio on a CPU machine), the error names the
+missing module and the fix rather than saying LLaMA-Factory is missing.
+
 Needs LLaMA-Factory (tested with 0.9.5 and its pins: transformers 5.6, peft 0.18, trl 0.24, datasets 4.0).
 """
 
@@ -90,14 +96,82 @@ def gere_trainer_class(base: type, gere_config: GeReConfig, trainer_kwargs: dict
     return GeReLlamaFactoryTrainer
 
 
+#: Fixes for modules LLaMA-Factory imports when it loads, beyond ``pip install <module>``.
+IMPORT_FIXES = {
+    "torchaudio": "pip install the torchaudio built for your torch ({torch}), e.g. pip install torchaudio=={torch}; "
+    "where PyPI has none for it (CPU builds of recent torch), LLaMA-Factory needs torchaudio only for audio "
+    "inputs and an empty stand-in module named torchaudio on PYTHONPATH lets it load (docs/llamafactory.md, "
+    "tests_lf/stubs)",
+    "torchvision": "pip install the torchvision built for your torch ({torch})",
+}
+#: Import names whose pip package has another name.
+PIP_NAMES = {"cv2": "opencv-python", "PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn"}
+
+
+def import_failure(err: ImportError) -> str:
+    """What to tell a user whose ``import llamafactory...`` failed: LLaMA-Factory missing, one of the modules it
+    imports missing (named, with its fix), or a version it does not fit."""
+    import importlib.util
+
+    missing = (getattr(err, "name", None) or "").split(".")[0]
+    if missing == "llamafactory" or importlib.util.find_spec("llamafactory") is None:
+        return (f"gere-lf needs LLaMA-Factory ({err}); pip install llamafactory==0.9.5 in this environment "
+                "(see docs/llamafactory.md)")  # fmt: skip
+    if isinstance(err, ModuleNotFoundError) and missing:
+        try:
+            import torch
+
+            version = torch.__version__.split("+")[0]
+        except ImportError:
+            version = "your torch version"
+        fix = IMPORT_FIXES.get(missing, "pip install {pip} in this environment").format(
+            torch=version, pip=PIP_NAMES.get(missing, missing))
+        return (f"LLaMA-Factory is installed but does not import: it needs the module {missing!r}, which is "
+                f"missing ({err}); {fix}")  # fmt: skip
+    return (f"LLaMA-Factory is installed but does not import ({type(err).__name__}: {err}); gere-lf is tested with "
+            "llamafactory 0.9.5 and its pins (transformers <= 5.6, peft 0.18, trl <= 0.24, datasets <= 4.0): "
+            "pip install llamafactory==0.9.5 with its requirements (see docs/llamafactory.md)")  # fmt: skip
+
+
+def log_callback_with_loss_parts(base: type) -> type:
+    """``base`` (LLaMA-Factory's ``LogCallback``), whose ``trainer_log.jsonl`` lines (LlamaBoard's source) also
+    carry GeRe's loss parts of their step, right after ``loss``."""
+    from gere.parts import LOSS_PARTS, WEIGHTS
+
+    class GeReLogCallback(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._gere_parts: dict[int, dict[str, float]] = {}  # step -> parts, until its line is written
+
+        def on_log(self, args, state, control, **kwargs):
+            entry = kwargs.get("logs") or (state.log_history[-1] if state.log_history else {})
+            parts = {k: entry[k] for k in (*LOSS_PARTS, *WEIGHTS) if entry.get(k) is not None}
+            if parts:
+                self._gere_parts[state.global_step] = parts
+            return super().on_log(args, state, control, **kwargs)
+
+        def _write_log(self, output_dir, logs):
+            parts = self._gere_parts.pop(logs.get("current_steps"), None)
+            if parts and "loss" in logs:  # the parts beside the loss; the rest in LLaMA-Factory's order
+                keys = list(logs)
+                at = keys.index("loss") + 1
+                logs = {**{k: logs[k] for k in keys[:at]}, **parts, **{k: logs[k] for k in keys[at:]}}
+            return super()._write_log(output_dir, logs)
+
+    return GeReLogCallback
+
+
 def install(gere_config: GeReConfig, trainer_kwargs: dict[str, Any]) -> type:
-    """Make LLaMA-Factory's SFT workflow build GeRe's trainer in this process; returns the class."""
+    """Make LLaMA-Factory's SFT workflow build GeRe's trainer, and its trainer log carry GeRe's loss parts, in
+    this process; returns the trainer class."""
     try:
+        from llamafactory.train import tuner
         from llamafactory.train.sft import workflow
     except ImportError as err:
-        raise GeReError(
-            f"gere-lf needs LLaMA-Factory ({err}); pip install llamafactory in this environment (see docs/llamafactory.md)"
-        ) from err
+        raise GeReError(import_failure(err)) from err
+    if not getattr(tuner.LogCallback, "_gere_installed", False):
+        tuner.LogCallback = log_callback_with_loss_parts(tuner.LogCallback)
+        tuner.LogCallback._gere_installed = True
     base = workflow.CustomSeq2SeqTrainer
     if getattr(base, "_gere_installed", False):
         return base

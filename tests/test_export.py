@@ -1,0 +1,170 @@
+"""gere export: a run's stage as a Hugging Face folder that from_pretrained (or peft) loads as it is, with the
+same logits as the run's checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_runner import run, setup  # noqa: F401 (the tiny two-task run files, shared)
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gere.cli import main
+from gere.continual.export import export_model
+from gere.errors import GeReError
+
+pytest.importorskip("peft")
+
+PROMPTS = ["the river 3 is", "pick one of north south"]
+
+
+def logits(model, tokenizer) -> torch.Tensor:
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model.eval()(**batch).logits
+
+
+def base_model(setup):  # noqa: F811
+    return AutoModelForCausalLM.from_pretrained(setup / "model")
+
+
+@pytest.fixture(scope="module")
+def full_run(setup, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("full") / "run"
+    run(setup, out, "gere.objective=none", "keep_checkpoints=0")
+    return out
+
+
+def test_full_fine_tuning_exports_a_folder_from_pretrained_loads(setup, full_run, tmp_path, capsys):  # noqa: F811
+    assert main(["export", str(full_run), "--out", str(tmp_path / "hf")]) == 0
+    assert "model after stage 2 (compass)" in capsys.readouterr().out
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    # The checkpoint read by hand into the base model: the same logits, bit for bit.
+    reference = base_model(setup)
+    missing, _ = reference.load_state_dict(load_file(str(full_run / "checkpoints/stage-2/weights.safetensors")),
+                                           strict=False)  # fmt: skip
+    assert set(missing) <= {"lm_head.weight"}
+    reference.tie_weights()
+    assert torch.equal(logits(exported, tokenizer), logits(reference, tokenizer))
+    assert not torch.allclose(logits(exported, tokenizer), logits(base_model(setup), tokenizer)), "it trained"
+    info = json.loads((tmp_path / "hf" / "gere_export.json").read_text())
+    assert (info["stage"], info["after_task"], info["finetuning"]) == (2, "compass", "full")
+    assert (tmp_path / "hf" / "gere_run_config.yaml").is_file()
+    assert not list(tmp_path.glob(".hf.export-*")), "the staging folder is gone"
+    # An earlier stage, on request.
+    export_model(full_run, tmp_path / "stage1", stage=1)
+    first = AutoModelForCausalLM.from_pretrained(tmp_path / "stage1")
+    assert not torch.allclose(logits(first, tokenizer), logits(exported, tokenizer))
+
+
+def test_export_refusals_leave_an_existing_folder_as_it_was(setup, full_run, tmp_path, capsys):  # noqa: F811
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "mine.txt").write_text("keep me")
+    cases = [
+        (["--out", str(tmp_path / "hf")], "already holds files; pass --overwrite"),
+        (["--out", str(tmp_path / "o"), "--stage", "5"], r"keeps the checkpoints of stage\(s\) \[1, 2\], not of stage 5"),
+        (["--out", str(tmp_path / "o"), "--stage", "0"], "stage 0 is the base model itself"),
+        (["--out", str(tmp_path / "o"), "--merge-lora"], "finetuning: full.*leave --merge-lora out"),
+    ]
+    for flags, message in cases:
+        assert main(["export", str(full_run), *flags]) == 2
+        err = capsys.readouterr().err
+        assert __import__("re").search(message, err), err
+    assert (tmp_path / "hf" / "mine.txt").read_text() == "keep me" and not (tmp_path / "o").exists()
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "holds no config.yaml; pass the output folder of a `gere run`" in capsys.readouterr().err
+    # A run whose base model changed since it trained is refused before anything is written.
+    moved = tmp_path / "run"
+    shutil.copytree(full_run, moved)
+    changed = tmp_path / "model"
+    shutil.copytree(setup / "model", changed)
+    model = AutoModelForCausalLM.from_pretrained(changed)
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)
+    model.save_pretrained(changed)
+    config = (moved / "config.yaml").read_text().replace(str(setup / "model"), str(changed))
+    (moved / "config.yaml").write_text(config)
+    with pytest.raises(GeReError, match="no longer the one this run trained from"):
+        export_model(moved, tmp_path / "hf", overwrite=True)
+    assert (tmp_path / "hf" / "mine.txt").read_text() == "keep me"
+    export_model(full_run, tmp_path / "hf", overwrite=True)
+    assert (tmp_path / "hf" / "config.json").is_file() and not (tmp_path / "hf" / "mine.txt").exists()
+
+
+def test_lora_exports_an_adapter_peft_loads_and_a_merged_model(setup, tmp_path):  # noqa: F811
+    from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model, set_peft_model_state_dict
+
+    from gere.continual.checkpoint import lora_config
+    from gere.continual.run_config import load_run_config
+
+    out = tmp_path / "run"
+    run(setup, out, "gere.objective=none", "finetuning=lora", "lora.target_modules=[q_proj,v_proj]",
+        "training.learning_rate=0.05")  # fmt: skip
+    export_model(out, tmp_path / "adapter")
+    export_model(out, tmp_path / "merged", merge_lora=True)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "adapter").iterdir()}
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "adapter")
+    # The run's adapter put on the base model by hand with peft, from the checkpoint.
+    cfg = load_run_config(out / "config.yaml")
+    reference = get_peft_model(base_model(setup), lora_config(cfg))
+    set_peft_model_state_dict(reference, load_file(str(out / "checkpoints/stage-2/weights.safetensors")))
+    expected = logits(reference, tokenizer)
+    assert not torch.allclose(expected, logits(base_model(setup), tokenizer), atol=1e-4), "the adapter trained"
+    adapter = PeftModel.from_pretrained(base_model(setup), tmp_path / "adapter")
+    torch.testing.assert_close(logits(adapter, tokenizer), expected)
+    as_is = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")  # the base named in the folder
+    torch.testing.assert_close(logits(as_is, tokenizer), expected)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in name for name in merged.state_dict())
+    torch.testing.assert_close(logits(merged, tokenizer), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_olora_exports_every_task_adapter_merged(setup, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    run(setup, out, "gere.objective=none", "finetuning=olora", "lora.target_modules=[q_proj,v_proj]",
+        "training.learning_rate=0.05")  # fmt: skip
+    with pytest.raises(GeReError, match="one O-LoRA adapter per task.*pass --merge-lora"):
+        export_model(out, tmp_path / "adapters")
+    export_model(out, tmp_path / "merged", merge_lora=True)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    merged = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), tokenizer)
+    # Both tasks' adapters, read by hand from the checkpoint and added to the base model's linear layers.
+    from gere.continual.run_config import load_run_config
+
+    cfg = load_run_config(out / "config.yaml")
+    model = base_model(setup)
+    tensors = load_file(str(out / "checkpoints/stage-2/weights.safetensors"))
+    scale = cfg.lora.alpha / cfg.lora.r
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.split(".")[-1] not in ("q_proj", "v_proj"):
+                continue
+            for adapter in ("task-1", "task-2"):
+                a = tensors[f"{adapter}/base_model.model.{name}.lora_A.weight"]
+                b = tensors[f"{adapter}/base_model.model.{name}.lora_B.weight"]
+                module.weight += scale * b @ a
+    torch.testing.assert_close(merged, logits(model, tokenizer), atol=1e-5, rtol=1e-5)
+
+
+def test_lm_eval_scores_the_exported_folder_as_the_run_s_model(setup, full_run, tmp_path):  # noqa: F811
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+    from test_lm_eval import questions, write_task  # a tiny local lm-eval task (no hub)
+
+    from gere.continual.lm_eval_general import LmEvalGeneral
+
+    export_model(full_run, tmp_path / "hf")
+    tasks = write_task(tmp_path / "tasks", questions())
+    # lm-eval's own "hf" model reading the folder by path, as `lm_eval --model hf` does ...
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tmp_path / 'hf'},dtype=float32",
+                                  tasks=["tiny_probe"], task_manager=TaskManager(include_path=str(tasks)),
+                                  bootstrap_iters=0, batch_size=4, device="cpu")  # fmt: skip
+    # ... scores what the run's model scores in memory.
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = LmEvalGeneral(["tiny_probe"], include_path=str(tasks), batch_size=4)(model, tokenizer)
+    assert out["results"]["tiny_probe"]["acc,none"] == pytest.approx(ours["lm_eval"]["tiny_probe"])
