@@ -1,7 +1,7 @@
 """Training-step time in fp32 and under bf16 autocast, on the demo's model, data and settings.
 
 The step is what `gere demo` runs: `GeReTrainer` with the TrainingArguments the runner builds
-(`gere.continual.runner._training_args`, so ``bf16`` / ``use_cpu`` exactly as a run sets them), the demo's
+(`gere.continual.training_args.stage_training_args`, so ``bf16`` / ``use_cpu`` exactly as a run sets them), the demo's
 first task (batch 8, up to 96 tokens), fused AdamW, and for ``ce+tm`` a separate replay batch of 4 x 48
 tokens with the activation store of the base model. Each precision trains its own copy of the model (the
 Trainer wraps a model's forward in autocast for bf16), and the copies take turns, ABBA, a few steps each,
@@ -36,7 +36,7 @@ from bench_engine import HERE, cpu_pressure, environment, median, write_results 
 from gere.batching import IGNORE_INDEX  # noqa: E402
 from gere.continual.prompts import build_train_features  # noqa: E402
 from gere.continual.run_config import load_run_config  # noqa: E402
-from gere.continual.runner import _training_args  # noqa: E402
+from gere.continual.training_args import stage_training_args  # noqa: E402
 from gere.continual.tasks import load_task  # noqa: E402
 from gere.demo.assets import DemoSizes, build_demo_assets  # noqa: E402
 from gere.demo.run import METHODS, SIZES, demo_config  # noqa: E402
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
                 clock = StepClock()
                 trainer = GeReTrainer(
                     model=copies[name],
-                    args=_training_args(cfg, task.spec.name, work / f"{method}-{name}", False, name == "bf16"),
+                    args=stage_training_args(cfg, task.spec.name, work / f"{method}-{name}", False, name == "bf16"),
                     train_dataset=features, data_collator=collator, processing_class=tokenizer,
                     gere_config=cfg.gere, activation_store=store, check_store_model=False, callbacks=[clock],
                 )  # fmt: skip

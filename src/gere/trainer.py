@@ -18,10 +18,8 @@ This module gathers tensors and calls the pure losses (`gere.losses`); the refer
 - ``batch``: a separate replay batch (``replay_batch_size`` per device) drawn with every micro-batch; the
   default of `GeReConfig` without interpolation.
 
-The loss is ``CE + w * (replay regularisers)``, where CE is the task cross-entropy, averaged with the replay
-cross-entropy when the objective has ``ce`` (as the reference does), and w is a number or ``dy``
-(CE / regulariser, detached). Each part is logged separately: ``task_ce``, ``replay_ce``,
-``replay_margin``, ``replay_kl``, ``replay_l1``, ``replay_l2`` and the weights used.
+The loss is ``CE + w * (replay regularisers)`` (`gere.losses.combine_losses`; w: `gere.config.WeightRule`);
+each part and weight is logged separately, and with ``grad_share_every`` each part's gradient share too.
 
 Several processes (torchrun / accelerate launch): every process takes part in building the activation
 store (`gere.store.extract.extract_store` splits the forward pass), batch interpolation keeps exactly k replay
