@@ -36,8 +36,8 @@ from bench_engine import HERE, cpu_pressure, environment, median, write_results 
 from gere.batching import IGNORE_INDEX  # noqa: E402
 from gere.continual.prompts import build_train_features  # noqa: E402
 from gere.continual.run_config import load_run_config  # noqa: E402
-from gere.continual.training_args import stage_training_args  # noqa: E402
 from gere.continual.tasks import load_task  # noqa: E402
+from gere.continual.training_args import stage_training_args  # noqa: E402
 from gere.demo.assets import DemoSizes, build_demo_assets  # noqa: E402
 from gere.demo.run import METHODS, SIZES, demo_config  # noqa: E402
 from gere.modeling import load_model_and_tokenizer  # noqa: E402

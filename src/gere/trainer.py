@@ -6,9 +6,8 @@ Switch an existing script by changing the class; the reference implementation's 
                           processing_class=tokenizer, gere_hidden_state_saving_dir="gere_store",
                           num_interpolate_per_batch=4, w_strategy="dy", gere_data_file="general.jsonl")
 
-This module gathers tensors and calls the pure losses (`gere.losses`); the reference targets come from
-`gere.reference`, replay batches from `gere.replay`. Replay samples join training in one of three ways
-(``replay_mixing``; GeRe, arXiv 2508.04676, Sec. 4):
+This module gathers tensors and calls the pure losses (`gere.losses`); reference targets come from `gere.reference`,
+replay batches from `gere.replay`. Replay samples join training in one of three ways (``replay_mixing``, Sec. 4):
 
 - ``interpolate``, batch interpolation (``num_interpolate_per_batch = k``): exactly k replay samples inside
   every global batch, see `gere.replay.sampler`;
@@ -19,7 +18,7 @@ This module gathers tensors and calls the pure losses (`gere.losses`); the refer
   default of `GeReConfig` without interpolation.
 
 The loss is ``CE + w * (replay regularisers)`` (`gere.losses.combine_losses`; w: `gere.config.WeightRule`);
-each part and weight is logged separately, and with ``grad_share_every`` each part's gradient share too.
+each part and weight is logged, and with ``grad_share_every`` each part's gradient share (`gere.diagnostics`).
 
 Several processes (torchrun / accelerate launch): every process takes part in building the activation
 store (`gere.store.extract.extract_store` splits the forward pass), batch interpolation keeps exactly k replay
