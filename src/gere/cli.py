@@ -285,9 +285,23 @@ COMMANDS = {"extract": cmd_extract, "run": cmd_run, "sweep": cmd_sweep, "data": 
             "export": cmd_export, "demo": cmd_demo}  # fmt: skip
 
 
+def _console(verbose: bool) -> None:
+    """Quiet unless ``-v``: the Trainer's per-step lines and transformers' loading bars stay off the console
+    (`gere.continual.console`); the per-step lines still reach each run's train_log.jsonl."""
+    from transformers.utils import logging as hf_logging
+
+    from gere.continual.console import set_verbose
+
+    set_verbose(verbose)
+    if not verbose:
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command in ("run", "sweep", "demo"):
+        _console(args.verbose)
     try:
         return COMMANDS[args.command](args)
     except GeReError as err:

@@ -48,6 +48,7 @@ from gere.continual.checkpoint import (
     save_checkpoint,
     with_lora,
 )
+from gere.continual.console import TRAIN_LOG, quiet_trainer, stage_line
 from gere.continual.evaluator import Evaluator
 from gere.continual.prompts import build_train_features
 from gere.continual.report import build_results, learning_warnings, write_report
@@ -281,7 +282,9 @@ def _evaluate_base(run: _Run, cache) -> None:
     run.state["general"].append(base["general"])
     run.state["eval_s"] += time.time() - t0
     run.save_state()
-    run.tracker.log_stage(0, stage_metrics([t.spec.name for t in run.tasks], base["accuracies"], base["general"]), 0)
+    names = [t.spec.name for t in run.tasks]
+    run.tracker.log_stage(0, stage_metrics(names, base["accuracies"], base["general"]), 0)
+    print(stage_line("base", names, base["accuracies"], base["general"]), flush=True)
 
 
 def _run_stage(run: _Run, index: int) -> None:
@@ -316,6 +319,7 @@ def _run_stage(run: _Run, index: int) -> None:
     names = [t.spec.name for t in run.tasks]
     metrics = stage_metrics(names, evaluation["accuracies"], evaluation["general"])
     run.tracker.log_stage(index + 1, metrics, _steps_before(state))
+    print(stage_line(f"after {name}", names, evaluation["accuracies"], evaluation["general"]), flush=True)
     prune_checkpoints(run.out, cfg)
     shutil.rmtree(run.out / "stages" / f"{index + 1}-{name}", ignore_errors=True)
 
@@ -371,10 +375,10 @@ def _stage_trainer(run: _Run, index: int) -> GeReTrainer:
         features = with_index(features)
         run.lwf.prepare(run.model, features, pad_token_id(tokenizer))
         penalties.append(run.lwf)
-    return GeReTrainer(
+    trainer = GeReTrainer(
         model=run.model,
         args=stage_training_args(run.cfg, name, run.out / "stages" / f"{index + 1}-{name}", run.progress,
-                            run.precision.bf16),
+                                 run.precision.bf16),
         train_dataset=features,
         data_collator=collator,
         processing_class=tokenizer,
@@ -386,6 +390,8 @@ def _stage_trainer(run: _Run, index: int) -> GeReTrainer:
         penalties=penalties,
         train_sampler=sampler,
     )
+    label = f"task {index + 1}/{len(run.tasks)} {name}"
+    return quiet_trainer(trainer, label, run.out / TRAIN_LOG, run.progress)
 
 
 def _finish(run: _Run) -> dict[str, Any]:
