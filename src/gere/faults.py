@@ -9,7 +9,9 @@ Points (see docs/reliability.md and tests/test_reliability.py):
 - ``extract_batch``: in `gere.store.extract_store`, after a batch's rows and ``partial/progress.json``
   are written;
 - ``train_step``: after an optimisation step of any task of a continual run (`train_step_callback`);
-- ``evaluate_task``: in `gere.continual.evaluator.Evaluator`, after each task's evaluation.
+- ``evaluate_task``: in `gere.continual.evaluator.Evaluator`, after each task's evaluation;
+- ``write``: in `gere.io_utils.atomic_path`, after each file is renamed into place: ``write:<n>`` kills
+  between the n-th and the next write of any file (config, state, report, plot, manifest, ...).
 
 Example: ``GERE_FAULT=train_step:3 gere run run.yaml`` dies during the third optimisation step of the
 run; ``gere run run.yaml --resume`` then finishes it.
@@ -22,7 +24,7 @@ import signal
 import sys
 
 ENV = "GERE_FAULT"
-POINTS = ("extract_batch", "train_step", "evaluate_task")
+POINTS = ("extract_batch", "train_step", "evaluate_task", "write")
 
 _calls: dict[str, int] = {}
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from gere.continual.aggregate import aggregate_runs, write_aggregate
 from gere.continual.run_config import RunConfig, load_run_config
-from gere.errors import GeReError
+from gere.errors import GeReError, shown
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,11 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
         key = key.strip()
         options = [v.strip() for v in values.split(",") if v.strip()]
         if not sep or not key or not options:
-            raise GeReError(f"--grid {item!r}: write it as section.key=value1,value2,...")
+            raise GeReError(f"--grid {shown(item)}: write it as section.key=value1,value2,...")
         if key in grid:
-            raise GeReError(f"--grid names {key!r} twice; give all its values in one --grid {key}=a,b,c")
+            raise GeReError(f"--grid names {shown(key)} twice; give all its values in one --grid {key}=a,b,c")
         if len(set(options)) != len(options):
-            raise GeReError(f"--grid {item!r} lists a value twice")
+            raise GeReError(f"--grid {shown(item)} lists a value twice")
         grid[key] = options
     if not grid:
         raise GeReError("a sweep needs at least one --grid key=value1,value2")
@@ -69,9 +69,9 @@ def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in str(text).split(",") if s.strip()]
     except ValueError:
-        raise GeReError(f"--seeds {text!r}: give whole numbers separated by commas, e.g. --seeds 0,1,2") from None
+        raise GeReError(f"--seeds {shown(text)}: give whole numbers separated by commas, e.g. --seeds 0,1,2") from None
     if not seeds or len(set(seeds)) != len(seeds):
-        raise GeReError(f"--seeds {text!r}: give one or more distinct seeds, e.g. --seeds 0,1,2")
+        raise GeReError(f"--seeds {shown(text)}: give one or more distinct seeds, e.g. --seeds 0,1,2")
     return seeds
 
 
@@ -99,7 +99,7 @@ def run_sweep(
     out_dir = Path(out_dir)
     labels = [c.label for c in cells]
     if baseline is not None and baseline not in labels:
-        raise GeReError(f"baseline {baseline!r} is not a cell of this sweep; cells: {labels}")
+        raise GeReError(f"baseline {shown(baseline)} is not a cell of this sweep; cells: {labels}")
     folders = [c.folder for c in cells]
     if len(set(folders)) != len(folders):
         raise GeReError(f"two cells would share a folder ({folders}); make their values differ in more than punctuation")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gere.continual.metrics import general_score
-from gere.errors import GeReError
+from gere.errors import GeReError, shown
 from gere.parts import LOGGED
 
 BACKENDS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # name -> module it needs
@@ -36,7 +36,7 @@ def check_report_to(names: list[str]) -> list[str]:
         return [n for n, module in BACKENDS.items() if importlib.util.find_spec(module)]
     for name in names:
         if name not in BACKENDS:
-            raise GeReError(f"report_to: {name!r} is not one of {', '.join(BACKENDS)}, 'all' or 'none'")
+            raise GeReError(f"report_to: {shown(name)} is not one of {', '.join(BACKENDS)}, 'all' or 'none'")
         if importlib.util.find_spec(BACKENDS[name]) is None:
             raise GeReError(f"report_to: {name} is not installed; pip install {BACKENDS[name]}, or leave it out")
     return list(names)
