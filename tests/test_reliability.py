@@ -242,7 +242,9 @@ def test_nan_loss_in_a_continual_run_stops_and_keeps_the_previous_stage(config, 
     err = capsys.readouterr().err
     assert "already holds a run; pass --resume to continue it or --overwrite to replace it" in err
     assert cli_run(config, out, "--resume") == 2
-    assert "holds a run with a different config; --resume needs the same config" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds a run of another config (these settings differ: per_task.compass.learning_rate: 1000000000000000.0 -> (not set))" in err, err
+    assert "--resume continues a run only with the config it started with" in err and "--overwrite" not in err
     assert cli_run(config, out, "--overwrite") == 0
     assert json.loads((out / "run_state.json").read_text())["stages_done"] == 2
 

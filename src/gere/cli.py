@@ -201,9 +201,10 @@ def cmd_data(args) -> int:
 
 def cmd_compare(args) -> int:
     from gere.continual.compare import compare_runs
+    from gere.reading import read_text
 
     paths = compare_runs(args.runs, args.out)
-    print(Path(paths[0]).read_text())
+    print(read_text(paths[0], what="comparison", kind="state"))
     for path in paths:
         print(f"wrote {path}")
     return 0

@@ -13,6 +13,7 @@ from gere.continual.plots import new_figure, save_figure
 from gere.continual.report import num, pct, table
 from gere.errors import GeReError
 from gere.io_utils import atomic_write_text
+from gere.reading import read_json
 
 
 def _final_perplexity(results: dict[str, Any]) -> float | None:
@@ -79,10 +80,7 @@ def read_runs(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
         path = Path(run_dir) / "results.json"
         if not path.is_file():
             raise GeReError(f"{path} does not exist; pass run folders written by write_report")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise GeReError(f"{path} is not valid JSON ({e}); rerun write_report for that run") from None
+        data = read_json(path, what="results file", fix="rerun write_report for that run")
         runs.append(_checked_results(data, path))
     return runs
 

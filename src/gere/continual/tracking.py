@@ -22,6 +22,7 @@ from typing import Any
 from gere.continual.metrics import general_score
 from gere.errors import GeReError, shown
 from gere.parts import LOGGED
+from gere.reading import read_text
 
 BACKENDS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # name -> module it needs
 SUMMARY = {"ap": "AP", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting", "general_final": "general",
@@ -107,7 +108,7 @@ class SequenceTracker:
             self._tb.add_text("accuracy_matrix", _markdown_table(table))
             for path in files:
                 if path.suffix == ".md":
-                    self._tb.add_text(path.stem, path.read_text())
+                    self._tb.add_text(path.stem, read_text(path, what="report", kind="state"))
             self._tb.close()
         if self._mlflow is not None:
             self._mlflow.log_metrics({k.replace("/", "."): v for k, v in summary.items()})
