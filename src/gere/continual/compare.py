@@ -12,7 +12,7 @@ from gere.continual.metrics import check_matrix, compute_metrics
 from gere.continual.plots import new_figure, save_figure
 from gere.continual.report import num, pct, table
 from gere.errors import GeReError
-from gere.io_utils import atomic_write_text
+from gere.io_utils import atomic_write_text, check_output_dir
 from gere.reading import read_json
 
 
@@ -33,6 +33,7 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Pa
     """
     runs = read_runs(run_dirs)
     values = [_metric_values(r) for r in runs]
+    check_output_dir(out_dir, inside=64, what="--out")
     out_dir = Path(out_dir)
     md_path, png_path = out_dir / "comparison.md", out_dir / "comparison.png"
     text = "# Comparison of runs\n\nAll metrics in %, except perplexity (final stage) and wall time.\n\n"
