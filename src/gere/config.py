@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
-from gere.errors import GeReError
+from gere.errors import GeReError, shown
 from gere.parts import REDUCTIONS, REPLAY_PARTS
 from gere.replay.replay_set import PAPER_MAX_LENGTH, SELECTIONS
 
@@ -37,7 +37,7 @@ def parse_objective(objective: str) -> tuple[str, ...]:
     bad = [p for p in parts if p not in REPLAY_PARTS]
     if bad or len(set(parts)) != len(parts):
         raise GeReError(
-            f"objective {objective!r} is not valid: use 'none' or parts from {', '.join(REPLAY_PARTS)} "
+            f"objective {shown(objective)} is not valid: use 'none' or parts from {', '.join(REPLAY_PARTS)} "
             "joined by '+', each once (for example 'ce+tm')"
         )
     return parts
@@ -50,9 +50,9 @@ def parse_margin_weight(value: str | float | int) -> float | str:
     try:
         weight = float(value)
     except (TypeError, ValueError):
-        raise GeReError(f"margin weight {value!r} is not a number or 'dy' (dynamic: CE / margin)") from None
+        raise GeReError(f"margin weight {shown(value)} is not a number or 'dy' (dynamic: CE / margin)") from None
     if not weight >= 0 or weight == float("inf"):
-        raise GeReError(f"margin weight {value!r} must be a finite number >= 0, or 'dy'")
+        raise GeReError(f"margin weight {shown(value)} must be a finite number >= 0, or 'dy'")
     return weight
 
 
@@ -178,14 +178,14 @@ class GeReConfig:
         ]
         for ok, name, need in checks:
             if not ok:
-                raise GeReError(f"{name} = {getattr(self, name)!r} is not valid: it must be {need}")
+                raise GeReError(f"{name} = {shown(getattr(self, name))} is not valid: it must be {need}")
         k = self.num_interpolate_per_batch
         if self.replay_mixing == "interpolate" and k == 0:
             raise GeReError("replay_mixing = 'interpolate' needs num_interpolate_per_batch >= 1")
         if self.replay_mixing in ("concat", "batch") and k > 0:
             raise GeReError(
                 f"num_interpolate_per_batch = {k} applies to replay_mixing 'interpolate', not "
-                f"{self.replay_mixing!r}; set one of them"
+                f"{shown(self.replay_mixing)}; set one of them"
             )
 
     @property

@@ -95,7 +95,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    raise GeReError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} ({shown(value)})")
+    hint = ""
+    if tp is str and isinstance(value, bool):
+        hint = "; YAML reads yes, no, on, off, true and false as booleans: quote the word (e.g. 'yes')"
+    raise GeReError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} ({shown(value)}){hint}")
 
 
 def from_dict(cls, data: dict, where: str = "") -> Any:
