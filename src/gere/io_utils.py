@@ -48,7 +48,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
-    maybe_fail("write")  # crash tests (gere.faults): a kill between any two writes
+    maybe_fail("write", str(path))  # crash tests (gere.faults): a kill between any two writes
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
