@@ -181,7 +181,7 @@ def test_utf8_with_or_without_bom_is_read_and_every_other_encoding_names_file_li
         path = tmp_path / f"f{number}{kind}"
         line = _write(path, kind, [f"first {text}", "second row"], encoding)
 
-        def read():
+        def read(path=path):
             return load_run_config(path).name if kind == ".yaml" else [t for _, t in load_replay_records(path)]
 
         if encoding in ("utf-8", "utf-8-sig") or (encoding in ("cp1252", "latin-1") and not line):

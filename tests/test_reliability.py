@@ -449,4 +449,4 @@ def test_a_read_only_store_folder_is_a_clear_error(config, tmp_path, capsys):
     with tmpfs(tmp_path / "ro", "ro,size=1m") as mount_point:
         assert main(["extract", "--config", str(config), "--store-dir", str(mount_point / "store")]) == 2
         err = capsys.readouterr().err
-        assert "cannot create" in err and "Read-only file system" in err and "writable folder" in err
+        assert "cannot be created" in err and "is on a read-only file system" in err and "writable folder" in err

@@ -115,8 +115,9 @@ def check_output_dir(folder: str | os.PathLike, *, inside: int = 0, what: str = 
             "(PATH_MAX); choose a shorter path"
         )
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise GeReError(f"{what} {shown(text, 80)} cannot be written: {existing} is not writable (read-only or "
-                        "another owner's); choose a writable folder")  # fmt: skip
+        read_only = bool(os.statvfs(existing).f_flag & getattr(os, "ST_RDONLY", 1))
+        why = "is on a read-only file system" if read_only else "is not writable by this user"
+        raise GeReError(f"{what} {shown(text, 80)} cannot be created: {existing} {why}; choose a writable folder")
     return path
 
 
