@@ -3,6 +3,7 @@ choice, lm-evaluation-harness tasks, held-out perplexity), with the sets read on
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -16,6 +17,8 @@ from gere.continual.tasks import TaskData
 from gere.errors import GeReError, shown
 from gere.faults import maybe_fail
 from gere.replay.replay_set import bounded_text, load_replay_records
+
+logger = logging.getLogger(__name__)
 
 
 def _perplexity_texts(name: str, path: str, limit: int | None) -> list[str]:
@@ -55,6 +58,8 @@ class Evaluator:
                          for name, path in ev.perplexity_sets.items()}  # fmt: skip
         # Inputs that work but are probably not meant: logged when the run starts, listed in report.md.
         self.doubts = input_doubts(cfg, tasks, self.mc)
+        for line in self.doubts:
+            logger.warning("%s: %s", cfg.name, line)
 
     def check(self, tokenizer) -> None:
         """Refuse, before any work, a perplexity set with no text of two tokens or more (the first token of a

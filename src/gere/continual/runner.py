@@ -173,9 +173,7 @@ def _run_locked(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, b
     fresh = state is None
     set_seed(cfg.seed)
     tasks = _load_tasks(cfg, out)
-    evaluator = Evaluator(cfg, tasks)  # reads the probe and held-out texts: a bad file stops the run here
-    for line in evaluator.doubts:
-        logger.warning("%s: %s", cfg.name, line)
+    evaluator = Evaluator(cfg, tasks)  # reads the probe and held-out texts (and logs doubts about the inputs)
     replay_set = cfg.gere.load_replay_set() if cfg.gere.parts else None  # read before the model loads
     model, tokenizer = _load_model(cfg)
     evaluator.check(tokenizer)  # every held-out set has something to score, before the store is extracted
