@@ -38,7 +38,7 @@ def test_a_key_given_twice_is_refused(tmp_path):
         ("keep_checkpoints=-1", "keep_checkpoints = -1 is not valid"),
         ("lora.dropout=1.0", "lora.dropout = 1.0 is not valid"),
         ("evaluation.mc_limit=0", "evaluation.mc_limit = 0 is not valid"),
-        ("per_task={a: {learning_rate: 0}}", "per_task.a: learning_rate = 0 is not valid"),
+        ("per_task={a: {learning_rate: 0}}", "per_task.a: learning_rate = 0.0 is not valid"),
         ("gere.num_interpolate_per_batch=8", "gere.num_interpolate_per_batch = 8 leaves no task sample"),
     ],
 )

@@ -105,8 +105,9 @@ def whole_and_resumed(setup, tmp_path, monkeypatch, *args):
 
 def test_resume_with_other_config_is_refused(setup, tmp_path):
     run(setup, tmp_path / "r", "gere.objective=none")
-    with pytest.raises(GeReError, match="different config"):
+    with pytest.raises(GeReError, match=r"another config \(these settings differ: gere.objective: 'none' -> 'ce'\)") as err:
         run(setup, tmp_path / "r", "gere.objective=ce", resume=True)
+    assert "--overwrite" not in str(err.value) and "config.yaml --resume" in str(err.value)
     again = run(setup, tmp_path / "r", "gere.objective=ce", overwrite=True)
     assert again["method"] == "ce"
 

@@ -128,8 +128,10 @@ def cmd_extract(args) -> int:
     from dataclasses import replace
 
     from gere.config import GeReConfig
+    from gere.continual.preflight import STORE_DEPTH
     from gere.continual.run_config import load_run_config
     from gere.distributed import is_main
+    from gere.io_utils import check_output_dir
     from gere.modeling import load_model_and_tokenizer
     from gere.store.extract import extract_store
 
@@ -150,6 +152,7 @@ def cmd_extract(args) -> int:
     model_spec = args.model or (cfg.model if cfg else None)
     if not model_spec:
         raise GeReError("no model: pass --model (a hub id, local folder or .gguf file) or --config")
+    check_output_dir(args.store_dir, inside=STORE_DEPTH, what="--store-dir")  # before any work
     replay_set = gere.load_replay_set()
     model, tokenizer = load_model_and_tokenizer(
         model_spec, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code
@@ -219,9 +222,10 @@ def cmd_data(args) -> int:
 
 def cmd_compare(args) -> int:
     from gere.continual.compare import compare_runs
+    from gere.reading import read_text
 
     paths = compare_runs(args.runs, args.out)
-    print(Path(paths[0]).read_text())
+    print(read_text(paths[0], what="comparison", kind="state"))
     for path in paths:
         print(f"wrote {path}")
     return 0

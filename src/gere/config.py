@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
-from gere.errors import GeReError
+from gere.errors import GeReError, shown
 from gere.parts import REDUCTIONS, REPLAY_PARTS
 from gere.replay.replay_set import PAPER_MAX_LENGTH, SELECTIONS
 
@@ -37,7 +37,7 @@ def parse_objective(objective: str) -> tuple[str, ...]:
     bad = [p for p in parts if p not in REPLAY_PARTS]
     if bad or len(set(parts)) != len(parts):
         raise GeReError(
-            f"objective {objective!r} is not valid: use 'none' or parts from {', '.join(REPLAY_PARTS)} "
+            f"objective {shown(objective)} is not valid: use 'none' or parts from {', '.join(REPLAY_PARTS)} "
             "joined by '+', each once (for example 'ce+tm')"
         )
     return parts
@@ -64,7 +64,7 @@ def _parse_rule(text: str, original) -> WeightRule:
         _, steps, inner = (t.split(":", 2) + ["", ""])[:3]
         if not steps.isdigit() or int(steps) < 1 or not inner or inner.startswith("warm:"):
             raise GeReError(
-                f"margin weight {original!r}: write a warm-up as warm:<steps>:<weight>, e.g. warm:4:dy or warm:8:10 "
+                f"margin weight {shown(original)}: write a warm-up as warm:<steps>:<weight>, e.g. warm:4:dy or warm:8:10 "
                 "(steps 1 or more; the weight any other margin weight)"
             )
         inner_rule = _parse_rule(inner, original)
@@ -74,16 +74,16 @@ def _parse_rule(text: str, original) -> WeightRule:
     if t.startswith(DYNAMIC + ":"):
         cap = _number(t[len(DYNAMIC) + 1 :])
         if cap is None or not 0 < cap < math.inf:
-            raise GeReError(f"margin weight {original!r}: the ceiling of dy:<ceiling> must be a finite number above 0")
+            raise GeReError(f"margin weight {shown(original)}: the ceiling of dy:<ceiling> must be a finite number above 0")
         return WeightRule(DYNAMIC, cap)
     weight = _number(t)
     if weight is None:
         raise GeReError(
-            f"margin weight {original!r} is not valid: use a number (1, 100, ...), 'dy' (dynamic: CE / margin), "
+            f"margin weight {shown(original)} is not valid: use a number (1, 100, ...), 'dy' (dynamic: CE / margin), "
             "'dy:<ceiling>' (dynamic, at most the ceiling) or 'warm:<steps>:<weight>' (linear warm-up per task)"
         )
     if not 0 <= weight < math.inf:
-        raise GeReError(f"margin weight {original!r} must be a finite number >= 0, or 'dy'")
+        raise GeReError(f"margin weight {shown(original)} must be a finite number >= 0, or 'dy'")
     return WeightRule("fixed", weight)
 
 
@@ -97,7 +97,7 @@ def _number(text: str) -> float | None:
 def weight_rule(value: str | float | int) -> WeightRule:
     """The `WeightRule` of a ``margin_weight`` value (a number, ``dy``, ``dy:<ceiling>``, ``warm:<steps>:<w>``)."""
     if isinstance(value, bool):
-        raise GeReError(f"margin weight {value!r} is not a number or 'dy'")
+        raise GeReError(f"margin weight {shown(value)} is not a number or 'dy'")
     if isinstance(value, (int, float)):
         return _parse_rule(repr(float(value)), value)
     return _parse_rule(str(value), value)
@@ -254,14 +254,14 @@ class GeReConfig:
         ]
         for ok, name, need in checks:
             if not ok:
-                raise GeReError(f"{name} = {getattr(self, name)!r} is not valid: it must be {need}")
+                raise GeReError(f"{name} = {shown(getattr(self, name))} is not valid: it must be {need}")
         k = self.num_interpolate_per_batch
         if self.replay_mixing == "interpolate" and k == 0:
             raise GeReError("replay_mixing = 'interpolate' needs num_interpolate_per_batch >= 1")
         if self.replay_mixing in ("concat", "batch") and k > 0:
             raise GeReError(
                 f"num_interpolate_per_batch = {k} applies to replay_mixing 'interpolate', not "
-                f"{self.replay_mixing!r}; set one of them"
+                f"{shown(self.replay_mixing)}; set one of them"
             )
 
     @property

@@ -7,8 +7,12 @@ and exits with status 2.
 from __future__ import annotations
 
 import difflib
+import reprlib
 from collections.abc import Iterable
 from typing import Any
+
+#: No message is longer than this: a value that slipped through unbounded is cut in the middle.
+MAX_MESSAGE = 1200
 
 
 class GeReError(Exception):
@@ -19,6 +23,10 @@ class GeReError(Exception):
     """
 
     def __init__(self, message: str, *, setting: str | None = None):
+        message = str(message)
+        if len(message) > MAX_MESSAGE:
+            left = len(message) - 1100
+            message = f"{message[:800]} [... {left} characters left out ...] {message[-300:]}"
         super().__init__(message)
         self.setting = setting
 
@@ -34,4 +42,28 @@ def check_settings(checks: list[tuple[bool, str, str]], obj: Any) -> None:
     value and what it must be (`gere.continual.run_config.from_dict` puts the section in front)."""
     for ok, name, need in checks:
         if not ok:
-            raise GeReError(f"{name} = {getattr(obj, name)!r} is not valid: it must be {need}", setting=name)
+            raise GeReError(f"{name} = {shown(getattr(obj, name))} is not valid: it must be {need}", setting=name)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 60, 60, 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 6
+
+
+def shown(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` for an error message, at most ``limit`` characters, whatever the value: a YAML alias
+    bomb, a 10 MB string or an integer of 5,000 digits is looked at only as far as it is shown."""
+    if isinstance(value, str | bytes):  # sliced first: reprlib would repr a bytes value whole
+        text = repr(value[:limit])
+        return text if len(value) <= limit and len(text) <= limit else text[: limit - 3] + "..."
+    try:
+        text = _REPR.repr(value)
+    except (ValueError, RecursionError):  # an int too long to turn into text, or a self-referencing value
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def clip(text: str, limit: int = 300) -> str:
+    """``text`` (another library's message, a line of a file) cut to ``limit`` characters for a message."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 5] + " ..."

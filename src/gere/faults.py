@@ -9,10 +9,15 @@ Points (see docs/reliability.md and tests/test_reliability.py):
 - ``extract_batch``: in `gere.store.extract_store`, after a batch's rows and ``partial/progress.json``
   are written;
 - ``train_step``: after an optimisation step of any task of a continual run (`train_step_callback`);
-- ``evaluate_task``: in `gere.continual.evaluator.Evaluator`, after each task's evaluation.
+- ``evaluate_task``: in `gere.continual.evaluator.Evaluator`, after each task's evaluation;
+- ``write``: in `gere.io_utils.atomic_path`, after each file is renamed into place: ``write:<n>`` kills
+  between the n-th and the next write of any file (config, state, report, plot, manifest, ...).
 
 Example: ``GERE_FAULT=train_step:3 gere run run.yaml`` dies during the third optimisation step of the
 run; ``gere run run.yaml --resume`` then finishes it.
+
+``GERE_FAULT_LOG=<file>`` appends one line per point passed (``write /run/report.md``), in order: which n
+to pick for a point, e.g. the write of a given file.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import signal
 import sys
 
 ENV = "GERE_FAULT"
-POINTS = ("extract_batch", "train_step", "evaluate_task")
+LOG_ENV = "GERE_FAULT_LOG"
+POINTS = ("extract_batch", "train_step", "evaluate_task", "write")
 
 _calls: dict[str, int] = {}
 
@@ -38,8 +44,13 @@ def parse_fault(spec: str) -> tuple[str, int]:
     return point, int(count)
 
 
-def maybe_fail(point: str) -> None:
-    """Kill this process with SIGKILL on the n-th call at ``point`` if ``GERE_FAULT=<point>:<n>``."""
+def maybe_fail(point: str, detail: str = "") -> None:
+    """Kill this process with SIGKILL on the n-th call at ``point`` if ``GERE_FAULT=<point>:<n>``. ``detail``
+    (the file just written, ...) is named in the kill message and in ``GERE_FAULT_LOG``."""
+    log = os.environ.get(LOG_ENV)
+    if log:
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"{point} {detail}\n")
     spec = os.environ.get(ENV)
     if not spec:
         return
@@ -48,7 +59,8 @@ def maybe_fail(point: str) -> None:
         return
     _calls[point] = _calls.get(point, 0) + 1
     if _calls[point] == count:
-        print(f"gere: {ENV}={spec}: killing process {os.getpid()} at {point} #{count}", file=sys.stderr)
+        after = f" (after {detail})" if detail else ""
+        print(f"gere: {ENV}={spec}: killing process {os.getpid()} at {point} #{count}{after}", file=sys.stderr)
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 

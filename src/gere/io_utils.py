@@ -1,24 +1,28 @@
-"""Files in and out: atomic writes, and one reader for JSON / JSONL / CSV rows and ``hf:`` datasets.
+"""Files in and out: atomic writes, output folders checked before work, and one reader for JSON / JSONL /
+CSV rows and ``hf:`` datasets.
 
 Every artifact is written to a temporary file in the same folder and renamed into place, so a crash or a
 full disk never leaves a half-written file under the final name. Every module that reads records (replay
 texts, task rows, multiple-choice questions, held-out texts) reads them through `iter_rows`,
-`read_rows` or `load_hub_dataset`, so a malformed file gets the same message naming the file and line.
+`read_rows` or `load_hub_dataset`, and every other file through `gere.reading`, so a malformed, special
+(FIFO, device), oversized or non-UTF-8 file gets the same message naming the file and line.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gere.errors import GeReError
+from gere.errors import GeReError, shown
+from gere.faults import maybe_fail
+from gere.reading import check_regular_file, csv_rows, jsonl_values, parse_json, read_text
 
 HF_PREFIX = "hf:"
 ROW_SUFFIXES = (".json", ".jsonl", ".csv")
@@ -44,6 +48,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+    maybe_fail("write", str(path))  # crash tests (gere.faults): a kill between any two writes
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -65,6 +70,55 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
         return obj.tolist()
     raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def _pathconf(path: Path, name: str, default: int) -> int:
+    try:
+        return int(os.pathconf(path, name))
+    except (OSError, ValueError, AttributeError):
+        return default
+
+
+def check_output_dir(folder: str | os.PathLike, *, inside: int = 0, what: str = "output folder") -> Path:
+    """The absolute path of ``folder`` if a run can write there, checked without writing anything: no NUL
+    byte, no name longer than the file system's NAME_MAX, no path that with ``inside`` more bytes (the
+    deepest file written under it) passes PATH_MAX, no file in the way, and a writable folder to create it
+    in. Anything else is an error naming the problem and the fix, before any work."""
+    text = os.fspath(folder)
+    if "\0" in text:
+        raise GeReError(f"{what} {shown(text, 80)} holds a NUL byte, which no file name may; remove it")
+    path = Path(os.path.abspath(os.path.expanduser(text)))
+    existing, reached = Path(path.parts[0]), True
+    name_max = _pathconf(existing, "PC_NAME_MAX", 255)
+    for part in path.parts[1:]:
+        size = len(os.fsencode(part))
+        if size > name_max:
+            raise GeReError(f"{what} {shown(text, 80)} holds a name of {size} bytes ({shown(part, 40)}); the file "
+                            f"system allows {name_max} (NAME_MAX): choose a shorter name")  # fmt: skip
+        if reached:
+            try:
+                mode = os.stat(existing / part).st_mode
+            except FileNotFoundError:
+                reached = False
+                continue
+            if not stat.S_ISDIR(mode):
+                raise GeReError(f"{existing / part} is a file, not a folder, so {what} {shown(text, 80)} cannot be "
+                                "created; choose another path")  # fmt: skip
+            existing = existing / part
+            name_max = _pathconf(existing, "PC_NAME_MAX", 255)
+    path_max = _pathconf(existing, "PC_PATH_MAX", 4096)
+    total = len(os.fsencode(str(path))) + inside
+    if total >= path_max:
+        raise GeReError(
+            f"{what} {shown(text, 80)} is {len(os.fsencode(str(path)))} bytes long as an absolute path, and files "
+            f"up to {inside} bytes deeper are written under it: more than the {path_max} bytes the system allows "
+            "(PATH_MAX); choose a shorter path"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        read_only = bool(os.statvfs(existing).f_flag & getattr(os, "ST_RDONLY", 1))
+        why = "is on a read-only file system" if read_only else "is not writable by this user"
+        raise GeReError(f"{what} {shown(text, 80)} cannot be created: {existing} {why}; choose a writable folder")
+    return path
 
 
 def default_cache_dir() -> Path:
@@ -96,65 +150,44 @@ def safe_join(root: str | os.PathLike, name: str) -> Path:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def read_utf8(path: str | os.PathLike) -> str:
-    """The text of ``path``; bytes that are not UTF-8 are an error naming the byte and the fix."""
-    path = Path(path)
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise GeReError(
-            f"{path}: byte {err.start} is not valid UTF-8; re-encode the file as UTF-8 "
-            f"(for example `iconv -f latin1 -t utf-8 {path.name}`)"
-        ) from None
+def read_utf8(path: str | os.PathLike, what: str = "file") -> str:
+    """The UTF-8 text of the regular file ``path`` (a byte-order mark dropped); any other encoding is an
+    error naming the line and the fix (`gere.reading`)."""
+    return read_text(path, what=what, kind="data")
 
 
-def iter_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
+def iter_rows(path: str | os.PathLike, what: str = "data file") -> Iterator[tuple[str, dict[str, Any]]]:
     """``(where, row)`` for each row of a ``.jsonl`` (one object per line), ``.json`` (a list of objects,
-    or ``{"data": [...]}``) or ``.csv`` file; ``where`` names the file and line / item / row for messages."""
-    path = Path(path)
-    if not path.is_file():
-        raise GeReError(f"data file {path} does not exist; check the path")
+    or ``{"data": [...]}``) or ``.csv`` file; ``where`` names the file and line / item / row for messages.
+    The file is read through the guarded reader (`gere.reading`): regular files of bounded size, UTF-8."""
+    path = check_regular_file(path, what)
     suffix = path.suffix.lower()
+    if suffix not in ROW_SUFFIXES:
+        raise GeReError(f"{path}: unsupported file type {shown(suffix)}; use one of {list(ROW_SUFFIXES)}")
+    text = read_utf8(path, what)
     if suffix == ".jsonl":
-        for number, line in enumerate(read_utf8(path).splitlines(), start=1):
-            if line.strip():
-                yield _json_object(line, f"{path}, line {number}")
+        for where, value in jsonl_values(text, path, what):
+            yield _checked_object(value, where)
     elif suffix == ".json":
-        try:
-            data = json.loads(read_utf8(path))
-        except json.JSONDecodeError as err:
-            raise GeReError(f"{path}: not valid JSON at line {err.lineno} ({err.msg}); fix the file") from None
+        data = parse_json(text, str(path))
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
             raise GeReError(f"{path}: expected a JSON list of objects (or {{'data': [...]}}); rewrite it as such")
         for number, row in enumerate(data, start=1):
             yield _checked_object(row, f"{path}, item {number}")
-    elif suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
-            for number, row in enumerate(csv.DictReader(f), start=1):
-                yield f"{path}, row {number}", dict(row)
     else:
-        raise GeReError(f"{path}: unsupported file type {suffix!r}; use one of {list(ROW_SUFFIXES)}")
+        yield from csv_rows(text, path)
 
 
-def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_rows(path: str | os.PathLike, what: str = "data file") -> list[dict[str, Any]]:
     """The rows of a ``.jsonl`` / ``.json`` / ``.csv`` file (see `iter_rows`)."""
-    return [row for _, row in iter_rows(path)]
-
-
-def _json_object(line: str, where: str) -> tuple[str, dict[str, Any]]:
-    try:
-        value = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise GeReError(f"{where}: not valid JSON ({err.msg}); fix or remove that line") from None
-    return _checked_object(value, where)
+    return [row for _, row in iter_rows(path, what)]
 
 
 def _checked_object(value: Any, where: str) -> tuple[str, dict[str, Any]]:
     if not isinstance(value, dict):
-        raise GeReError(f"{where}: expected a JSON object, got {type(value).__name__}")
+        raise GeReError(f"{where}: expected a JSON object, got {type(value).__name__} ({shown(value, 60)})")
     return where, value
 
 

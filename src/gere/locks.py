@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from gere.errors import GeReError
+from gere.reading import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +38,10 @@ def _alive(pid: int) -> bool:
 
 def _holder(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # vanished or half written: treated as stale below
+        holder = read_json(path, what="lock file")
+    except GeReError:
+        return None  # vanished, half written or not a file: treated as stale below
+    return holder if isinstance(holder, dict) else None
 
 
 def _take(path: Path, what: str) -> bool:
@@ -58,6 +60,7 @@ def _take(path: Path, what: str) -> bool:
 def hold_lock(folder: str | Path, what: str) -> Iterator[None]:
     """Hold ``folder``'s lock while the block runs (``what`` says what the holder does, for messages)."""
     folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # removed again if left empty
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -91,3 +94,6 @@ def hold_lock(folder: str | Path, what: str) -> Iterator[None]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+        for made in created:  # a command refused before writing anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                made.rmdir()

@@ -23,6 +23,7 @@ import torch
 
 from gere.errors import GeReError
 from gere.io_utils import atomic_write_json, default_cache_dir, sha256_file
+from gere.reading import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +54,9 @@ def load_model_and_tokenizer(
     """
     spec_str = str(spec)
     path = Path(spec_str).expanduser()
+    check_model_spec(spec_str, cache_dir=cache_dir, gguf_file=gguf_file)
     if gguf_file is not None or spec_str.lower().endswith(".gguf"):
         gguf_path = path / gguf_file if gguf_file is not None else path
-        if not gguf_path.is_file():
-            raise GeReError(
-                f"GGUF file {gguf_path} does not exist; pass the path to an existing .gguf file "
-                "(or a folder plus gguf_file= naming a file inside it)"
-            )
         root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         model, tokenizer = _load_gguf_cached(gguf_path, root, torch_dtype)
         _ensure_pad_token(tokenizer, str(gguf_path))
@@ -83,6 +80,24 @@ def load_model_and_tokenizer(
     _ensure_pad_token(tokenizer, spec_str)
     model.eval()
     return model, tokenizer
+
+
+def check_model_spec(spec: str, *, cache_dir=None, gguf_file: str | None = None) -> None:
+    """What can be known of a model without loading it, checked before any work: a name is given, a local
+    path or GGUF file exists, a local folder holds ``config.json``. A hub id is checked when it loads."""
+    spec = str(spec)
+    if not spec.strip():
+        raise GeReError("no model: set model to a Hugging Face hub id, a local model folder or a .gguf file")
+    path = Path(spec).expanduser()
+    if gguf_file is not None or spec.lower().endswith(".gguf"):
+        gguf_path = path / gguf_file if gguf_file is not None else path
+        if not gguf_path.is_file():
+            raise GeReError(
+                f"GGUF file {gguf_path} does not exist; pass the path to an existing .gguf file "
+                "(or a folder plus gguf_file= naming a file inside it)"
+            )
+        return
+    _pretrained_source(spec, path, cache_dir)
 
 
 def _pretrained_source(spec_str: str, path: Path, cache_dir) -> tuple[str, dict]:
@@ -143,19 +158,17 @@ def converted_model_is_complete(folder: str | os.PathLike, gguf_sha256: str | No
 
     The marker is written last, so a folder left by an interrupted conversion fails this check.
     """
-    import json
-
     folder = Path(folder)
     marker = folder / MODEL_MARKER
     try:
-        meta = json.loads(marker.read_text())
+        meta = read_json(marker, what="converted-model marker")
         if gguf_sha256 is not None and meta.get("source_sha256") != gguf_sha256:
             return False
         files = meta["files"]
         return bool(files) and all(
             (folder / n).is_file() and (folder / n).stat().st_size == s for n, s in files.items()
         )
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (GeReError, OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
 

@@ -49,9 +49,9 @@ def parse_bf16(value) -> bool | str:
         return True
     if text in ("false", "no", "off", "0"):
         return False
-    from gere.errors import GeReError
+    from gere.errors import GeReError, shown
 
-    raise GeReError(f"training.bf16 = {value!r} is not valid: use auto, true or false")
+    raise GeReError(f"training.bf16 = {shown(value)} is not valid: use auto, true or false")
 
 
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:

@@ -18,7 +18,6 @@ The buffer is a list of (task, example) positions, saved with every checkpoint (
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from gere.batching import model_device
 from gere.errors import GeReError
 from gere.io_utils import atomic_write_json
+from gere.reading import read_json
 from gere.replay.batches import SeparateReplayBatches
 from gere.replay.sampler import BatchInterpolationSampler
 
@@ -79,7 +79,7 @@ class TaskReplayBuffer:
         path = Path(folder) / FILE
         if not path.exists():
             raise GeReError(f"{path} is missing: this checkpoint was written without task replay; start over with --overwrite")
-        self.entries = [tuple(e) for e in json.loads(path.read_text())["entries"]]
+        self.entries = [tuple(e) for e in read_json(path, what="task-replay buffer")["entries"]]
 
 
 def stage_seed(seed: int, task: int) -> int:

@@ -18,7 +18,8 @@ from gere.continual.metrics import check_matrix, compute_metrics
 from gere.continual.plots import new_figure, save_figure
 from gere.continual.report import num, pct, table
 from gere.errors import GeReError
-from gere.io_utils import atomic_write_text
+from gere.io_utils import atomic_write_text, check_output_dir
+from gere.reading import read_json
 
 
 def _final_perplexity(results: dict[str, Any]) -> float | None:
@@ -38,6 +39,7 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Pa
     """
     runs = read_runs(run_dirs)
     values = [_metric_values(r) for r in runs]
+    check_output_dir(out_dir, inside=64, what="--out")
     out_dir = Path(out_dir)
     md_path, png_path = out_dir / "comparison.md", out_dir / "comparison.png"
     note = task_list_note(runs)
@@ -112,10 +114,7 @@ def read_runs(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
         path = Path(run_dir) / "results.json"
         if not path.is_file():
             raise GeReError(f"{path} does not exist; pass run folders written by write_report")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise GeReError(f"{path} is not valid JSON ({e}); rerun write_report for that run") from None
+        data = read_json(path, what="results file", fix="rerun write_report for that run")
         runs.append(_checked_results(data, path))
     for run, folder in zip(runs, _folder_names(run_dirs), strict=True):
         run["folder"] = folder

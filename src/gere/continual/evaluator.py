@@ -3,17 +3,38 @@ choice, lm-evaluation-harness tasks, held-out perplexity), with the sets read on
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from gere.continual.doubts import input_doubts
 from gere.continual.evaluation import evaluate_task, perplexity
 from gere.continual.lm_eval_general import LmEvalGeneral
 from gere.continual.multiple_choice import evaluate_multiple_choice, load_multiple_choice
 from gere.continual.run_config import RunConfig
 from gere.continual.tasks import TaskData
+from gere.errors import GeReError, shown
 from gere.faults import maybe_fail
-from gere.replay.replay_set import load_replay_records
+from gere.replay.replay_set import bounded_text, load_replay_records
+
+logger = logging.getLogger(__name__)
+
+
+def _perplexity_texts(name: str, path: str, limit: int | None) -> list[str]:
+    """The texts of one held-out set; a set that yields none is an error naming it and its file."""
+    try:
+        texts = [text for _, text in load_replay_records(path, what=f"perplexity set {shown(name)}")]
+    except GeReError as err:
+        if err.setting != "replay_text_field":
+            raise
+        raise GeReError(f"evaluation.perplexity_sets.{name}: {str(err).split('; set ')[0]}; held-out texts are "
+                        "read from the field 'text'") from None  # fmt: skip
+    texts = texts[:limit] if limit else texts
+    if not any(t.strip() for t in texts):
+        raise GeReError(f"evaluation.perplexity_sets.{name}: {path} holds no texts, so its perplexity would be "
+                        "empty; add texts or remove the set")  # fmt: skip
+    return texts
 
 
 class Evaluator:
@@ -30,10 +51,30 @@ class Evaluator:
                                                   ev.lm_eval_num_fewshot, ev.lm_eval_limit, batch_size)  # fmt: skip
         if self.lm_eval:
             self.lm_eval.check_tasks()  # a missing task is found now, before the store is extracted
-        self.ppl_sets = {}
-        for name, path in ev.perplexity_sets.items():
-            texts = [text for _, text in load_replay_records(path)]
-            self.ppl_sets[name] = texts[: ev.perplexity_limit] if ev.perplexity_limit else texts
+        if self.mc is not None and not self.mc:
+            raise GeReError(f"evaluation.general_mc: {ev.general_mc} holds no questions, so the general score would "
+                            "be empty; add questions or leave general_mc unset")  # fmt: skip
+        if ev.mc_shots and self.mc is not None and not self.mc_dev:
+            raise GeReError(f"evaluation.mc_shots = {ev.mc_shots} needs solved examples: set evaluation.mc_dev to a "
+                            "file holding some (or mc_shots: 0)")  # fmt: skip
+        self.ppl_sets = {name: _perplexity_texts(name, path, ev.perplexity_limit)
+                         for name, path in ev.perplexity_sets.items()}  # fmt: skip
+        # Inputs that work but are probably not meant: logged when the run starts, listed in report.md.
+        self.doubts = input_doubts(cfg, tasks, self.mc)
+        for line in self.doubts:
+            logger.warning("%s: %s", cfg.name, line)
+
+    def check(self, tokenizer) -> None:
+        """Refuse, before any work, a perplexity set with no text of two tokens or more (the first token of a
+        text is context only, so shorter texts have nothing to score)."""
+        ev = self.cfg.evaluation
+        for name, texts in self.ppl_sets.items():
+            usable = sum(len(tokenizer(bounded_text(t, ev.perplexity_max_length))["input_ids"]) >= 2 for t in texts)
+            if not usable:
+                raise GeReError(
+                    f"evaluation.perplexity_sets.{name} ({ev.perplexity_sets[name]}): none of its {len(texts)} "
+                    "text(s) is two tokens or longer, so there is nothing to score; give longer texts or remove the set"
+                )
 
     def __call__(self, model, tokenizer, stage: str, progress: bool) -> dict[str, Any]:
         ev = self.cfg.evaluation

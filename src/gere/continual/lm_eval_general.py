@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from gere.errors import GeReError
+from gere.errors import GeReError, shown
 
 PREFIX = "lm_eval:"
 
@@ -27,12 +27,12 @@ def lm_eval_tasks(general: str) -> list[str] | None:
         return None
     if not general.startswith(PREFIX):
         raise GeReError(
-            f"evaluation.general={general!r} is not 'mc' or 'lm_eval:<task,...>'; for example "
+            f"evaluation.general={shown(general)} is not 'mc' or 'lm_eval:<task,...>'; for example "
             "general: lm_eval:mmlu, or general: mc for the built-in multiple-choice set (general_mc)"
         )
     tasks = [t.strip() for t in general[len(PREFIX) :].split(",") if t.strip()]
     if not tasks:
-        raise GeReError(f"evaluation.general={general!r} names no task; write lm_eval:<task>[,<task>...]")
+        raise GeReError(f"evaluation.general={shown(general)} names no task; write lm_eval:<task>[,<task>...]")
     return tasks
 
 
@@ -119,7 +119,7 @@ class LmEvalGeneral:
             if key not in row:
                 have = sorted({k.split(",")[0] for k in row if "," in k and "stderr" not in k})
                 raise GeReError(
-                    f"lm-eval task {task!r} reports no {self.metric!r} (it reports {have}); set "
+                    f"lm-eval task {shown(task)} reports no {shown(self.metric)} (it reports {have}); set "
                     "evaluation.lm_eval_metric to one of those"
                 )
             scores[task] = float(row[key])

@@ -7,6 +7,7 @@ has the largest logit after the prompt.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 from gere.batching import batches, eval_mode, model_device, pad_batch, pad_token_id
 from gere.continual.evaluation import continuation_logprobs
 from gere.continual.prompts import encode_prompt_and_target
-from gere.errors import GeReError
+from gere.errors import GeReError, shown
 from gere.io_utils import HF_PREFIX, iter_rows, load_hub_dataset
 
 CHOICE_LETTERS = "ABCDEFGHIJ"
@@ -60,14 +61,14 @@ def _check_question(q: Any, where: str) -> dict[str, Any]:
     choices = q["choices"]
     if not isinstance(choices, list) or not 2 <= len(choices) <= len(CHOICE_LETTERS):
         raise GeReError(
-            f"{where}: `choices` must be a list of 2-{len(CHOICE_LETTERS)} options, got {choices!r}"
+            f"{where}: `choices` must be a list of 2-{len(CHOICE_LETTERS)} options, got {shown(choices)}"
         )
     answer = q["answer"]
     if isinstance(answer, str) and len(answer) == 1 and answer.upper() in CHOICE_LETTERS:
         answer = CHOICE_LETTERS.index(answer.upper())
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
         raise GeReError(
-            f"{where}: `answer` must be a choice index 0-{len(choices) - 1} (or letter), got {answer!r}"
+            f"{where}: `answer` must be a choice index 0-{len(choices) - 1} (or letter), got {shown(answer)}"
         )
     subject = str(q.get("subject") or "general")
     checked = {
@@ -95,11 +96,11 @@ def load_multiple_choice(path_or_hf: str | Path, split: str = "test", limit: int
         located = [(f"{source} [{split}], item {i + 1}", dict(row)) for i, row in enumerate(ds)]
     else:
         path = Path(source)
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise GeReError(
                 f"multiple-choice file {path} does not exist; pass a .jsonl/.json file or 'hf:cais/mmlu:all'"
             )
-        located = list(iter_rows(path))
+        located = list(iter_rows(path, "multiple-choice file"))
     questions = [_check_question(row, where) for where, row in located]
     return questions[:limit] if limit is not None else questions
 
@@ -155,7 +156,7 @@ def evaluate_multiple_choice(
     if shots and not dev_questions:
         raise GeReError(f"shots={shots} needs dev_questions to draw examples from; pass them or set shots=0")
     if mc_format not in MC_FORMATS:
-        raise GeReError(f"multiple-choice format {mc_format!r} is not one of {', '.join(MC_FORMATS)}")
+        raise GeReError(f"multiple-choice format {shown(mc_format)} is not one of {', '.join(MC_FORMATS)}")
     pools = _shot_pools(questions, shots, dev_questions or [])
     if mc_format == "cloze":
         return _evaluate_cloze(model, tokenizer, questions, pools, batch_size, max_length)

@@ -16,6 +16,7 @@ The runner fills a *results* dict with raw data and calls `build_results` (which
          "perplexity": {"<held-out set name>": float},
          "lm_eval": {"<task>": float}, "lm_eval_score": float}   # with evaluation.general: lm_eval:...
       ],
+      "input_warnings": [str],          # doubts about the inputs (gere.continual.doubts), in report.md
       "metrics": {...},                 # gere.metrics.compute_metrics output
       "loss_history": [                 # one row per logged step; keys gere.parts.LOGGED
         {"step": int, "task": str, "loss": float, "task_ce": float, "replay_ce": float | None,
@@ -180,7 +181,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     tasks, matrix, m = results["tasks"], results["accuracy_matrix"], results["metrics"]
     stages = results.get("stages") or stage_names(tasks)
     parts = [f"# {results.get('name', 'run')} ({results.get('method', '?')})", ""]
-    warnings = learning_warnings(results)
+    warnings = [*(results.get("input_warnings") or []), *learning_warnings(results)]
     if warnings:
         parts += ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
     parts += [
@@ -218,7 +219,8 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 
 def write_report(run_dir: str | Path, results: dict[str, Any]) -> list[Path]:
-    """Write results.json, report.md and the four PNGs into `run_dir`; return their paths.
+    """Write the four PNGs, report.md and then results.json into `run_dir`; return their paths
+    (`REPORT_FILES`' order).
 
     `metrics` and `stages` are computed when missing, so a dict with the raw fields is enough.
     """
@@ -236,11 +238,13 @@ def write_report(run_dir: str | Path, results: dict[str, Any]) -> list[Path]:
             results["accuracy_matrix"], results.get("test_sizes"), results.get("general")
         )
     paths = [run_dir / name for name in REPORT_FILES]
-    atomic_write_json(paths[0], results)
-    atomic_write_text(paths[1], render_markdown(results))
+    # results.json last: it marks the run finished (a sweep skips such a run), so it must vouch for the
+    # report and the plots written before it. A kill in between leaves no results.json: the run is redone.
     plot_accuracy_matrix(results, paths[2])
     plot_task_accuracy(results, paths[3])
     plot_general(results, paths[4])
     plot_loss_parts(results, paths[5])
     extra = plot_grad_share(results, run_dir / "grad_share.png")
+    atomic_write_text(paths[1], render_markdown(results))
+    atomic_write_json(paths[0], results)
     return paths + ([extra] if extra else [])

@@ -8,22 +8,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from gere.baselines.settings import EwcSettings, LwfSettings, OLoraSettings, TaskReplaySettings
 from gere.config import GeReConfig
+from gere.continual.config_reading import (  # noqa: F401 (their home before; imported from here by users)
+    _coerce,
+    from_dict,
+    parse_yaml,
+    read_yaml_mapping,
+    set_dotted,
+    to_plain,
+)
 from gere.continual.lm_eval_general import lm_eval_tasks
 from gere.continual.multiple_choice import MC_FORMATS
 from gere.continual.tasks import TaskSpec
 from gere.continual.training_settings import TrainingSettings
 from gere.distributed import launched_world_size
-from gere.errors import GeReError, check_settings
+from gere.errors import GeReError, check_settings, shown
 
 FINETUNING = ("full", "lora", "olora")
 EVAL_METHODS = ("label", "generate")
@@ -246,169 +250,18 @@ class RunConfig:
         return list(self.tasks)
 
     def training_for(self, task: str) -> TrainingSettings:
-        overrides = dict(self.per_task.get(task, {}))
-        if "trainer_args" in overrides:  # a task's TrainingArguments fields add to (and win over) the section's
-            overrides["trainer_args"] = {**self.training.trainer_args, **overrides["trainer_args"]}
+        hints = typing.get_type_hints(TrainingSettings)
         try:
+            # Typed as the training section is (a YAML 1e-3 is text until read as a float).
+            overrides = {k: _coerce(v, hints[k], k) for k, v in self.per_task.get(task, {}).items()}
+            if "trainer_args" in overrides:  # a task's TrainingArguments fields add to (and win over) the section's
+                overrides["trainer_args"] = {**self.training.trainer_args, **overrides["trainer_args"]}
             return dataclasses.replace(self.training, **overrides)
         except GeReError as err:
             raise GeReError(f"per_task.{task}: {err}") from None
 
     def to_dict(self) -> dict:
         return to_plain(self)
-
-
-# ------------------------------------------------------------------------------------------ parsing
-
-
-def to_plain(obj: Any) -> Any:
-    if hasattr(obj, "plain") and dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return obj.plain()
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(x) for x in obj]
-    if isinstance(obj, dict):
-        return {str(k): to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, where)
-            except GeReError as err:
-                errors.append(str(err))
-        raise GeReError(errors[0] if errors else f"{where}: invalid value {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise GeReError(f"{where}: expected a mapping of {tp.__name__} settings, got {type(value).__name__}")
-        return from_dict(tp, value, where)
-    if origin is list:
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise GeReError(f"{where}: expected a list, got {type(value).__name__} ({value!r})")
-        (item,) = typing.get_args(tp) or (Any,)
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise GeReError(f"{where}: expected a mapping, got {type(value).__name__} ({value!r})")
-        _, item = typing.get_args(tp) or (Any, Any)
-        return {str(k): _coerce(v, item, f"{where}.{k}") for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp in (dict, list):
-        if isinstance(value, tp):
-            return value
-        raise GeReError(f"{where}: expected a {'mapping' if tp is dict else 'list'}, got {type(value).__name__}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML reads 1e-4 as a string
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    raise GeReError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} ({value!r})")
-
-
-def from_dict(cls, data: dict, where: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types by dotted name."""
-    route = getattr(cls, "route_keys", None)
-    if route is not None:  # a section that passes keys through to another library (TrainingSettings)
-        data = route(data, where or cls.__name__)
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise GeReError(
-            f"unknown config key(s) {', '.join(prefix + str(k) for k in unknown)}; "
-            f"allowed here: {', '.join(sorted(names))}"
-        )
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except GeReError as err:
-        if not where:
-            raise
-        # A section's own check names its setting; say which section it is in.
-        named = getattr(err, "setting", None) or str(err).split(" ", 1)[0]
-        text = f"{where}.{err}" if named in names and str(err).startswith(named) else f"{where}: {err}"
-        raise GeReError(text) from None
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (YAML would keep the last silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise GeReError(
-                    f"{node.start_mark.name}: the key {key!r} appears twice, on lines {seen[key]} and {line}; "
-                    "keep one (YAML would silently use the last)"
-                )
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-def set_dotted(data: dict, dotted: str, value: Any) -> None:
-    """``data[a][b][c] = value`` for ``dotted`` = ``"a.b.c"``, creating sections as needed."""
-    keys = dotted.split(".")
-    node = data
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise GeReError(f"--set {dotted}: {key} is not a section")
-    node[keys[-1]] = value
-
-
-def read_yaml_mapping(path: str | Path) -> dict:
-    """A YAML file's top-level mapping, refusing repeated keys (with both line numbers) and non-mappings."""
-    path = Path(path)
-    if not path.exists():
-        raise GeReError(f"run config {path} does not exist")
-    try:
-        with open(path, encoding="utf-8") as stream:  # a stream: YAML's marks then name the file
-            loader = _StrictLoader(stream)  # safe: a SafeLoader that also refuses repeated keys
-            try:
-                loaded = loader.get_single_data() or {}
-            finally:
-                loader.dispose()
-    except yaml.YAMLError as err:
-        raise GeReError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(loaded, dict):
-        raise GeReError(f"{path}: the top level must be a mapping of settings")
-    return loaded
 
 
 def _relative_to_config(data: dict, path: Path) -> None:
@@ -428,7 +281,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None,
         _relative_to_config(data, Path(path))
     for item in overrides or []:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise GeReError(f"--set {item!r}: write it as section.key=value")
-        set_dotted(data, key.strip(), yaml.safe_load(raw))
+        if not sep or not key.strip():
+            raise GeReError(f"--set {shown(item, 80)}: write it as section.key=value")
+        set_dotted(data, key.strip(), parse_yaml(raw, f"the value of --set {shown(key.strip(), 60)}"))
     return from_dict(RunConfig, data)

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import yaml
 
-from gere.continual.run_config import RunConfig
-from gere.errors import GeReError
+from gere.continual.report import REPORT_FILES
+from gere.continual.run_config import RunConfig, read_yaml_mapping
+from gere.errors import GeReError, shown
 from gere.io_utils import HF_PREFIX, atomic_write_json, atomic_write_text, sha256_file
+from gere.reading import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -31,17 +33,115 @@ OWN_STORE = "gere_store"  # where a run keeps its store unless gere.store_dir po
 LATER_SETTINGS = (("evaluation", "lm_eval_batch_size"), ("benchmark", "tasks"))
 
 
+#: Settings that say where and how a run is kept, not what it computes: not part of its identity.
+NOT_IDENTITY = ("output_dir", "keep_checkpoints", "cache_dir", "report_to")
+
+
+def _identity(cfg: RunConfig) -> dict:
+    data = cfg.to_dict()
+    for key in NOT_IDENTITY:
+        data.pop(key, None)
+    return data
+
+
+def _canonical(value):
+    """Numbers by value: a float that is a whole number is written as the int (``warmup_steps: 0`` read
+    back from config.yaml as ``0.0`` is the same setting)."""
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def config_digest(cfg: RunConfig) -> str:
     """Identity of a run: everything but where it is written, how many checkpoints are kept and where it is
-    tracked."""
-    data = cfg.to_dict()
-    for key in ("output_dir", "keep_checkpoints", "cache_dir", "report_to"):
-        data.pop(key, None)
-    # Settings added later count only when set, so a run started before they existed still resumes.
+    tracked, with numbers compared by value (so a run resumes from its own config.yaml)."""
+    data = _canonical(_without_later_settings(_identity(cfg)))
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _without_later_settings(data: dict) -> dict:
+    """Settings added later count only when set, so a run started before they existed still resumes."""
     for section, key in LATER_SETTINGS:
         if isinstance(data.get(section), dict) and data[section].get(key, 0) is None:
             del data[section][key]
+    return data
+
+
+def _legacy_digest(cfg: RunConfig) -> str:
+    """The digest run states held before numbers were compared by value (0 and 0.0 differed)."""
+    data = _without_later_settings(_identity(cfg))
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def same_config(state: dict, cfg: RunConfig) -> bool:
+    """Whether the run recorded in ``state`` was started with ``cfg``."""
+    return state.get("config_digest") in (config_digest(cfg), _legacy_digest(cfg))
+
+
+def _flat(value, prefix: str = "") -> dict[str, object]:
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list) and any(isinstance(v, dict) for v in value):
+        items = ((f"[{i}]", v) for i, v in enumerate(value))
+    else:
+        return {prefix: value}
+    out: dict[str, object] = {}
+    for key, v in items:  # an empty section adds no key: it equals a section left out
+        name = f"{prefix}{key}" if str(key).startswith("[") or not prefix else f"{prefix}.{key}"
+        out.update(_flat(v, name) if isinstance(v, dict | list) else {name: v})
+    return out
+
+
+def config_differences(old: dict, cfg: RunConfig) -> list[str]:
+    """``key: old -> new`` for every setting of ``cfg`` that differs from the mapping ``old`` (a run's
+    config.yaml), values shown short; where and how the run is kept is left out."""
+    before = _flat({k: v for k, v in old.items() if k not in NOT_IDENTITY})
+    now = _flat(_identity(cfg))
+    missing = object()
+
+    def text(value) -> str:
+        return "(not set)" if value is missing else shown(value, 40)
+
+    keys = sorted(set(before) | set(now), key=str)
+    return [f"{k}: {text(before.get(k, missing))} -> {text(now.get(k, missing))}" for k in keys
+            if _canonical(before.get(k, missing)) != _canonical(now.get(k, missing))]  # fmt: skip
+
+
+def read_state(out: Path) -> dict | None:
+    """A run folder's ``run_state.json``, or None when there is none; a damaged one is an error."""
+    path = Path(out) / STATE_FILE
+    if not path.exists():
+        return None
+    state = read_json(path, what="run state", fix="the run cannot be resumed from it; use another --output-dir")
+    if not isinstance(state, dict) or "stages_done" not in state:
+        raise GeReError(f"run state {path} is not a state written by gere; use another --output-dir")
+    return state
+
+
+def differences_from(out: Path, cfg: RunConfig) -> str:
+    """The settings of ``cfg`` that differ from the run in ``out`` (its config.yaml), in words."""
+    try:
+        differences = config_differences(read_yaml_mapping(out / CONFIG_FILE), cfg)
+    except GeReError:
+        return f"its {CONFIG_FILE} cannot be read, so the settings that differ cannot be named"
+    if not differences:
+        return "its config was written by another version of gere"
+    more = f"; and {len(differences) - 6} more" if len(differences) > 6 else ""
+    return "these settings differ: " + "; ".join(differences[:6]) + more
+
+
+def resume_refusal(out: Path, cfg: RunConfig) -> str:
+    """Why ``cfg`` cannot resume the run in ``out``, and what to do instead (never a flag that would throw
+    the finished stages away)."""
+    return (
+        f"{out} holds a run of another config ({differences_from(out, cfg)}); --resume continues a run only with "
+        f"the config it started with. Resume it with its own config (gere run {out / CONFIG_FILE} --resume), "
+        "or give this config another --output-dir"
+    )
 
 
 def _files(source: str | None) -> list[Path]:
@@ -71,8 +171,7 @@ def existing_state(cfg: RunConfig, *, resume: bool, overwrite: bool) -> dict | N
     """The state to resume from, or None to start afresh; refuses what the flags do not allow. Deletes
     nothing: `claim` does, once everything else has been checked."""
     out = Path(cfg.output_dir)
-    state_path = out / STATE_FILE
-    state = json.loads(state_path.read_text()) if state_path.exists() else None
+    state = read_state(out)
     if not (state is not None or (out / "results.json").exists()) or overwrite:
         return None
     if state is not None and state.get("stages_done") == 0 and not (out / "results.json").exists():
@@ -83,11 +182,11 @@ def existing_state(cfg: RunConfig, *, resume: bool, overwrite: bool) -> dict | N
             f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it "
             "(or choose another --output-dir)"
         )
-    if state is None or state["config_digest"] != config_digest(cfg):
-        raise GeReError(
-            f"{out} holds a run with a different config; --resume needs the same config "
-            "(use --overwrite to start over, or another --output-dir)"
-        )
+    if state is None:
+        raise GeReError(f"{out} holds results.json but no {STATE_FILE}, so there is no run to resume; use another "
+                        "--output-dir, or --overwrite to replace those results")  # fmt: skip
+    if not same_config(state, cfg):
+        raise GeReError(resume_refusal(out, cfg))
     _check_inputs(state, input_digests(cfg), out)
     return state
 
@@ -101,7 +200,7 @@ def _check_inputs(state: dict, now: dict[str, str], out: Path) -> None:
         raise GeReError(
             f"{out} holds a run whose input files changed since it started: {', '.join(changed[:5])}"
             f"{' ...' if len(changed) > 5 else ''}; resuming would mix old and new data in one result. Restore "
-            "them, or start over with --overwrite"
+            "them to resume it, or run with the new files in another --output-dir"
         )
 
 
@@ -110,7 +209,7 @@ def claim(cfg: RunConfig, *, fresh: bool) -> Path:
     config."""
     out = Path(cfg.output_dir)
     if fresh:
-        for name in RUN_FILES:
+        for name in (*RUN_FILES, *REPORT_FILES):
             target = out / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -130,14 +229,15 @@ def cached_base_eval(path, cfg: RunConfig, base_model: str) -> dict | None:
     """Runs of one comparison share the base model's evaluation (same model, tasks and eval settings)."""
     if path is None or not Path(path).exists():
         return None
-    data = json.loads(Path(path).read_text())
-    return data.get(base_eval_key(cfg, base_model))
+    data = read_json(path, what="base evaluation cache", fix="delete it to evaluate the base model again")
+    return data.get(base_eval_key(cfg, base_model)) if isinstance(data, dict) else None
 
 
 def store_base_eval(path, cfg: RunConfig, base_model: str, evaluation: dict) -> None:
     if path is None:
         return
     path = Path(path)
-    data = json.loads(path.read_text()) if path.exists() else {}
+    data = read_json(path, what="base evaluation cache") if path.exists() else {}
+    data = data if isinstance(data, dict) else {}
     data[base_eval_key(cfg, base_model)] = evaluation
     atomic_write_json(path, data)

@@ -50,6 +50,7 @@ from gere.continual.checkpoint import (
 )
 from gere.continual.console import TRAIN_LOG, quiet_trainer, stage_line
 from gere.continual.evaluator import Evaluator
+from gere.continual.preflight import check_run
 from gere.continual.prompts import build_train_features
 from gere.continual.report import build_results, learning_warnings, write_report
 from gere.continual.run_config import RunConfig
@@ -130,6 +131,7 @@ def run_continual(
 
     ``base_eval_cache``: a JSON file where runs of one comparison share the base model's evaluation.
     """
+    check_run(cfg)  # model, tasks and output folder, before the lock creates the folder
     with hold_lock(cfg.output_dir, f"gere run {cfg.name!r}"):
         return _run_locked(cfg, resume, overwrite, progress, base_eval_cache)
 
@@ -144,9 +146,11 @@ def _run_locked(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, b
     check_training_args(cfg, out, precision)
     set_seed(cfg.seed)
     tasks = _load_tasks(cfg, out)
-    evaluator = Evaluator(cfg, tasks)  # reads the probe and held-out texts: a bad file stops the run here
+    evaluator = Evaluator(cfg, tasks)  # reads the probe and held-out texts (and logs doubts about the inputs)
+    replay_set = cfg.gere.load_replay_set() if cfg.gere.parts else None  # read before the model loads
     model, tokenizer = _load_model(cfg)
-    replay_set, store = _prepare_replay(cfg, model, tokenizer, out, state, progress)
+    evaluator.check(tokenizer)  # every held-out set has something to score, before the store is extracted
+    replay_set, store = _prepare_replay(cfg, replay_set, model, tokenizer, out, state, progress)
     claim(cfg, fresh=fresh)
     olora = None
     if cfg.finetuning in ("lora", "olora"):
@@ -196,12 +200,11 @@ def _load_model(cfg: RunConfig):
     return model, tokenizer
 
 
-def _prepare_replay(cfg: RunConfig, model, tokenizer, out: Path, state: dict | None, progress: bool):
+def _prepare_replay(cfg: RunConfig, replay_set, model, tokenizer, out: Path, state: dict | None, progress: bool):
     """The replay set, and the activation store from the base model (once, before any training)."""
     gere = cfg.gere
     if not gere.parts:
         return None, None
-    replay_set = gere.load_replay_set()
     if gere.reference != "store" or not gere.needs_reference:
         return replay_set, None
     own = not gere.store_dir
@@ -409,6 +412,7 @@ def _finish(run: _Run) -> dict[str, Any]:
                 "train_steps": _steps_before(state)},  # fmt: skip
     )
     results["provenance"] = {**provenance(), "precision": run.precision.name, "precision_reason": run.precision.reason}
+    results["input_warnings"] = run.evaluator.doubts
     if run.replay_set is not None:
         results["replay_set"] = {"requested": cfg.gere.num_replay_samples, "used": len(run.replay_set)}
     paths = write_report(run.out, results)

@@ -9,8 +9,8 @@ and an interrupted one resumed, so the same command continues a sweep. The aggre
 
 from __future__ import annotations
 
+import hashlib
 import itertools
-import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,7 +19,10 @@ from typing import Any
 
 from gere.continual.aggregate import aggregate_runs, write_aggregate
 from gere.continual.run_config import RunConfig, load_run_config
-from gere.errors import GeReError
+from gere.errors import GeReError, shown
+
+#: Longest cell folder name (ASCII), well under the 255 bytes of common file systems.
+FOLDER_MAX = 200
 
 
 @dataclass(frozen=True)
@@ -31,8 +34,12 @@ class Cell:
 
     @property
     def folder(self) -> str:
-        """A folder name for the cell: its label with anything but ``[A-Za-z0-9_.+=-]`` replaced."""
-        return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", self.label) or "cell"
+        """A folder name for the cell: its label with anything but ``[A-Za-z0-9_.+=-]`` replaced; a label
+        longer than `FOLDER_MAX` keeps its start and gets a hash of the whole (file systems allow 255 bytes)."""
+        name = re.sub(r"[^A-Za-z0-9_.+=-]+", "_", self.label) or "cell"
+        if len(name) > FOLDER_MAX:
+            name = f"{name[: FOLDER_MAX - 13]}-{hashlib.sha256(self.label.encode()).hexdigest()[:12]}"
+        return name
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
@@ -43,11 +50,11 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
         key = key.strip()
         options = [v.strip() for v in values.split(",") if v.strip()]
         if not sep or not key or not options:
-            raise GeReError(f"--grid {item!r}: write it as section.key=value1,value2,...")
+            raise GeReError(f"--grid {shown(item)}: write it as section.key=value1,value2,...")
         if key in grid:
-            raise GeReError(f"--grid names {key!r} twice; give all its values in one --grid {key}=a,b,c")
+            raise GeReError(f"--grid names {shown(key)} twice; give all its values in one --grid {key}=a,b,c")
         if len(set(options)) != len(options):
-            raise GeReError(f"--grid {item!r} lists a value twice")
+            raise GeReError(f"--grid {shown(item)} lists a value twice")
         grid[key] = options
     if not grid:
         raise GeReError("a sweep needs at least one --grid key=value1,value2")
@@ -69,9 +76,9 @@ def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in str(text).split(",") if s.strip()]
     except ValueError:
-        raise GeReError(f"--seeds {text!r}: give whole numbers separated by commas, e.g. --seeds 0,1,2") from None
+        raise GeReError(f"--seeds {shown(text)}: give whole numbers separated by commas, e.g. --seeds 0,1,2") from None
     if not seeds or len(set(seeds)) != len(seeds):
-        raise GeReError(f"--seeds {text!r}: give one or more distinct seeds, e.g. --seeds 0,1,2")
+        raise GeReError(f"--seeds {shown(text)}: give one or more distinct seeds, e.g. --seeds 0,1,2")
     return seeds
 
 
@@ -99,38 +106,72 @@ def run_sweep(
     out_dir = Path(out_dir)
     labels = [c.label for c in cells]
     if baseline is not None and baseline not in labels:
-        raise GeReError(f"baseline {baseline!r} is not a cell of this sweep; cells: {labels}")
-    folders = [c.folder for c in cells]
-    if len(set(folders)) != len(folders):
-        raise GeReError(f"two cells would share a folder ({folders}); make their values differ in more than punctuation")
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for cell in cells:
-        groups[cell.label] = []
-        for seed in seeds:
-            folder = out_dir / cell.folder / f"seed-{seed}"
-            cfg = load_config([*cell.overrides, f"seed={seed}", f"output_dir={folder}"])
-            if fresh:
-                groups[cell.label].append(run(cfg, resume=False, overwrite=True, progress=progress))
-            else:
-                groups[cell.label].append(_run_or_reuse(cfg, folder, run, progress, out_dir))
+        raise GeReError(f"baseline {shown(baseline)} is not a cell of this sweep; cells: {shown(labels, 300)}")
+    plan = plan_sweep(load_config, cells, seeds, out_dir)  # every cell is checked before the first one runs
+    groups: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
+    for cell, _, folder, cfg in plan:
+        if fresh:
+            groups[cell.label].append(run(cfg, resume=False, overwrite=True, progress=progress))
+        else:
+            groups[cell.label].append(_run_or_reuse(cfg, folder, run, progress, out_dir))
     result = aggregate_runs(groups, baseline=baseline or labels[0])
     write_aggregate(result, out_dir, title="Sweep")
     return result
 
 
-def _run_or_reuse(cfg: RunConfig, folder: Path, run, progress: bool, out_dir: Path) -> dict[str, Any]:
-    """A finished run's results (same config), or the run resumed or started."""
+def plan_sweep(
+    load_config: Callable[[list[str]], RunConfig], cells: Sequence[Cell], seeds: Sequence[int], out_dir: Path
+) -> list[tuple[Cell, int, Path, RunConfig]]:
+    """``(cell, seed, folder, config)`` for every run of the sweep, each config built and checked
+    (`gere.continual.preflight.check_run`: settings, model, tasks, output path) before any run starts. Two
+    cells whose values mean the same once parsed (``0.01`` and ``1e-2``) are refused: they would run one
+    config twice."""
+    from gere.continual.preflight import check_run
     from gere.continual.run_folder import config_digest
 
-    results_path, state_path = folder / "results.json", folder / "run_state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else None
-    if state is not None and state.get("config_digest") != config_digest(cfg):
+    folders = [c.folder for c in cells]
+    if len(set(folders)) != len(folders):
+        raise GeReError(f"two cells would share a folder ({shown(folders, 300)}); make their values differ in "
+                        "more than punctuation")  # fmt: skip
+    plan, seen = [], {}
+    for cell in cells:
+        for seed in seeds:
+            folder = out_dir / cell.folder / f"seed-{seed}"
+            try:
+                cfg = load_config([*cell.overrides, f"seed={seed}", f"output_dir={folder}"])
+                check_run(cfg)
+            except GeReError as err:
+                raise GeReError(f"sweep cell {shown(cell.label, 200)} (seed {seed}): {err}") from None
+            twin = seen.setdefault((seed, config_digest(cfg)), cell.label)
+            if twin != cell.label:
+                raise GeReError(
+                    f"the sweep cells {shown(twin, 200)} and {shown(cell.label, 200)} give the same config (their "
+                    "values are equal once read); give each value once"
+                )
+            plan.append((cell, seed, folder, cfg))
+    return plan
+
+
+def _run_or_reuse(cfg: RunConfig, folder: Path, run, progress: bool, out_dir: Path) -> dict[str, Any]:
+    """A finished run's results (same config), or the run resumed or started. A run is finished when its
+    ``results.json`` exists, which `gere.continual.report.write_report` writes after the report and the
+    plots; a report file missing beside it (deleted, or a folder of an older version) is written again."""
+    from gere.continual.report import REPORT_FILES, write_report
+    from gere.continual.run_folder import differences_from, read_state, same_config
+    from gere.reading import read_json
+
+    results_path = folder / "results.json"
+    state = read_state(folder)
+    if state is not None and not same_config(state, cfg):
         raise GeReError(
-            f"{folder} holds a run of another config (the sweep's base config or its grid changed); "
-            f"use a new --out than {out_dir}, or delete that folder to rerun it"
+            f"{folder} holds a run of another config ({differences_from(folder, cfg)}): the sweep's base config or "
+            f"its grid changed since that run; use a new --out than {out_dir}, or restore the settings that differ"
         )
     if state is not None and results_path.exists() and state["stages_done"] == len(cfg.task_specs()):
-        return json.loads(results_path.read_text())
+        results = read_json(results_path, what="results file")
+        if not all((folder / name).exists() for name in REPORT_FILES):
+            write_report(folder, results)
+        return results
     return run(cfg, resume=state is not None, overwrite=False, progress=progress)
 
 

@@ -15,16 +15,20 @@ Sources a `TaskSpec` can point at:
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import random
+import string
+import typing
 from collections import defaultdict
 from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gere.errors import GeReError
+from gere.continual.config_reading import _coerce, parse_yaml
+from gere.errors import GeReError, shown
 from gere.io_utils import HF_PREFIX, ROW_SUFFIXES, load_hub_dataset, read_rows
+from gere.reading import read_json, read_text
 
 TASK_FILE = "task.json"
 # Fraction of a single-file source held out as the test split when `test_size` is unset.
@@ -80,7 +84,7 @@ class TaskSpec:
 
     def __post_init__(self) -> None:
         self._fill_from_task_file()
-        where = f"task {self.name!r}" if self.name else f"task with source {self.source!r}"
+        where = f"task {shown(self.name)}" if self.name else f"task with source {shown(self.source)}"
         if not self.name:
             raise GeReError(f"{where} has no name; set `name` (or give one in the folder's {TASK_FILE})")
         if not self.instruction:
@@ -88,7 +92,7 @@ class TaskSpec:
         if not self.source:
             raise GeReError(f"{where} has no source; set `source` to a file, a folder or 'hf:<dataset>'")
         if isinstance(self.labels, str) or not all(isinstance(w, str) for w in self.labels):
-            raise GeReError(f"{where}: `labels` must be a list of label words, got {self.labels!r}")
+            raise GeReError(f"{where}: `labels` must be a list of label words, got {shown(self.labels)}")
         self.labels = [w.strip() for w in self.labels]
         if any(not w for w in self.labels):
             raise GeReError(f"{where}: a label word is empty; give every label a non-empty word")
@@ -105,13 +109,15 @@ class TaskSpec:
         if isinstance(self.input_field, list | tuple):
             if not self.input_field or not all(isinstance(f, str) and f for f in self.input_field):
                 raise GeReError(
-                    f"{where}: `input_field` list must hold field names, got {self.input_field!r}"
+                    f"{where}: `input_field` list must hold field names, got {shown(self.input_field)}"
                 )
             self.input_field = list(self.input_field)
         elif not isinstance(self.input_field, str) or not self.input_field:
             raise GeReError(
                 f"{where}: `input_field` must be a field name, a list of names or a format string"
             )
+        elif "{" in self.input_field or "}" in self.input_field:
+            _check_template(self.input_field, where)
         if self.label_map is not None:
             self.label_map = {str(k): str(v).strip() for k, v in self.label_map.items()}
             unknown = sorted({v for v in self.label_map.values() if v not in self.labels})
@@ -123,26 +129,24 @@ class TaskSpec:
         for flag in ("train_size", "test_size"):
             value = getattr(self, flag)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise GeReError(f"{where}: `{flag}` must be a positive integer or None (all), got {value!r}")
+                raise GeReError(f"{where}: `{flag}` must be a positive integer or None (all), got {shown(value)}")
 
     def _fill_from_task_file(self) -> None:
         """Take name/instruction/labels (and unset field settings) from ``<source>/task.json``."""
         if not self.source or self.source.startswith(HF_PREFIX):
             return
         task_file = Path(self.source) / TASK_FILE
-        if not task_file.is_file():
+        if not os.path.lexists(task_file):
             return
-        try:
-            meta = json.loads(task_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise GeReError(f"{task_file} is not valid JSON ({e}); fix the file or remove it") from e
+        meta = read_json(task_file, what="task file", kind="config", fix="fix the file or remove it")
         if not isinstance(meta, dict):
             raise GeReError(f"{task_file} must hold a JSON object with name/instruction/labels")
         defaults = TaskSpec.__dataclass_fields__
+        hints = typing.get_type_hints(TaskSpec)
         for key, value in meta.items():
             if key not in defaults or key == "source":
                 raise GeReError(
-                    f"{task_file} has the unknown key {key!r}; allowed keys: "
+                    f"{task_file} has the unknown key {shown(key)}; allowed keys: "
                     f"{sorted(k for k in defaults if k != 'source')}"
                 )
             current = getattr(self, key)
@@ -150,10 +154,23 @@ class TaskSpec:
             if default is MISSING:
                 default = defaults[key].default_factory()
             if current == default:  # explicit arguments win over the file
-                setattr(self, key, value)
+                setattr(self, key, _coerce(value, hints[key], f"{task_file}: {key}"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _check_template(template: str, where: str) -> None:
+    """A format-string `input_field` names row fields only: ``{premise} Question: {hypothesis}``."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise GeReError(f"{where}: `input_field` {shown(template)} is not a valid format string ({err}); write "
+                        "fields as {name} and a literal brace as {{ or }}") from None  # fmt: skip
+    bad = [n for n in names if not n or n.isdigit() or any(c in n for c in ".[]")]
+    if bad or not names:
+        raise GeReError(f"{where}: `input_field` {shown(template)} must name row fields, as in "
+                        "'{premise} Question: {hypothesis}' (no empty {}, positions or attributes)")  # fmt: skip
 
 
 @dataclass
@@ -171,7 +188,7 @@ class TaskData:
 def _split_file(folder: Path, split: str) -> Path | None:
     for suffix in ROW_SUFFIXES:
         candidate = folder / f"{split}{suffix}"
-        if candidate.is_file():
+        if os.path.lexists(candidate):  # whatever it is: the reader refuses a pipe or a device by name
             return candidate
     return None
 
@@ -186,7 +203,7 @@ def _load_from_disk_split(folder: Path, split: str) -> tuple[list[dict[str, Any]
     loaded = datasets.load_from_disk(str(folder))
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
-            raise GeReError(f"{folder} has splits {list(loaded)}, not {split!r}; set train_split/test_split")
+            raise GeReError(f"{folder} has splits {list(loaded)}, not {shown(split)}; set train_split/test_split")
         loaded = loaded[split]
     elif split != "train":
         raise GeReError(f"{folder} holds a single dataset; it can only serve as the train split")
@@ -200,8 +217,8 @@ def load_split_rows(spec: TaskSpec) -> tuple[list[dict], str, list[dict], str]:
         test, test_where = _load_hf_split(spec.source, spec.test_split)
         return train, train_where, test, test_where
     path = Path(spec.source)
-    if path.is_file():
-        rows = read_rows(path)
+    if os.path.lexists(path) and not path.is_dir():  # a file (the reader refuses a pipe or a device by name)
+        rows = read_rows(path, "task file")
         # One file holds both splits: hold out a seeded test set so train and test never overlap.
         order = list(range(len(rows)))
         random.Random(spec.seed).shuffle(order)
@@ -233,7 +250,7 @@ def load_split_rows(spec: TaskSpec) -> tuple[list[dict], str, list[dict], str]:
         train_path, test_path = found[spec.train_split], found[spec.test_split]
         return read_rows(train_path), str(train_path), read_rows(test_path), str(test_path)
     raise GeReError(
-        f"task {spec.name!r}: source {spec.source!r} is neither a file, a folder nor 'hf:<dataset>'; fix the path"
+        f"task {shown(spec.name)}: source {shown(spec.source)} is neither a file, a folder nor 'hf:<dataset>'; fix the path"
     )
 
 
@@ -248,9 +265,12 @@ def row_input(spec: TaskSpec, row: dict[str, Any], where: str) -> str:
         if "{" in spec.input_field:
             return spec.input_field.format(**row)
         return str(row[spec.input_field])
+    except (ValueError, TypeError) as e:  # a format spec the value does not take, e.g. {n:d} on text
+        raise GeReError(f"{where}: `input_field` {shown(spec.input_field)} cannot format this row ({e}); fix "
+                        "the format string or the data") from None  # fmt: skip
     except KeyError as e:
         raise GeReError(
-            f"{where}: no field {e.args[0]!r} (row has {sorted(k for k in row if k != '__row__')}); set "
+            f"{where}: no field {shown(e.args[0])} (row has {shown(sorted(str(k) for k in row if k != '__row__'), 200)}); set "
             "`input_field` to the field(s) holding the input"
         ) from None
 
@@ -259,7 +279,7 @@ def row_label(spec: TaskSpec, row: dict[str, Any], where: str) -> str:
     """The label word of `row`: the raw label, mapped through `spec.label_map` when given."""
     if spec.label_field not in row:
         raise GeReError(
-            f"{where}: no field {spec.label_field!r} (row has {sorted(k for k in row if k != '__row__')}); set "
+            f"{where}: no field {shown(spec.label_field)} (row has {shown(sorted(str(k) for k in row if k != '__row__'), 200)}); set "
             "`label_field` to the field holding the label"
         )
     raw = row[spec.label_field]
@@ -267,13 +287,13 @@ def row_label(spec: TaskSpec, row: dict[str, Any], where: str) -> str:
         key = str(raw).strip()
         if key not in spec.label_map:
             raise GeReError(
-                f"{where}: label {raw!r} is not a key of `label_map` {sorted(spec.label_map)}; add it to label_map"
+                f"{where}: label {shown(raw)} is not a key of `label_map` {sorted(spec.label_map)}; add it to label_map"
             )
         return spec.label_map[key]
     label = str(raw).strip()
     if label not in spec.labels:
         raise GeReError(
-            f"{where}: label {raw!r} is not one of the label words {spec.labels}; fix the data, or add a "
+            f"{where}: label {shown(raw)} is not one of the label words {spec.labels}; fix the data, or add a "
             "`label_map` from raw labels to label words"
         )
     return label
@@ -321,9 +341,9 @@ def load_task(spec: TaskSpec) -> TaskData:
     train = rows_to_examples(spec, train_rows, train_where)
     test = rows_to_examples(spec, test_rows, test_where)
     if not train:
-        raise GeReError(f"task {spec.name!r}: {train_where} holds no examples; add training data")
+        raise GeReError(f"task {shown(spec.name)}: {train_where} holds no examples; add training data")
     if not test:
-        raise GeReError(f"task {spec.name!r}: {test_where} holds no examples; add test data")
+        raise GeReError(f"task {shown(spec.name)}: {test_where} holds no examples; add test data")
     return TaskData(
         spec=spec,
         train=subsample(train, spec.train_size, spec.seed, spec.stratify),
@@ -341,15 +361,14 @@ def benchmark_path(name: str) -> Path:
     path = BENCHMARKS_DIR / f"{name}.yaml"
     if not path.is_file():
         available = sorted(p.stem for p in BENCHMARKS_DIR.glob("*.yaml"))
-        raise GeReError(f"no benchmark named {name!r}; available: {available}")
+        raise GeReError(f"no benchmark named {shown(name)}; available: {available}")
     return path
 
 
 def load_benchmark_definition(name: str = "cl15") -> dict[str, Any]:
     """The parsed benchmark YAML: ``{"tasks": {name: {...}}, "orders": {int: [names]}, ...}``."""
-    import yaml
-
-    return yaml.safe_load(benchmark_path(name).read_text(encoding="utf-8"))
+    path = benchmark_path(name)
+    return parse_yaml(read_text(path, what="benchmark definition", kind="config"), str(path))
 
 
 def load_benchmark(
@@ -369,7 +388,7 @@ def load_benchmark(
     definition = load_benchmark_definition(name)
     orders = {int(k): v for k, v in definition["orders"].items()}
     if order not in orders:
-        raise GeReError(f"benchmark {name!r} has orders {sorted(orders)}, not {order}; pick one of them")
+        raise GeReError(f"benchmark {shown(name)} has orders {sorted(orders)}, not {order}; pick one of them")
     data_dir = Path(data_dir)
     specs = []
     for task in orders[order]:

@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from gere.continual.metrics import general_score
-from gere.errors import GeReError
+from gere.errors import GeReError, shown
 from gere.parts import GRAD_SHARE, LOGGED, TRAINER_LOGGED
+from gere.reading import read_text
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def check_report_to(names: list[str]) -> list[str]:
         return [n for n in found if n != "mlflow" or not problem]
     for name in names:
         if name not in BACKENDS:
-            raise GeReError(f"report_to: {name!r} is not one of {', '.join(BACKENDS)}, 'all' or 'none'")
+            raise GeReError(f"report_to: {shown(name)} is not one of {', '.join(BACKENDS)}, 'all' or 'none'")
         if importlib.util.find_spec(BACKENDS[name]) is None:
             raise GeReError(f"report_to: {name} is not installed; pip install {BACKENDS[name]}, or leave it out")
     if "mlflow" in names:
@@ -171,7 +172,7 @@ class SequenceTracker:
             self._tb.add_text("accuracy_matrix", _markdown_table(table))
             for path in files:
                 if path.suffix == ".md":
-                    self._tb.add_text(path.stem, path.read_text())
+                    self._tb.add_text(path.stem, read_text(path, what="report", kind="state"))
             self._tb.close()
         if self._mlflow is not None:
             self._mlflow.log_metrics({k.replace("/", "."): v for k, v in summary.items()})

@@ -64,6 +64,7 @@ from gere.demo.wikitext import iter_wiki_pages, wiki_paragraphs
 from gere.errors import GeReError
 from gere.io_utils import atomic_path, atomic_write_json, default_cache_dir, safe_join, sha256_file
 from gere.modeling import MODEL_MARKER, convert_gguf, converted_model_is_complete
+from gere.reading import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -209,9 +210,10 @@ def _verified(root: Path, files: dict[str, str]) -> bool:
 
 def _load_manifest(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        manifest = read_json(path, what="asset manifest")
+    except GeReError:
         return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def build_demo_assets(

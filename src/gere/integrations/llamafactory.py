@@ -32,11 +32,9 @@ import subprocess
 import sys
 from typing import Any
 
-import yaml
-
 from gere.config import GeReConfig
-from gere.continual.run_config import read_yaml_mapping, set_dotted
-from gere.errors import GeReError
+from gere.continual.run_config import parse_yaml, read_yaml_mapping, set_dotted
+from gere.errors import GeReError, shown
 
 USAGE = "usage: gere-lf train CONFIG.yaml [key=value ...]   (a LLaMA-Factory SFT config with a gere: block)"
 # Keys of the gere: block that are trainer arguments rather than GeReConfig settings.
@@ -73,7 +71,7 @@ def read_config(path: str, overrides: list[str]) -> tuple[dict[str, Any], GeReCo
 
 def _value(text: str) -> Any:
     """A ``key=value`` override's value as YAML reads it, with ``2e-5`` a number (YAML 1.1 wants ``2.0e-5``)."""
-    value = yaml.safe_load(text)
+    value = parse_yaml(text, f"the value {shown(text, 60)}")
     if isinstance(value, str):
         try:
             return float(value)

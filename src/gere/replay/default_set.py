@@ -17,6 +17,7 @@ from pathlib import Path
 
 from gere.errors import GeReError
 from gere.io_utils import atomic_write_json, atomic_write_text, default_cache_dir, sha256_file
+from gere.reading import read_json
 
 DEFAULT_DATASET = "DKYoon/SlimPajama-6B"
 DEFAULT_COUNT = 1000
@@ -38,8 +39,8 @@ def default_replay_file(
     stem = f"{dataset.replace('/', '__')}.head{count}"
     path, record = folder / "replay" / f"{stem}.jsonl", folder / "replay" / f"{stem}.json"
     if path.is_file() and record.is_file():
-        known = json.loads(record.read_text())
-        if known.get("sha256") == sha256_file(path):
+        known = read_json(record, what="cache record", fix="delete it to fetch the texts again")
+        if isinstance(known, dict) and known.get("sha256") == sha256_file(path):
             return path
     rows = _first_rows(dataset, count, data_files)
     text = "".join(json.dumps({"id": f"{dataset}:train:{i}", "text": t}, ensure_ascii=False) + "\n"

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from gere.errors import GeReError
+from gere.errors import GeReError, shown
 from gere.io_utils import HF_PREFIX, ROW_SUFFIXES, iter_rows, load_hub_dataset, parse_hf_source, read_utf8
 
 logger = logging.getLogger(__name__)
@@ -52,18 +53,18 @@ class ReplaySet:
 def _record(where: str, obj: dict, text_field: str, id_field: str | None, default_id: str) -> tuple[str, str]:
     if text_field not in obj:
         raise GeReError(
-            f"{where}: no field {text_field!r} (found {sorted(obj)}); set replay_text_field to the right name",
+            f"{where}: no field {shown(text_field)} (found {sorted(obj)}); set replay_text_field to the right name",
             setting="replay_text_field",
         )
     text = obj[text_field]
     if not isinstance(text, str):
-        raise GeReError(f"{where}: field {text_field!r} holds {type(text).__name__}, not text")
+        raise GeReError(f"{where}: field {shown(text_field)} holds {type(text).__name__}, not text")
     sample_id = str(obj[id_field]) if id_field and id_field in obj else default_id
     return sample_id, text
 
 
-def _records_from_text(path: Path) -> list[tuple[str, str]]:
-    paragraphs = [p.strip() for p in read_utf8(path).replace("\r\n", "\n").split("\n\n")]
+def _records_from_text(path: Path, what: str) -> list[tuple[str, str]]:
+    paragraphs = [p.strip() for p in read_utf8(path, what).replace("\r\n", "\n").split("\n\n")]
     return [(f"{path.stem}:{i}", p) for i, p in enumerate(p for p in paragraphs if p)]
 
 
@@ -74,27 +75,29 @@ def load_replay_records(
     id_field: str | None = "id",
     split: str = "train",
     data_files: str | list[str] | None = None,
+    what: str = "replay source",
 ) -> list[tuple[str, str]]:
-    """Read (id, text) pairs from a file, folder or ``hf:`` dataset, in source order."""
+    """Read (id, text) pairs from a file, folder or ``hf:`` dataset, in source order. ``what`` names the
+    source in messages (``replay source``, ``perplexity set 'wiki'``)."""
     source_str = str(source)
     if source_str.startswith(HF_PREFIX):
         return _records_from_hub(source_str, text_field, id_field, split, data_files)
     path = Path(source_str).expanduser()
-    if not path.exists():
+    if not os.path.lexists(path):
         raise GeReError(
-            f"replay source {path} does not exist; pass a JSONL/JSON/text file, a folder of .txt files, "
+            f"{what} {path} does not exist; pass a JSONL/JSON/text file, a folder of .txt files, "
             "or a Hugging Face dataset as hf:<name>[:<config>]"
         )
     if path.is_dir():
         files = sorted(path.glob("*.txt"))
         if not files:
-            raise GeReError(f"folder {path} holds no .txt files to read as replay texts")
-        return [r for f in files for r in _records_from_text(f)]
+            raise GeReError(f"{what}: folder {path} holds no .txt files to read as texts")
+        return [r for f in files for r in _records_from_text(f, what)]
     if path.suffix.lower() not in ROW_SUFFIXES:
-        return _records_from_text(path)
+        return _records_from_text(path, what)
     return [
         _record(where, row, text_field, id_field, f"{path.stem}:{i}")
-        for i, (where, row) in enumerate(iter_rows(path))
+        for i, (where, row) in enumerate(iter_rows(path, what))
     ]
 
 
@@ -105,7 +108,7 @@ def _records_from_hub(
     name = parse_hf_source(source)[0]
     if text_field not in ds.column_names:
         raise GeReError(
-            f"dataset {name!r} has no column {text_field!r} (columns: {ds.column_names}); "
+            f"dataset {shown(name)} has no column {shown(text_field)} (columns: {ds.column_names}); "
             "set replay_text_field to the right one",
             setting="replay_text_field",
         )
@@ -121,7 +124,7 @@ def select_replay_set(
     """Choose ``num_samples`` records: the first N (as the paper does) or a seeded random N (kept in source
     order). Empty or whitespace-only texts are an error, as are duplicate ids."""
     if selection not in SELECTIONS:
-        raise GeReError(f"replay selection {selection!r} is not one of {', '.join(SELECTIONS)}")
+        raise GeReError(f"replay selection {shown(selection)} is not one of {', '.join(SELECTIONS)}")
     if num_samples < 1:
         raise GeReError(
             f"number of replay samples is {num_samples}; set num_replay_samples to 1 or more",
@@ -140,13 +143,13 @@ def select_replay_set(
     for sample_id, text in chosen:
         if not text.strip():
             raise GeReError(
-                f"replay text {sample_id!r} is empty or whitespace only; remove it from the source"
+                f"replay text {shown(sample_id)} is empty or whitespace only; remove it from the source"
             )
     ids = [i for i, _ in chosen]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise GeReError(
-            f"replay id {dup!r} appears more than once; ids must be unique (or drop the id field)"
+            f"replay id {shown(dup)} appears more than once; ids must be unique (or drop the id field)"
         )
     return ReplaySet(tuple(ids), tuple(t for _, t in chosen))
 
@@ -176,7 +179,7 @@ def tokenize_replay_set(replay_set: ReplaySet, tokenizer, max_length: int = PAPE
     for sample_id, ids in zip(replay_set.ids, token_lists):
         if len(ids) < 2:
             raise GeReError(
-                f"replay text {sample_id!r} is {len(ids)} token(s) long; texts need at least 2 tokens, remove it"
+                f"replay text {shown(sample_id)} is {len(ids)} token(s) long; texts need at least 2 tokens, remove it"
             )
     return token_lists
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -36,6 +35,7 @@ from gere.errors import GeReError
 from gere.faults import maybe_fail
 from gere.io_utils import atomic_path, atomic_write_json, sha256_file
 from gere.locks import hold_lock
+from gere.reading import read_json
 from gere.replay.replay_set import ReplaySet, tokenize_replay_set
 from gere.stats import RunningStats, batch_statistics, thresholds
 from gere.store.fingerprint import shared_manifest
@@ -188,13 +188,21 @@ def _delete_store_files(store_dir: Path) -> None:
     shutil.rmtree(store_dir / "partial", ignore_errors=True)
 
 
+def _read_or_none(path: Path):
+    """A ``partial/`` record, or None when it is unreadable (then its batches are redone, nothing trusted)."""
+    try:
+        return read_json(path, what="extraction record")
+    except GeReError:
+        return None
+
+
 def _prepare_partial(store_dir: Path, expected: dict, layout: _Layout) -> Path:
     """The ``partial/`` folder, kept when its plan matches this extraction (a resume), else started over."""
     partial = store_dir / "partial"
     plan = {**expected, "batches": len(layout.batches), "rows": int(layout.offsets[-1]), "processes": layout.world}
     plan_path = partial / "plan.json"
     if distributed.rank() == 0:
-        if partial.exists() and (not plan_path.exists() or json.loads(plan_path.read_text()) != plan):
+        if partial.exists() and (not plan_path.exists() or _read_or_none(plan_path) != plan):
             shutil.rmtree(partial)  # left by another model, settings or number of processes: not trusted
         partial.mkdir(parents=True, exist_ok=True)
         if not plan_path.exists():
@@ -232,7 +240,8 @@ def _forward_pass(model, pad_id, layout, partial, spec, progress, stop_after_bat
     own = layout.spans[rank]
     maps = _open_parts(partial, layout, spec, rank)
     progress_path = partial / _part_name("progress.json", rank, layout.world)
-    done = set(json.loads(progress_path.read_text())["done"]) if progress_path.exists() else set()
+    progress_record = _read_or_none(progress_path) if progress_path.exists() else None
+    done = set(progress_record["done"]) if isinstance(progress_record, dict) else set()
     todo = [b for b in own if b not in done]
     if stop_after_batches is not None:
         todo, stopped = todo[:stop_after_batches], len(todo) > stop_after_batches

@@ -22,7 +22,6 @@ what is read here into tensors for the losses.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from safetensors.numpy import load_file as load_numpy_file
 from gere.config import FEATURE_DTYPES
 from gere.errors import GeReError
 from gere.io_utils import atomic_path, sha256_file
+from gere.reading import read_json
 from gere.replay.replay_set import PAPER_MAX_LENGTH
 from gere.stats import thresholds
 
@@ -244,9 +244,9 @@ def read_manifest(path: str | Path) -> dict:
     """The manifest of the store folder ``path``; an error when it is unreadable or not a store's."""
     manifest_path = Path(path) / MANIFEST
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise GeReError(f"{manifest_path} is corrupted; rebuild the store (set reuse_store to false)",
+        manifest = read_json(manifest_path, what="store manifest")
+    except GeReError as err:
+        raise GeReError(f"{manifest_path} is corrupted ({err}); rebuild the store (set reuse_store to false)",
                         setting="reuse_store") from None  # fmt: skip
     if not isinstance(manifest, dict) or not (manifest.get("format") == FORMAT or _LEGACY_KEYS <= set(manifest)):
         raise GeReError(

@@ -1,0 +1,269 @@
+"""Every check before work: the whole grid of a sweep, the output path, the model, every evaluation input,
+and a run resumed from its own config.yaml (or refused, naming the settings that differ).
+
+"Before work" is shown by what is on disk afterwards (no output folder, no config.yaml, no gere_store/) and
+by the sweep's run function never being called. Cases of each family are generated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+import gere.continual.runner as runner
+from gere.cli import main
+from gere.continual.preflight import RUN_DEPTH
+from gere.continual.run_config import load_run_config
+from gere.continual.run_folder import claim, config_digest, existing_state
+from gere.continual.runner import run_continual
+from gere.continual.sweep import Cell, grid_cells, parse_grid, run_sweep, sweep_loader
+from gere.errors import GeReError
+from gere.io_utils import check_output_dir
+
+from tiny import write_tiny_run_files
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny model, two tasks, held-out texts and a run config (1 step per task, no replay)."""
+    root = tmp_path_factory.mktemp("preflight")
+    model_dir = write_tiny_run_files(root)
+    config = {
+        "name": "tiny", "model": str(model_dir),
+        "tasks": [{"source": str(root / "mood")}, {"source": str(root / "compass")}],
+        "gere": {"objective": "none"},
+        "training": {"max_steps": 1, "per_device_train_batch_size": 4, "learning_rate": 0.01, "max_length": 32,
+                     "optim": "adamw_torch"},
+        "evaluation": {"perplexity_sets": {"heldout": str(root / "heldout.jsonl")}},
+    }  # fmt: skip
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def never_run(*args, **kwargs):
+    raise AssertionError("a run started before every cell was checked")
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
+
+
+# ------------------------------------------------------------------------------------------------ grids
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ("training.max_steps=1,0", r"sweep cell 'training.max_steps=0' \(seed 0\): training.max_steps = 0 is not valid"),
+        ("training.learning_rate=1e-3,-1", r"cell 'training.learning_rate=-1' .*learning_rate = -1.0 is not valid"),
+        ("gere.objective=ce,ce+xx", r"cell 'gere.objective=ce\+xx'.*objective 'ce\+xx' is not valid"),
+        ("model=MODEL,/nowhere/model", r"cell 'model=/nowhere/model'.*model path /nowhere/model does not exist"),
+        ("training.max_length=32,{a: 1}", r"training.max_length: expected int, got dict"),
+        ("evaluation.general=mc,lm_eval:", r"evaluation.general: expected str, got dict \(\{'lm_eval': None\}\)"),
+        ("tasks=[]", r"cell 'tasks=\[\]' \(seed 0\): the run config has no tasks"),
+    ],
+)
+def test_every_cell_is_checked_before_the_first_runs(setup, tmp_path, grid, message):
+    grid = grid.replace("MODEL", str(setup / "model"))
+    cells = grid_cells(parse_grid([grid]))
+    out = tmp_path / "sweep"
+    load = sweep_loader(setup / "run.yaml", [])
+    with pytest.raises(GeReError, match=message):
+        run_sweep(load, cells, [0, 1], out, progress=False, run=never_run)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "key, a, b",
+    [
+        ("training.learning_rate", "0.01", "1e-2"),
+        ("training.learning_rate", "1e-4", "0.0001"),
+        ("training.num_train_epochs", "1", "1.0"),
+        ("training.max_steps", "3", "0x3"),
+        ("training.warmup_steps", "0", "0.0"),
+        ("gere.margin_weight", "100", "1e2"),
+        ("gere.margin_weight", "dy", "dynamic"),
+        ("training.bf16", "true", "yes"),
+        ("evaluation.test_limit", "null", "~"),
+        ("training.optim", "adamw_torch", "'adamw_torch'"),
+        ("name", "run", "'run'"),
+    ],
+)
+def test_grid_values_equal_once_read_are_refused(setup, tmp_path, key, a, b):
+    cells = grid_cells(parse_grid([f"{key}={a},{b}"]))
+    with pytest.raises(GeReError, match=r"the sweep cells .* give the same config \(their values are equal once read\)"):
+        run_sweep(sweep_loader(setup / "run.yaml", []), cells, [0], tmp_path / "sweep", progress=False, run=never_run)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_the_cli_refuses_a_bad_grid_before_any_run(setup, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", str(setup / "run.yaml"), "--grid", "training.max_steps=1,0", "--out", str(out), "--no-progress"]
+    assert main(argv) == 2
+    assert "training.max_steps = 0 is not valid" in capsys.readouterr().err
+    assert not out.exists()
+    argv = ["sweep", str(setup / "run.yaml"), "--grid", "training.learning_rate=0.01,1e-2", "--out", str(out)]
+    assert main(argv) == 2
+    assert "give the same config" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("keys", [1, 4, 12])
+def test_a_long_cell_label_gets_a_folder_name_the_file_system_takes(keys):
+    label = ",".join(f"section.some_long_setting_name_{i}={'v' * 20}" for i in range(keys))
+    folder = Cell(label, ()).folder
+    assert len(folder.encode()) <= 200
+    assert folder == Cell(label, ()).folder and (len(label) <= 200) == (folder == label)
+    assert Cell(label + "x", ()).folder != folder
+
+
+# ----------------------------------------------------------------------------------------- output paths
+
+
+def test_output_paths_the_system_would_refuse_are_found_without_writing(tmp_path):
+    ok = check_output_dir(tmp_path / ("n" * 255) / "run")
+    assert ok == tmp_path / ("n" * 255) / "run"
+    refusals = {
+        "holds a name of 256 bytes": tmp_path / ("n" * 256),
+        "holds a NUL byte": f"{tmp_path}/a\0b",
+        "is a file, not a folder": tmp_path / "file" / "run",
+        "bytes long as an absolute path": tmp_path / "/".join(["d" * 200] * 21),
+    }
+    (tmp_path / "file").write_text("x")
+    for message, path in refusals.items():
+        with pytest.raises(GeReError, match=message) as err:
+            check_output_dir(path)
+        assert len(str(err.value)) < 500
+    assert files_under(tmp_path) == ["file"]  # checked without creating anything
+
+
+@pytest.mark.parametrize("extra", [-2, -1, 0, 1, 2])
+def test_the_deepest_file_a_run_writes_decides_the_path_limit(tmp_path, extra):
+    path_max = os.pathconf(tmp_path, "PC_PATH_MAX")
+    base = len(os.fsencode(str(tmp_path))) + 1
+    room = path_max - base - RUN_DEPTH - 1 + extra  # the folder name that leaves exactly the run's depth
+    names = [("d" * 200)] * (room // 201) + ["e" * (room % 201 or 1)]
+    folder = tmp_path / "/".join(names)
+    total = len(os.fsencode(str(folder))) + RUN_DEPTH
+    if total < path_max:
+        check_output_dir(folder, inside=RUN_DEPTH)
+    else:
+        with pytest.raises(GeReError, match="PATH_MAX"):
+            check_output_dir(folder, inside=RUN_DEPTH)
+
+
+def test_a_too_long_output_dir_is_refused_before_the_model_loads_or_anything_is_written(setup, tmp_path, capsys):
+    out = tmp_path / "/".join(["x" * 200] * 20)  # 4,000+ characters, as a new user typed
+    assert main(["run", str(setup / "run.yaml"), "--output-dir", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "output_dir" in err and "PATH_MAX" in err and "Traceback" not in err
+    assert files_under(tmp_path) == []
+
+
+def test_a_missing_model_is_refused_before_anything_is_written(setup, tmp_path):
+    cfg = load_run_config(setup / "run.yaml", [f"output_dir={tmp_path / 'run'}", "model=/nowhere/model"])
+    with pytest.raises(GeReError, match="model path /nowhere/model does not exist"):
+        run_continual(cfg, progress=False)
+    assert files_under(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------ evaluation inputs
+
+EMPTY_SETS = {
+    "empty.jsonl": "",
+    "blank.jsonl": "\n\n   \n",
+    "empty-texts.jsonl": '{"text": ""}\n{"text": "   "}\n',
+    "blank.txt": "\n\n \n\n",
+    "one-token.jsonl": '{"text": "river"}\n{"text": "the"}\n',  # nothing to predict after the first token
+    "empty.json": "[]",
+    "header-only.csv": "text\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(EMPTY_SETS))
+def test_a_perplexity_set_with_nothing_to_score_is_refused_before_extraction(setup, tmp_path, name):
+    source = tmp_path / name
+    source.write_text(EMPTY_SETS[name])
+    out = tmp_path / "run"
+    cfg = load_run_config(setup / "run.yaml", [f"output_dir={out}", "gere.objective=ce+tm",
+                                               f"gere.replay_source={setup / 'replay.jsonl'}",
+                                               f"evaluation.perplexity_sets={{held: {source}}}"])  # fmt: skip
+    with pytest.raises(GeReError, match=rf"evaluation.perplexity_sets.held.*{name}"):
+        run_continual(cfg, progress=False)
+    assert not out.exists()  # no config.yaml, no gere_store/, not even the folder
+
+
+@pytest.mark.parametrize(
+    "override, file, message",
+    [
+        ("evaluation.general_mc", "", r"evaluation.general_mc: .*probe.jsonl holds no questions"),
+        ("evaluation.general_mc", "\n  \n", r"probe.jsonl holds no questions"),
+        ("evaluation.mc_shots", "3", r"evaluation.mc_shots = 3 needs solved examples"),
+    ],
+)
+def test_a_probe_with_nothing_to_ask_is_refused_before_any_work(setup, tmp_path, override, file, message):
+    probe = tmp_path / "probe.jsonl"
+    question = {"question": "the river is", "choices": ["north", "south"], "answer": 0}
+    probe.write_text(file if override.endswith("general_mc") else json.dumps(question) + "\n")
+    extra = [f"{override}={file}"] if override.endswith("shots") else []
+    out = tmp_path / "run"
+    cfg = load_run_config(setup / "run.yaml", [f"output_dir={out}", f"evaluation.general_mc={probe}", *extra])
+    with pytest.raises(GeReError, match=message):
+        run_continual(cfg, progress=False)
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------- resuming
+
+
+def test_a_run_resumes_from_its_own_config_yaml(setup, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real = runner._run_stage
+
+    def crash_on_second_task(run_, index):
+        if index == 1:
+            raise RuntimeError("simulated crash")
+        return real(run_, index)
+
+    monkeypatch.setattr(runner, "_run_stage", crash_on_second_task)
+    cfg = load_run_config(setup / "run.yaml", [f"output_dir={out}"])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_continual(cfg, progress=False)
+    monkeypatch.setattr(runner, "_run_stage", real)
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    assert written["training"]["warmup_steps"] == 0  # an int default of a float setting: read back as 0.0
+    assert main(["run", str(out / "config.yaml"), "--resume", "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["accuracy_matrix"]) == 3 and [h["task"] for h in results["loss_history"]] == ["mood", "compass"]
+    # The tiny tasks' test rows are their training rows: said in the log and under Warnings in report.md.
+    report = (out / "report.md").read_text()
+    assert "## Warnings" in report and "task 'mood': 8 of 8 test examples are also training inputs" in report
+    assert any("test examples are also training inputs" in w for w in results["input_warnings"])
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("training.learning_rate=0.02", "training.learning_rate: 0.01 -> 0.02"),
+        ("gere.objective=ce", "gere.objective: 'none' -> 'ce'"),
+        ("seed=3", "seed: 0 -> 3"),
+        ("evaluation.perplexity_sets={}", "evaluation.perplexity_sets.heldout: '"),
+        ("per_task={mood: {max_steps: 2}}", "per_task.mood.max_steps: (not set) -> 2"),
+        ("tasks=[{source: SETUP/mood}]", "tasks[1].instruction: 'pick one' -> (not set)"),
+    ],
+)
+def test_a_refused_resume_names_the_settings_that_differ_and_never_advises_discarding(setup, tmp_path, override, named):
+    out = tmp_path / "run"
+    started = load_run_config(setup / "run.yaml", [f"output_dir={out}"])
+    claim(started, fresh=True)  # config.yaml, as a run writes it when it starts
+    (out / "run_state.json").write_text(json.dumps({"config_digest": config_digest(started), "stages_done": 1}))
+    changed = load_run_config(setup / "run.yaml", [f"output_dir={out}", override.replace("SETUP", str(setup))])
+    with pytest.raises(GeReError) as err:
+        existing_state(changed, resume=True, overwrite=False)
+    message = str(err.value)
+    assert "holds a run of another config (these settings differ: " in message and named in message, message
+    assert "--overwrite" not in message and f"gere run {out / 'config.yaml'} --resume" in message
+    assert existing_state(started, resume=True, overwrite=False)["stages_done"] == 1  # its own config resumes
