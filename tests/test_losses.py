@@ -226,9 +226,10 @@ def test_margin_weight_rules_parse_to_one_canonical_text():
     assert parse_margin_weight("dy:10") == "dy:10.0" and weight_rule("dy:10").value == 10.0
     assert parse_margin_weight("warm:4:dy") == "warm:4:dy" and weight_rule("warm:4:dy").warmup == 4
     assert parse_margin_weight("warm:8:10") == "warm:8:10.0" and weight_rule("warm:8:10").kind == "fixed"
-    for text in ("dy:10", "warm:3:dy:5", "warm:2:1", "100", "dy"):
+    assert parse_margin_weight("gb:0.5") == "gb:0.5" and weight_rule("warm:2:gb:1").kind == "gb"
+    for text in ("dy:10", "warm:3:dy:5", "warm:2:1", "100", "dy", "gb:1", "warm:4:gb:0.25"):
         assert parse_margin_weight(parse_margin_weight(text)) == parse_margin_weight(text)
-    for bad in ("dy:0", "dy:-3", "dy:inf", "warm:0:dy", "warm:2", "warm:x:dy", "warm:2:warm:2:dy", "nan"):
+    for bad in ("gb:0", "gb:", "gb:x", "dy:0", "dy:-3", "dy:inf", "warm:0:dy", "warm:2", "warm:x:dy", "warm:2:warm:2:dy", "nan"):
         with pytest.raises(GeReError, match="margin weight"):
             parse_margin_weight(bad)
 

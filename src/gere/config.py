@@ -26,6 +26,7 @@ PLACEMENTS = ("even", "random")
 #: Dtypes of the hidden states stored for the l1 / l2 objectives.
 FEATURE_DTYPES = ("float16", "bfloat16")
 DYNAMIC = "dy"
+BALANCED = "gb"
 
 
 def parse_objective(objective: str) -> tuple[str, ...]:
@@ -48,7 +49,8 @@ class WeightRule:
     """A parsed ``margin_weight``: how the weight of each regulariser is chosen at every step.
 
     ``kind``: ``fixed`` (``value`` is the weight), ``dy`` (CE / regulariser, detached; ``value`` is a ceiling,
-    ``inf`` for none). ``warmup``: the weight grows linearly over the first ``warmup`` optimisation steps of
+    ``inf`` for none), ``gb`` (gradient-balanced: the weighted regulariser's gradient norm on the trainable
+    parameters is ``value`` times the CE terms', at every step; `gere.balance`). ``warmup``: the weight grows linearly over the first ``warmup`` optimisation steps of
     each task (each ``train()`` from step 0): ``min(1, step / warmup)`` times the rule's weight at step
     ``step`` (1-based).
     """
@@ -71,6 +73,11 @@ def _parse_rule(text: str, original) -> WeightRule:
         return WeightRule(inner_rule.kind, inner_rule.value, int(steps))
     if t in (DYNAMIC, "dynamic"):
         return WeightRule(DYNAMIC, math.inf)
+    if t.startswith(BALANCED + ":"):
+        fraction = _number(t[len(BALANCED) + 1 :])
+        if fraction is None or not 0 < fraction < math.inf:
+            raise GeReError(f"margin weight {shown(original)}: the fraction of gb:<fraction> must be a finite number above 0")
+        return WeightRule(BALANCED, fraction)
     if t.startswith(DYNAMIC + ":"):
         cap = _number(t[len(DYNAMIC) + 1 :])
         if cap is None or not 0 < cap < math.inf:
@@ -80,7 +87,8 @@ def _parse_rule(text: str, original) -> WeightRule:
     if weight is None:
         raise GeReError(
             f"margin weight {shown(original)} is not valid: use a number (1, 100, ...), 'dy' (dynamic: CE / margin), "
-            "'dy:<ceiling>' (dynamic, at most the ceiling) or 'warm:<steps>:<weight>' (linear warm-up per task)"
+            "'dy:<ceiling>' (dynamic, at most the ceiling), 'gb:<fraction>' (gradient-balanced) or "
+            "'warm:<steps>:<weight>' (linear warm-up per task)"
         )
     if not 0 <= weight < math.inf:
         raise GeReError(f"margin weight {shown(original)} must be a finite number >= 0, or 'dy'")
@@ -114,6 +122,8 @@ def parse_margin_weight(value: str | float | int) -> float | str:
 def _rule_text(rule: WeightRule) -> float | str:
     if rule.kind == "fixed":
         base: float | str = rule.value
+    elif rule.kind == BALANCED:
+        base = f"{BALANCED}:{rule.value!r}"
     elif rule.value == math.inf:
         base = DYNAMIC
     else:
@@ -157,8 +167,9 @@ class GeReConfig:
         metadata={
             "help": "Weight of every regularising replay part (tm, and kl / l1 / l2 when used): a number "
             "(1, 100, ...), 'dy' (CE / part, detached, per part, as the paper), 'dy:<ceiling>' (dy, at most the "
-            "ceiling) or 'warm:<steps>:<weight>' (any of those, raised linearly from 0 over the first steps of "
-            "each task). Parsed once: a float or the rule's canonical text."
+            "ceiling), 'gb:<fraction>' (gradient-balanced: the weighted part's gradient norm is that fraction of "
+            "the CE terms' at every step) or 'warm:<steps>:<weight>' (any of those, raised linearly from 0 over "
+            "the first steps of each task). Parsed once: a float or the rule's canonical text."
         },
     )
     threshold_k: float = field(default=1.0, metadata={"help": "Thresholds are mean -/+ k*std per dimension."})
@@ -262,6 +273,12 @@ class GeReConfig:
             raise GeReError(
                 f"num_interpolate_per_batch = {k} applies to replay_mixing 'interpolate', not "
                 f"{shown(self.replay_mixing)}; set one of them"
+            )
+        if weight_rule(self.margin_weight).kind == BALANCED and "ce" not in self.parts and self.mixing != "batch":
+            raise GeReError(
+                f"margin_weight {self.margin_weight!r} balances each regulariser against the CE terms, but with "
+                f"objective {self.objective!r} and replay_mixing {self.mixing!r} a micro-batch may hold replay rows "
+                "alone, without CE; add ce to the objective or use replay_mixing: batch"
             )
 
     @property

@@ -77,10 +77,14 @@ class GradShareMeter:
         self._last_step = step
         return True
 
-    def measure(self, contributions: dict[str, torch.Tensor], model) -> dict[str, float]:
+    def params(self, model) -> list[torch.Tensor]:
+        """The trainable parameters of ``model`` (found once)."""
         if self._params is None:
             self._params = [p for p in model.parameters() if p.requires_grad]
-        return gradient_shares(contributions, self._params)
+        return self._params
+
+    def measure(self, contributions: dict[str, torch.Tensor], model) -> dict[str, float]:
+        return gradient_shares(contributions, self.params(model))
 
 
 def _dot(a: list[torch.Tensor | None], b: list[torch.Tensor | None]) -> float:

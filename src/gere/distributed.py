@@ -231,3 +231,32 @@ def require_full_parameters(model, what: str) -> None:
             "train with that store (store_dir=DIR, reference='store'): it is reused when its fingerprint "
             "matches. See docs/distributed.md"
         )
+
+
+def check_interpolation_across_processes(trainer) -> None:
+    """Refuse, for a GeRe trainer whose replay rows sit inside the task batches, set-ups where the processes'
+    unequal forward counts would hang (FSDP, ZeRO-3, or DDP broadcasting buffers at every forward)."""
+    if trainer.args.world_size <= 1:
+        return
+    sharded = None
+    if trainer.is_fsdp_enabled:
+        sharded = "FSDP"
+    elif (
+        trainer.is_deepspeed_enabled
+        and getattr(trainer.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
+    ):
+        sharded = "DeepSpeed ZeRO-3"
+    if sharded is None and not trainer.args.ddp_broadcast_buffers:
+        return
+    why = (
+        f"under {sharded} every forward pass"
+        if sharded
+        else "with ddp_broadcast_buffers=True every forward pass"
+    )
+    raise GeReError(
+        f"replay_mixing {trainer.gere.mixing!r} runs one or two forward passes per process and micro-batch, "
+        f"but {why} is a collective that all processes must run equally often. Use a separate replay "
+        "batch (replay_mixing='batch', num_interpolate_per_batch=0, replay_batch_size=N)"
+        + ("" if sharded else " or leave ddp_broadcast_buffers unset")
+        + "; see docs/distributed.md"
+    )

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from gere.batching import IGNORE_INDEX
-from gere.config import WeightRule, weight_rule
+from gere.config import BALANCED, WeightRule, weight_rule
 from gere.errors import GeReError
 from gere.parts import PENALTIES, REDUCTIONS, REPLAY_PARTS, TASK_CE
 from gere.stats import thresholds
@@ -307,22 +307,30 @@ def replay_losses(
 
 
 def combine_losses(
-    parts: dict[str, torch.Tensor], weight: float | str | WeightRule, step: int = 1
+    parts: dict[str, torch.Tensor], weight: float | str | WeightRule, step: int = 1, params=None
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss from its logged parts, and the weight given to each regulariser.
 
     ``CE = mean(task_ce, replay_ce)`` (whichever are present, as the reference averages them), then
     ``loss = CE + sum_r w_r * r`` over the regularisers present, with ``w_r`` = ``weight`` or, for ``dy``,
     CE / r (detached; see `resolve_margin_weight`), plus any weight penalty (`gere.parts.PENALTIES`) as is.
-    ``step``: the optimisation step within the task (1-based), for a weight with a warm-up.
+    ``step``: the optimisation step within the task (1-based), for a weight with a warm-up. A
+    gradient-balanced rule (``gb``) needs ``params``, the trainable parameters (`gere.balance`).
     """
+    rule = weight if isinstance(weight, WeightRule) else weight_rule(weight)
+    if rule.kind == BALANCED and any(p.weight and p.loss in parts for p in REPLAY_PARTS.values()):
+        if params is None:
+            raise GeReError("a gradient-balanced margin weight (gb:<fraction>) needs the trainable parameters")
+        from gere.balance import balanced_loss
+
+        return balanced_loss(parts, rule, step, params)
     ce_terms = [parts[n] for n in (TASK_CE, REPLAY_PARTS["ce"].loss) if n in parts]
     ce = sum(ce_terms) / len(ce_terms) if ce_terms else None
     total = ce if ce is not None else 0.0
     weights: dict[str, float] = {}
     for part in REPLAY_PARTS.values():
         if part.weight is not None and part.loss in parts:
-            w = resolve_margin_weight(weight, ce, parts[part.loss], step)
+            w = resolve_margin_weight(rule, ce, parts[part.loss], step)
             weights[part.weight] = w
             total = total + w * parts[part.loss]
     for name in PENALTIES:  # weight penalties (EWC) carry their own strength

@@ -48,8 +48,9 @@ from gere.batching import (
     pad_token_id,
     resolve_layers,
 )
-from gere.config import GeReConfig, resolved_config, weight_rule
+from gere.config import BALANCED, GeReConfig, resolved_config, weight_rule
 from gere.diagnostics import GradShareMeter
+from gere.distributed import check_interpolation_across_processes
 from gere.errors import GeReError
 from gere.losses import combine_losses, loss_contributions, replay_losses
 from gere.parts import GRAD_SHARE, LOSS_PARTS, WEIGHTS, checked_loss_parts
@@ -163,30 +164,12 @@ class GeReMixin:
 
     def _check_interpolation_across_processes(self) -> None:
         """Refuse set-ups where replay rows' unequal forward counts per process would hang."""
-        if self.args.world_size <= 1:
-            return
-        sharded = None
-        if self.is_fsdp_enabled:
-            sharded = "FSDP"
-        elif (
-            self.is_deepspeed_enabled
-            and getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
-        ):
-            sharded = "DeepSpeed ZeRO-3"
-        if sharded is None and not self.args.ddp_broadcast_buffers:
-            return
-        why = (
-            f"under {sharded} every forward pass"
-            if sharded
-            else "with ddp_broadcast_buffers=True every forward pass"
-        )
-        raise GeReError(
-            f"replay_mixing {self.gere.mixing!r} runs one or two forward passes per process and micro-batch, "
-            f"but {why} is a collective that all processes must run equally often. Use a separate replay "
-            "batch (replay_mixing='batch', num_interpolate_per_batch=0, replay_batch_size=N)"
-            + ("" if sharded else " or leave ddp_broadcast_buffers unset")
-            + "; see docs/distributed.md"
-        )
+        check_interpolation_across_processes(self)
+
+    def _one_process(self, what: str) -> bool:
+        if self.args.world_size > 1:
+            raise GeReError(f"{what} takes gradients on one process; run it on one process or use dy / a number")
+        return True
 
     def _unwrapped(self, model=None):
         return self.accelerator.unwrap_model(model if model is not None else self.model)
@@ -372,7 +355,9 @@ class GeReMixin:
                     value = penalty(self._unwrapped(model))  # a tensor, or a dict of named parts (O-LoRA's)
                     parts.update(value if isinstance(value, dict) else {penalty.name: value})
         step = self.state.global_step + 1  # the optimisation step this micro-batch belongs to, within the task
-        loss, weights = combine_losses(parts, self._weight_rule, step)
+        balanced = self._weight_rule.kind == BALANCED and self._one_process("a gb:<fraction> margin weight")
+        loss, weights = combine_losses(parts, self._weight_rule, step,
+                                       self._grad_share.params(self._unwrapped(model)) if balanced else None)
         if not torch.isfinite(loss):
             shown = {k: round(float(v.detach()), 6) for k, v in parts.items()}
             raise GeReError(
