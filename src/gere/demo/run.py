@@ -43,6 +43,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "ce+tm-w1": {"gere.objective": "ce+tm", "gere.margin_weight": 1},
     "ce+tm-w100": {"gere.objective": "ce+tm", "gere.margin_weight": 100},
     "ce+tm-bi": {"gere.objective": "ce+tm", "gere.num_interpolate_per_batch": 2},
+    # Margin weights beyond the paper's (docs/study.md section 6): bounded dy, gradient-balanced, warmed up.
+    "ce+tm-dy10": {"gere.objective": "ce+tm", "gere.margin_weight": "dy:10"},
+    "ce+tm-gb1": {"gere.objective": "ce+tm", "gere.margin_weight": "gb:1"},
+    "ce+tm-warm8": {"gere.objective": "ce+tm", "gere.margin_weight": "warm:8:dy"},
     "none-lora": {"gere.objective": "none", "finetuning": "lora"},
     "ce+tm-lora": {"gere.objective": "ce+tm", "finetuning": "lora", "gere.reference": "online"},
     # Continual-learning baselines (docs/baselines.md), alone and combined with GeRe. Their settings were
