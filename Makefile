@@ -58,3 +58,6 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_engine.py
+	# fp32 against bf16 autocast training steps and one evaluation, on the demo's model (needs its assets: make demo)
+	$(BIN)/python benchmarks/bench_precision.py
+	$(BIN)/python benchmarks/bench_eval.py
