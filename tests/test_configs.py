@@ -54,15 +54,21 @@ def test_settings_added_later_leave_an_earlier_run_s_identity_as_it_was(tmp_path
     import hashlib
     import json
 
-    from gere.continual.run_folder import config_digest
+    from gere.continual.run_folder import config_digest, same_config
 
     cfg = load_run_config(Path(__file__).parent.parent / "configs" / "cl15_order4.yaml")
-    # The digest as a run written before lm_eval_batch_size and benchmark.tasks existed recorded it.
+    # The digest as a run written before lm_eval_batch_size, benchmark.tasks and gere.grad_share_every
+    # existed recorded it.
     data = cfg.to_dict()
     for key in ("output_dir", "keep_checkpoints", "cache_dir", "report_to"):
         data.pop(key)
-    del data["evaluation"]["lm_eval_batch_size"], data["benchmark"]["tasks"]
-    assert config_digest(cfg) == hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    del data["evaluation"]["lm_eval_batch_size"], data["benchmark"]["tasks"], data["gere"]["grad_share_every"]
+    recorded = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+    assert same_config({"config_digest": recorded}, cfg)
     changed = load_run_config(Path(__file__).parent.parent / "configs" / "cl15_order4.yaml",
                               ["benchmark.tasks=[mnli, cb]"])  # fmt: skip
     assert config_digest(changed) != config_digest(cfg), "set, they are part of the run's identity"
+    measured = load_run_config(Path(__file__).parent.parent / "configs" / "cl15_order4.yaml",
+                               ["gere.grad_share_every=4"])  # fmt: skip
+    assert config_digest(measured) != config_digest(cfg)
+    assert not same_config({"config_digest": recorded}, measured)

@@ -21,7 +21,7 @@ def test_each_method_loads_and_is_named_by_its_parts(name, tmp_path):
     (cell,) = method_cells([name], "default")
     cfg = load_run_config(None, list(cell.overrides), base=demo_config(assets, "default", root / "out"))
     # The demo's label and the method the report names agree, up to a variant's suffix.
-    variant = next((s for s in ("-w100", "-w1", "-bi", "-lora") if name.endswith(s)), "")
+    variant = next((s for s in ("-w100", "-w1", "-dy10", "-gb1", "-warm8", "-bi", "-lora") if name.endswith(s)), "")
     assert cfg.method_name() == name.removesuffix(variant)
     if cfg.finetuning != "full":
         assert cfg.training.learning_rate == SIZES["default"]["lora"]["learning_rate"]

@@ -30,7 +30,9 @@ CONFIG_FILE = "config.yaml"
 RUN_FILES = (STATE_FILE, CONFIG_FILE, "results.json", "report.md", "checkpoints", "stages")
 OWN_STORE = "gere_store"  # where a run keeps its store unless gere.store_dir points elsewhere
 #: (section, key) of settings added after runs were first written, left out of a run's identity when unset.
-LATER_SETTINGS = (("evaluation", "lm_eval_batch_size"), ("benchmark", "tasks"))
+#: Settings added after runs were recorded, with the value that means "not set": at that value they leave
+#: a run's identity as it was.
+LATER_SETTINGS = (("evaluation", "lm_eval_batch_size", None), ("benchmark", "tasks", None), ("gere", "grad_share_every", 0))
 
 
 #: Settings that say where and how a run is kept, not what it computes: not part of its identity.
@@ -65,9 +67,9 @@ def config_digest(cfg: RunConfig) -> str:
 
 def _without_later_settings(data: dict) -> dict:
     """Settings added later count only when set, so a run started before they existed still resumes."""
-    for section, key in LATER_SETTINGS:
-        if isinstance(data.get(section), dict) and data[section].get(key, 0) is None:
-            del data[section][key]
+    for section, key, unset in LATER_SETTINGS:
+        if isinstance(data.get(section), dict) and data[section].get(key, unset) == unset:
+            data[section].pop(key, None)
     return data
 
 

@@ -63,11 +63,12 @@ class TrainingSettings:
             routed["warmup_steps"] = extra.pop("warmup_ratio")
         if "gradient_checkpointing" in extra:
             routed["activation_checkpointing"] = extra.pop("gradient_checkpointing")
+        given = routed.get("trainer_args")
+        if given is not None and not isinstance(given, dict):
+            raise GeReError(f"{where}.trainer_args: expected a mapping of TrainingArguments fields, got "
+                            f"{type(given).__name__}; write it as trainer_args: {{name: value}}")
         if extra:
-            given = routed.get("trainer_args") or {}
-            if not isinstance(given, dict):
-                raise GeReError(f"{where}.trainer_args: expected a mapping, got {type(given).__name__}")
-            routed["trainer_args"] = {**given, **extra}
+            routed["trainer_args"] = {**(given or {}), **extra}
         if routed.get("trainer_args"):
             routed["trainer_args"] = checked_trainer_args(routed["trainer_args"], where, own)
         return routed

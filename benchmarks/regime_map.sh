@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The regime map of docs/study.md section 6, in its priority order. Every call resumes: finished runs are
+# kept, so running this again continues where it stopped. Usage: benchmarks/regime_map.sh [OUT] [PYTHON]
+# (OUT defaults to runs/map; PYTHON to .venv/bin/python; set PYTHONPATH to a pinned clone's src to pin).
+set -euo pipefail
+OUT=${1:-runs/map}
+PY=${2:-.venv/bin/python}
+demo() { "$PY" -m gere.cli demo --no-progress --resume --set gere.grad_share_every=4 "$@"; }
+R2=(--set training.learning_rate=1e-4)
+# R1 (the demo's regime) and R2 (1e-4): none and the balanced weight, seed by seed.
+for seed in 0 1 2; do
+  demo --methods none ce+tm-gb1 --seeds "$seed" --output-dir "$OUT/r1"
+  demo --methods none ce+tm-gb1 --seeds "$seed" --output-dir "$OUT/r2" "${R2[@]}"
+done
+# The demo regime's rule needs ce at 1e-4 on every seed.
+demo --methods ce --seeds 0,1,2 --output-dir "$OUT/r2" "${R2[@]}"
+# The other new weights, and ce+tm (dy) beside them, in R1.
+for seed in 0 1 2; do
+  demo --methods ce+tm ce+tm-dy10 ce+tm-warm8 --seeds "$seed" --output-dir "$OUT/r1"
+done
+# The tables over what finished.
+demo --methods none ce+tm ce+tm-gb1 ce+tm-dy10 ce+tm-warm8 --seeds 0,1,2 --output-dir "$OUT/r1"
+demo --methods none ce ce+tm-gb1 --seeds 0,1,2 --output-dir "$OUT/r2" "${R2[@]}"
