@@ -18,6 +18,12 @@ demo --methods ce --seeds 0,1,2 --output-dir "$OUT/r2" "${R2[@]}"
 for seed in 0 1 2; do
   demo --methods ce+tm ce+tm-dy10 ce+tm-warm8 --seeds "$seed" --output-dir "$OUT/r1"
 done
+# ce in R1 on every seed: the control, and the bf16 rerun of study section 1's three methods.
+demo --methods ce --seeds 0,1,2 --output-dir "$OUT/r1"
+# R3 (3 epochs a task, cosine decay, 10% warm-up), seed 0 only: no verdict rests on it.
+R3=(--set training.max_steps=-1 --set training.num_train_epochs=3 --set training.lr_scheduler_type=cosine
+    --set training.warmup_steps=0.1)
+demo --methods none ce+tm ce+tm-gb1 --seeds 0 --output-dir "$OUT/r3" "${R3[@]}"
 # The tables over what finished.
-demo --methods none ce+tm ce+tm-gb1 ce+tm-dy10 ce+tm-warm8 --seeds 0,1,2 --output-dir "$OUT/r1"
+demo --methods none ce ce+tm ce+tm-gb1 ce+tm-dy10 ce+tm-warm8 --seeds 0,1,2 --output-dir "$OUT/r1"
 demo --methods none ce ce+tm-gb1 --seeds 0,1,2 --output-dir "$OUT/r2" "${R2[@]}"
