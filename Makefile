@@ -61,3 +61,4 @@ bench: install
 	# fp32 against bf16 autocast training steps and one evaluation, on the demo's model (needs its assets: make demo)
 	$(BIN)/python benchmarks/bench_precision.py
 	$(BIN)/python benchmarks/bench_eval.py
+	$(BIN)/python benchmarks/bench_weights.py

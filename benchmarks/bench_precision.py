@@ -61,6 +61,56 @@ class StepClock(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
+class DemoStep:
+    """One method's training step on the demo's first task, ready to time: config, model, store, features."""
+
+    def __init__(self, overrides: list[str], base, work: Path):
+        self.cfg = load_run_config(None, overrides, base=copy.deepcopy(base))
+        self.model, self.tokenizer = load_model_and_tokenizer(self.cfg.model)
+        self.tokenizer.padding_side = "right"
+        self.work = work
+        self.store = None
+        if self.cfg.gere.needs_reference:
+            self.store = extract_store(self.model, self.tokenizer, self.cfg.gere.load_replay_set(), work / "store",
+                                       self.cfg.gere.store_spec(), progress=False)  # fmt: skip
+        self.task = load_task(self.cfg.task_specs()[0])
+        self.features = build_train_features(self.task.spec, self.task.train, self.tokenizer,
+                                             self.cfg.training.max_length)  # fmt: skip
+        self.collator = DataCollatorForSeq2Seq(self.tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+
+    def train(self, model, gere_config, name: str, steps: int, bf16: bool) -> list[float]:
+        """``steps`` optimisation steps of ``model`` under ``gere_config``; each step's seconds."""
+        self.cfg.training.max_steps = steps
+        clock = StepClock()
+        trainer = GeReTrainer(
+            model=model, args=stage_training_args(self.cfg, self.task.spec.name, self.work / name, False, bf16),
+            train_dataset=self.features, data_collator=self.collator, processing_class=self.tokenizer,
+            gere_config=gere_config, activation_store=self.store, check_store_model=False, callbacks=[clock],
+        )  # fmt: skip
+        trainer.train()
+        return clock.times
+
+
+def take_turns(names: list[str], turns: int, run) -> dict[str, list[float]]:
+    """``run(name)`` for every name, in turns that alternate the order (ABBA), so drift on a shared machine
+    hits each alike; the first step of every turn is dropped."""
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for turn in range(turns):
+        for name in names if turn % 2 == 0 else names[::-1]:
+            step_times = run(name)
+            times[name] += step_times[1:]
+            print(f"{name} turn {turn}: {[round(t, 2) for t in step_times]}", flush=True)
+    return times
+
+
+def precision_turns(step: DemoStep, method: str, turns: int, steps: int) -> dict[str, list[float]]:
+    """Step times of ``method`` in fp32 and under bf16 autocast, each precision training its own copy of the
+    model (the Trainer wraps a model's forward in autocast for bf16)."""
+    copies = {"fp32": step.model, "bf16": copy.deepcopy(step.model)}
+    return take_turns(["fp32", "bf16"], 2 * turns,
+                      lambda name: step.train(copies[name], step.cfg.gere, f"{method}-{name}", steps, name == "bf16"))  # fmt: skip
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", nargs="+", default=["none", "ce+tm"], choices=["none", "ce", "ce+tm"])
@@ -78,36 +128,10 @@ def main(argv=None) -> int:
     rows, env = [], environment()
     native, why = native_bf16("cpu" if not torch.cuda.is_available() else "cuda")
     for method in args.methods:
-        overrides = [f"{k}={v}" for k, v in METHODS[method].items()]
-        cfg = load_run_config(None, overrides, base=copy.deepcopy(base))
-        model, tokenizer = load_model_and_tokenizer(cfg.model)
-        tokenizer.padding_side = "right"
-        store = None
-        if cfg.gere.needs_reference:
-            store = extract_store(model, tokenizer, cfg.gere.load_replay_set(), work / "store", cfg.gere.store_spec(),
-                                  progress=False)  # fmt: skip
-        task = load_task(cfg.task_specs()[0])
-        features = build_train_features(task.spec, task.train, tokenizer, cfg.training.max_length)
-        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-        copies = {"fp32": model, "bf16": copy.deepcopy(model)}
-        times: dict[str, list[float]] = {"fp32": [], "bf16": []}
-        order = ["fp32", "bf16"]
-        for turn in range(2 * args.turns):
-            for name in order if turn % 2 == 0 else order[::-1]:
-                cfg.training.max_steps = args.steps
-                clock = StepClock()
-                trainer = GeReTrainer(
-                    model=copies[name],
-                    args=stage_training_args(cfg, task.spec.name, work / f"{method}-{name}", False, name == "bf16"),
-                    train_dataset=features, data_collator=collator, processing_class=tokenizer,
-                    gere_config=cfg.gere, activation_store=store, check_store_model=False, callbacks=[clock],
-                )  # fmt: skip
-                trainer.train()
-                times[name] += clock.times[1:]
-                print(f"{method} {name} turn {turn}: {[round(t, 2) for t in clock.times]}", flush=True)
+        times = precision_turns(DemoStep([f"{k}={v}" for k, v in METHODS[method].items()], base, work), method,
+                                args.turns, args.steps)  # fmt: skip
         fp32, bf16 = median(times["fp32"]), median(times["bf16"])
         rows.append(f"| {method} | {fp32:.2f} | {bf16:.2f} | {fp32 / bf16:.2f}x | {len(times['fp32'])} |")
-        del copies, model
     prov = provenance()
     section = "\n".join([
         "### Training step: fp32 against bf16 autocast (the demo's model and settings)",
