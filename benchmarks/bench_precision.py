@@ -44,6 +44,7 @@ from gere.modeling import load_model_and_tokenizer  # noqa: E402
 from gere.precision import native_bf16  # noqa: E402
 from gere.provenance import provenance  # noqa: E402
 from gere.store.extract import extract_store  # noqa: E402
+from gere.store.format import StoreSpec  # noqa: E402
 from gere.trainer import GeReTrainer  # noqa: E402
 
 
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
         tokenizer.padding_side = "right"
         store = None
         if cfg.gere.needs_reference:
-            store = extract_store(model, tokenizer, cfg.gere.load_replay_set(), work / "store", cfg.gere.store_spec(),
+            store = extract_store(model, tokenizer, cfg.gere.load_replay_set(), work / "store", StoreSpec.for_config(cfg.gere),
                                   progress=False)  # fmt: skip
         task = load_task(cfg.task_specs()[0])
         features = build_train_features(task.spec, task.train, tokenizer, cfg.training.max_length)

@@ -1,4 +1,4 @@
-"""The package's shape: cheap settings, bounded modules and functions, old import paths that still work."""
+"""The package's shape: cheap settings, bounded modules and functions, no import circle, old import paths that still work."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ def test_reading_settings_does_not_import_torch():
     code = (
         "import sys\n"
         "from gere import GeReConfig\n"
+        "from gere.store.format import StoreSpec\n"
         "cfg = GeReConfig(objective='ce+kl+tm', margin_weight='100')\n"
-        "spec = cfg.store_spec()\n"
+        "spec = StoreSpec.for_config(cfg)\n"
         "assert cfg.margin_weight == 100.0 and spec.topk == cfg.kl_topk\n"
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
     )
@@ -85,3 +86,43 @@ def test_store_package_keeps_its_names_and_forwards_moved_helpers():
     with pytest.warns(DeprecationWarning, match="pad_batch"):
         ids, mask = gere.store.pad_right([[5, 6, 7], [8]], 0, "cpu")
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def _imports(path: Path) -> set[str]:
+    """The `gere` modules a module imports, when it loads or inside its functions (not under TYPE_CHECKING)."""
+    tree = ast.parse(path.read_text())
+    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+               for n in ast.walk(node)}  # fmt: skip
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gere"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("gere"))
+    return found
+
+
+def test_modules_import_each_other_without_a_circle():
+    modules = {}
+    for path in SRC.rglob("*.py"):
+        parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {name: sorted(m for m in _imports(path) if m in modules and m != name)
+             for name, path in modules.items()}  # fmt: skip
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> list[str] | None:
+        state[name] = 1
+        for dep in graph[name]:
+            if state.get(dep) == 1:
+                return [*path, name, dep]
+            if dep not in state and (cycle := visit(dep, [*path, name])):
+                return cycle
+        state[name] = 2
+        return None
+
+    cycle = next((c for name in sorted(graph) if name not in state and (c := visit(name, []))), None)
+    assert cycle is None, " -> ".join(cycle[cycle.index(cycle[-1]):])

@@ -67,7 +67,7 @@ from gere.replay.replay_set import ReplaySet, tokenize_replay_set
 from gere.replay.sampler import BatchInterpolationSampler
 from gere.store.extract import extract_store
 from gere.store.fingerprint import check_store_belongs
-from gere.store.format import ActivationStore
+from gere.store.format import ActivationStore, StoreSpec
 
 LOGGED_PARTS = (*LOSS_PARTS, *WEIGHTS, *GRAD_SHARE)
 
@@ -186,7 +186,7 @@ class GeReMixin:
         from_store = cfg.reference == "store" and (cfg.needs_reference or self._gere_store is not None)
         if from_store:
             if self._gere_store is not None and self._check_store_model:
-                check_store_belongs(self._gere_store, model, tokenizer, cfg.store_spec())
+                check_store_belongs(self._gere_store, model, tokenizer, StoreSpec.for_config(cfg))
             store = self._gere_store or self._extract_store(model, tokenizer)
             self._check_store_contents(store, layers)
             self._gere_store = store
@@ -207,7 +207,7 @@ class GeReMixin:
         # Every process takes part: the forward pass is split across them (see gere.store.extract). Under
         # DeepSpeed or FSDP the Trainer has not placed the model yet; device= runs the pass there.
         return extract_store(
-            model, tokenizer, replay_set, store_dir, cfg.store_spec(), regenerate=not cfg.reuse_store,
+            model, tokenizer, replay_set, store_dir, StoreSpec.for_config(cfg), regenerate=not cfg.reuse_store,
             progress=self.is_world_process_zero(), device=self.args.device,
         )  # fmt: skip
 
@@ -227,7 +227,7 @@ class GeReMixin:
         return OnlineReference(stats, cfg.parts, cfg.threshold_k, cfg.kl_topk)
 
     def _check_store_contents(self, store: ActivationStore, layers) -> None:
-        spec, contents = self.gere.store_spec(), store.contents
+        spec, contents = StoreSpec.for_config(self.gere), store.contents
         missing = [
             name
             for name, needed, have in (

@@ -77,7 +77,7 @@ from gere.precision import Precision, resolve_bf16
 from gere.provenance import provenance
 from gere.replay.replay_set import ReplaySet
 from gere.store.extract import extract_store
-from gere.store.format import ActivationStore, open_store
+from gere.store.format import ActivationStore, StoreSpec, open_store
 from gere.trainer import GeReTrainer
 
 logger = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ def _prepare_replay(cfg: RunConfig, replay_set, model, tokenizer, out: Path, sta
     own = not gere.store_dir
     store_dir = out / OWN_STORE if own else Path(gere.store_dir)
     if state is None:
-        spec = gere.store_spec()
+        spec = StoreSpec.for_config(gere)
         try:
             store = extract_store(model, tokenizer, replay_set, store_dir, spec, regenerate=not gere.reuse_store,
                                   progress=progress)  # fmt: skip

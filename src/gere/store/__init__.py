@@ -1,17 +1,22 @@
 """The activation store: what the frozen base model computes on the replay set, stored once.
 
-- `gere.store.format`: the files, label packing, the manifest and `open_store` (numpy and safetensors only);
+- `gere.store.format`: the files, label packing, the manifest, `StoreSpec` and `open_store` (numpy and
+  safetensors only);
 - `gere.store.extract`: `extract_store`, the forward pass that builds a store, split across processes;
 - `gere.store.fingerprint`: the identity of a store (model, tokenizer, replay set, settings).
 
-The names below are importable from ``gere.store`` itself and load their module on first use. Helpers that
-lived in the former single ``gere/store.py`` and moved elsewhere still resolve, with a DeprecationWarning.
+The names below are importable from ``gere.store`` itself and load their module on first use.
+`FEATURE_DTYPES` is defined here, not in `gere.store.format`, so that `gere.config` checks its
+``feature_dtype`` setting against the store's own list without importing numpy.
 """
 
 from __future__ import annotations
 
 import importlib
 import warnings
+
+#: Dtypes of the hidden states a store records for the l1 / l2 objectives.
+FEATURE_DTYPES = ("float16", "bfloat16")
 
 _EXPORTS = {
     "ActivationStore": "gere.store.format",
@@ -31,7 +36,6 @@ _EXPORTS = {
 }
 # Moved out of the store by the 0.2 layout; resolvable here until the next release.
 _MOVED = {
-    "FEATURE_DTYPES": "gere.config",
     "pad_batch": "gere.batching",
     "pad_token_id": "gere.batching",
     "model_device": "gere.batching",
@@ -39,7 +43,7 @@ _MOVED = {
     "check_context_length": "gere.batching",
     "replay_statistics": "gere.reference",
 }
-__all__ = list(_EXPORTS)
+__all__ = ["FEATURE_DTYPES", *_EXPORTS]
 
 
 def pad_right(token_lists, pad_id, device):
