@@ -17,8 +17,9 @@ from pathlib import Path
 
 import yaml
 
+from gere.config_reading import read_yaml_mapping
 from gere.continual.report import REPORT_FILES
-from gere.continual.run_config import RunConfig, read_yaml_mapping
+from gere.continual.run_config import RunConfig
 from gere.errors import GeReError, shown
 from gere.io_utils import HF_PREFIX, atomic_write_json, atomic_write_text, sha256_file
 from gere.reading import read_json
