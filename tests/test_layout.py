@@ -1,12 +1,12 @@
-"""The package's shape: cheap settings, bounded modules and functions, no import circle, old import paths that still work."""
+"""The package's shape: cheap settings, bounded modules and functions, no import circle, no old import paths."""
 
 from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -55,37 +55,21 @@ def test_modules_and_functions_stay_small():
     assert too_long == []
 
 
-@pytest.mark.parametrize(
-    "old, new, name",
-    [
-        ("gere.gere_trainer", "gere.trainer", "GeReTrainer"),
-        ("gere.gere_config", "gere.config", "GeReConfig"),
-        ("gere.runner", "gere.continual.runner", "run_continual"),
-    ],
-)
-def test_old_module_paths_forward_with_a_warning(old, new, name):
-    sys.modules.pop(old, None)
-    with pytest.warns(DeprecationWarning, match=new.replace(".", r"\.")):
-        module = importlib.import_module(old)
-    assert getattr(module, name) is getattr(importlib.import_module(new), name)
-
-
-def test_store_package_keeps_its_names_and_forwards_moved_helpers():
-    import gere.batching
+def test_store_package_names_its_modules_names():
     import gere.store
     import gere.store.extract
     import gere.store.format
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the store's own names are not deprecated
-        assert gere.store.extract_store is gere.store.extract.extract_store
-        assert gere.store.open_store is gere.store.format.open_store
-        assert gere.store.StoreSpec is gere.store.format.StoreSpec
-    with pytest.warns(DeprecationWarning, match=r"gere\.batching\.length_sorted_batches"):
-        assert gere.store.length_sorted_batches is gere.batching.length_sorted_batches
-    with pytest.warns(DeprecationWarning, match="pad_batch"):
-        ids, mask = gere.store.pad_right([[5, 6, 7], [8]], 0, "cpu")
-    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert gere.store.extract_store is gere.store.extract.extract_store
+    assert gere.store.open_store is gere.store.format.open_store
+    assert gere.store.StoreSpec is gere.store.format.StoreSpec
+    with pytest.raises(AttributeError, match="no attribute 'pad_right'"):
+        gere.store.pad_right  # noqa: B018 (removed in 0.2.0: gere.batching.pad_batch)
+
+
+def test_removed_module_paths_are_gone():
+    for old in ("gere.gere_trainer", "gere.gere_config", "gere.runner", "gere._moved"):
+        assert importlib.util.find_spec(old) is None, f"{old} was removed in 0.2.0 (CHANGELOG.md)"
 
 
 def _imports(path: Path) -> set[str]:

@@ -408,7 +408,7 @@ class GeReMixin:
     # ------------------------------------------------------------------------------------------ logging
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs and self._gere_counts is not None:
+        if "loss" in logs:
             means = torch.tensor(
                 [self._gere_sums.get(n, 0.0) / max(self._gere_counts.get(n, 0), 1) for n in LOGGED_PARTS],
                 dtype=torch.float64,

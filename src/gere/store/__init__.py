@@ -13,7 +13,6 @@ The names below are importable from ``gere.store`` itself and load their module 
 from __future__ import annotations
 
 import importlib
-import warnings
 
 #: Dtypes of the hidden states a store records for the l1 / l2 objectives.
 FEATURE_DTYPES = ("float16", "bfloat16")
@@ -34,40 +33,10 @@ _EXPORTS = {
     "model_fingerprint": "gere.store.fingerprint",
     "tokenizer_fingerprint": "gere.store.fingerprint",
 }
-# Moved out of the store by the 0.2 layout; resolvable here until the next release.
-_MOVED = {
-    "pad_batch": "gere.batching",
-    "pad_token_id": "gere.batching",
-    "model_device": "gere.batching",
-    "length_sorted_batches": "gere.batching",
-    "check_context_length": "gere.batching",
-    "replay_statistics": "gere.reference",
-}
 __all__ = ["FEATURE_DTYPES", *_EXPORTS]
-
-
-def pad_right(token_lists, pad_id, device):
-    """Deprecated: ``gere.batching.pad_batch(token_lists, pad_id, "right", device)[:2]``."""
-    warnings.warn(
-        "gere.store.pad_right moved to gere.batching.pad_batch(..., side='right'); the old name goes away "
-        "in the next release",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    from gere.batching import pad_batch
-
-    return pad_batch(token_lists, pad_id, "right", device)[:2]
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in _MOVED:
-        warnings.warn(
-            f"gere.store.{name} moved to {_MOVED[name]}.{name}; import it from there "
-            "(the old path goes away in the next release)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module 'gere.store' has no attribute {name!r}")
