@@ -110,3 +110,28 @@ def test_modules_import_each_other_without_a_circle():
 
     cycle = next((c for name in sorted(graph) if name not in state and (c := visit(name, []))), None)
     assert cycle is None, " -> ".join(cycle[cycle.index(cycle[-1]):])
+
+
+# Test files about the whole package rather than one module, each with what it covers.
+CROSS_CUTTING = {
+    "config_shapes": "run configs of every shape YAML allows",
+    "configs": "the shipped example configs parse",
+    "crash_resume": "runs killed at every point and resumed",
+    "kills_between_writes": "kills between two file writes",
+    "reliability": "docs/reliability.md's failure table",
+    "examples": "the examples folder runs",
+    "layout": "the package's shape",
+    "demo_integration": "the demo on its real model (opt-in)",
+    "demo_methods": "the demo's methods table",
+    "lm_eval": "lm-evaluation-harness as the general score (continual/lm_eval_general.py and the runner)",
+    "llamafactory_entry": "gere-lf's entry point without LLaMA-Factory (tests_lf/ runs it with LLaMA-Factory)",
+}
+
+
+def test_test_files_are_named_after_their_modules():
+    names = {"_".join(p.relative_to(SRC).with_suffix("").parts) for p in SRC.rglob("*.py")}
+    names |= {p.name for p in SRC.rglob("*") if p.is_dir() and (p / "__init__.py").exists()}
+    names |= {p.stem for p in SRC.rglob("*.py")}
+    tests = Path(__file__).resolve().parent
+    unnamed = [p.name for p in sorted(tests.glob("test_*.py")) if p.stem[5:] not in names | set(CROSS_CUTTING)]
+    assert unnamed == [], "name a test file test_<module>.py after the module it tests, or list it in CROSS_CUTTING"

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from test_runner import run, setup, whole_and_resumed  # noqa: F401 (the tiny two-task run files, shared)
 from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
 from gere.baselines.lwf import INDEX, LwF, lwf_loss, with_index
@@ -14,6 +13,7 @@ from gere.errors import GeReError
 from gere.trainer import GeReTrainer
 
 from tiny import sft_rows, tiny_llama, tiny_tokenizer
+from tiny_runs import run, whole_and_resumed
 
 
 def slow_lwf(logits, values, indices, mask, temperature):
@@ -127,7 +127,7 @@ def test_the_trainer_adds_lwf_to_the_minimised_loss_and_keeps_the_index_column(t
         assert e["loss"] == pytest.approx(e["task_ce"] + e["lwf"], rel=1e-4)
 
 
-def test_two_task_run_distils_every_task_toward_the_stage_before(setup, tmp_path):  # noqa: F811
+def test_two_task_run_distils_every_task_toward_the_stage_before(setup, tmp_path):
     result = run(setup, tmp_path / "lwf", "gere.objective=none", "lwf.weight=1", "lwf.topk=8")
     assert result["method"] == "lwf"
     history = result["loss_history"]
@@ -142,7 +142,7 @@ def test_two_task_run_distils_every_task_toward_the_stage_before(setup, tmp_path
     assert plain["accuracy_matrix"][1:] != result["accuracy_matrix"][1:] or plain["general"] != result["general"]
 
 
-def test_combined_with_ce_tm_and_resumed_after_a_crash(setup, tmp_path, monkeypatch):  # noqa: F811
+def test_combined_with_ce_tm_and_resumed_after_a_crash(setup, tmp_path, monkeypatch):
     args = ("gere.objective=ce+tm", "lwf.weight=1", "lwf.topk=8", "keep_checkpoints=0")
     whole, resumed = whole_and_resumed(setup, tmp_path, monkeypatch, *args)
     assert whole["method"] == "ce+tm+lwf"
@@ -152,7 +152,7 @@ def test_combined_with_ce_tm_and_resumed_after_a_crash(setup, tmp_path, monkeypa
     assert resumed["metrics"] == whole["metrics"]
 
 
-def test_settings_are_checked(setup):  # noqa: F811
+def test_settings_are_checked(setup):
     for bad, words in (("lwf.weight=-1", "lwf.weight"), ("lwf.temperature=0", "lwf.temperature"),
                        ("lwf.topk=0", "lwf.topk"), ("lwf.weight=.inf", "lwf.weight"),
                        ("lwf.tokens=answers", "lwf.tokens")):  # fmt: skip

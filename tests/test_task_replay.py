@@ -4,12 +4,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_runner import run, setup, whole_and_resumed  # noqa: F401 (the tiny two-task run files, shared)
 
 import gere.continual.runner as runner
 from gere.baselines.task_replay import FILE, TaskReplayBuffer, select
 from gere.continual.run_config import load_run_config
 from gere.errors import GeReError
+
+from tiny_runs import run, whole_and_resumed
 
 
 def test_selection_first_and_reservoir():
@@ -42,7 +43,7 @@ def test_buffer_grows_per_task_and_round_trips(tmp_path):
         TaskReplayBuffer(per_task=0)
 
 
-def test_the_second_task_trains_on_the_first_tasks_examples_too(setup, tmp_path, monkeypatch):  # noqa: F811
+def test_the_second_task_trains_on_the_first_tasks_examples_too(setup, tmp_path, monkeypatch):
     sizes = []
     real = runner._stage_trainer
 
@@ -58,7 +59,7 @@ def test_the_second_task_trains_on_the_first_tasks_examples_too(setup, tmp_path,
     assert (tmp_path / "tr" / "checkpoints" / "stage-2" / FILE).exists()
 
 
-def test_resume_after_a_crash_gives_the_same_metrics(setup, tmp_path, monkeypatch):  # noqa: F811
+def test_resume_after_a_crash_gives_the_same_metrics(setup, tmp_path, monkeypatch):
     args = ("gere.objective=none", "task_replay.per_task=4", "task_replay.seed=3")
     whole, resumed = whole_and_resumed(setup, tmp_path, monkeypatch, *args)
     assert resumed["accuracy_matrix"] == whole["accuracy_matrix"] and resumed["metrics"] == whole["metrics"]
@@ -77,7 +78,7 @@ def spy_trainers(monkeypatch) -> list:
     return trainers
 
 
-def test_interpolate_puts_exactly_k_buffered_examples_in_every_batch(setup, tmp_path, monkeypatch):  # noqa: F811
+def test_interpolate_puts_exactly_k_buffered_examples_in_every_batch(setup, tmp_path, monkeypatch):
     trainers = spy_trainers(monkeypatch)
     run(setup, tmp_path / "bi", "gere.objective=ce+tm", "task_replay.per_task=3", "task_replay.mixing=interpolate",
         "task_replay.per_batch=1", "lwf.weight=1", "lwf.topk=4")  # fmt: skip
@@ -91,7 +92,7 @@ def test_interpolate_puts_exactly_k_buffered_examples_in_every_batch(setup, tmp_
     assert second._train_sampler is not None and trainers[0]._train_sampler is None
 
 
-def test_batch_mode_adds_a_separate_buffered_batch_to_every_step(setup, tmp_path, monkeypatch):  # noqa: F811
+def test_batch_mode_adds_a_separate_buffered_batch_to_every_step(setup, tmp_path, monkeypatch):
     trainers = spy_trainers(monkeypatch)
     result = run(setup, tmp_path / "sep", "gere.objective=none", "task_replay.per_task=3", "task_replay.mixing=batch",
                  "task_replay.batch_size=2")  # fmt: skip
@@ -104,7 +105,7 @@ def test_batch_mode_adds_a_separate_buffered_batch_to_every_step(setup, tmp_path
         assert r["loss"] == pytest.approx(r["task_ce"] + r["task_replay_ce"], rel=1e-4)
 
 
-def test_separate_batches_draw_each_buffered_row_before_repeating(setup):  # noqa: F811
+def test_separate_batches_draw_each_buffered_row_before_repeating(setup):
     from gere.baselines.task_replay import SeparateBufferBatches
 
     seen = []
@@ -120,14 +121,14 @@ def test_separate_batches_draw_each_buffered_row_before_repeating(setup):  # noq
         SeparateBufferBatches([], 2, None, 0)
 
 
-def test_resume_in_batch_mode_gives_the_same_losses(setup, tmp_path, monkeypatch):  # noqa: F811
+def test_resume_in_batch_mode_gives_the_same_losses(setup, tmp_path, monkeypatch):
     args = ("gere.objective=none", "task_replay.per_task=4", "task_replay.mixing=batch", "task_replay.batch_size=2")
     whole, resumed = whole_and_resumed(setup, tmp_path, monkeypatch, *args)
     assert [r["loss"] for r in resumed["loss_history"]] == [r["loss"] for r in whole["loss_history"]]
     assert resumed["metrics"] == whole["metrics"]
 
 
-def test_settings_are_checked(setup):  # noqa: F811
+def test_settings_are_checked(setup):
     for bad, words in (("task_replay.per_task=-1", "task_replay.per_task"),
                        ("task_replay.selection=last", "task_replay.selection"),
                        ("task_replay.mixing=mix", "task_replay.mixing"),
