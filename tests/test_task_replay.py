@@ -142,3 +142,22 @@ def test_settings_are_checked(setup):
     with pytest.raises(GeReError, match="both place rows"):
         load_run_config(setup / "run.yaml", [*interpolate, "gere.objective=ce", "gere.num_interpolate_per_batch=1"])
     load_run_config(setup / "run.yaml", [*interpolate, "gere.objective=ce"])  # a separate general replay batch: fine
+
+
+def test_interpolate_counts_the_global_batch_over_every_process(tmp_path):
+    """Two processes (torchrun, gloo) with per-device batch 2 and one with accumulation 2: global batches of
+    4 either way, and exactly ``per_batch`` = 1 buffered row in each, not one per process."""
+    from launch import torchrun
+    from task_replay_worker import NUM_BUFFERED, NUM_TASK, run_task_replay
+
+    def per_step(micro_lists):
+        steps: dict[int, list[int]] = {}
+        for micro in micro_lists:
+            for m in micro:
+                steps.setdefault(m["step"], []).append(m["buffered"])
+        return {step: sum(counts) for step, counts in steps.items()}
+
+    two = per_step(torchrun("task_replay_worker.py", tmp_path))
+    one = per_step([run_task_replay(tmp_path / "one", grad_accum=2)])
+    assert two == one == {0: 1, 1: 1, 2: 1}
+    assert sum(two.values()) == NUM_BUFFERED and 3 * 4 == NUM_TASK + NUM_BUFFERED

@@ -50,7 +50,7 @@ from gere.batching import (
 )
 from gere.config import BALANCED, GeReConfig, resolved_config, weight_rule
 from gere.diagnostics import GradShareMeter
-from gere.distributed import check_interpolation_across_processes
+from gere.distributed import check_interpolation_across_processes, global_batch_size
 from gere.errors import GeReError
 from gere.losses import combine_losses, loss_contributions, replay_losses
 from gere.parts import GRAD_SHARE, LOSS_PARTS, WEIGHTS, checked_loss_parts
@@ -288,7 +288,8 @@ class GeReMixin:
             sampler = RandomSampler(range(len(task_dataset) + len(self._replay_tokens)),
                                     generator=torch.Generator().manual_seed(seed))  # fmt: skip
         else:
-            global_batch = self._train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+            global_batch = global_batch_size(self._train_batch_size, self.args.gradient_accumulation_steps,
+                                             self.args.world_size)  # fmt: skip
             sampler = BatchInterpolationSampler(len(task_dataset), len(self._replay_tokens),
                                                 self.gere.num_interpolate_per_batch, global_batch, seed=seed,
                                                 placement=self.gere.interpolation_placement)  # fmt: skip

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from gere.batching import model_device
+from gere.distributed import global_batch_size
 from gere.errors import GeReError
 from gere.io_utils import atomic_write_json
 from gere.reading import read_json
@@ -87,9 +88,13 @@ def stage_seed(seed: int, task: int) -> int:
     return seed * 1_000_003 + 7 * task + 1
 
 
-def interpolating_sampler(num_task: int, num_buffered: int, per_batch: int, global_batch: int, seed: int):
+def interpolating_sampler(num_task: int, num_buffered: int, per_batch: int, per_device: int, accumulation: int,
+                          seed: int, world_size: int | None = None):  # fmt: skip
     """Indices of ``[task rows..., buffered rows...]`` with exactly ``per_batch`` buffered rows in every global
-    batch (at random positions), for a dataset that lists the task's rows, then the buffer's."""
+    batch (at random positions), for a dataset that lists the task's rows, then the buffer's. The global
+    batch counts every process (`gere.distributed.global_batch_size`; ``world_size`` defaults to the
+    launched processes), as the Trainer's data loader hands each process its share of it."""
+    global_batch = global_batch_size(per_device, accumulation, world_size)
     return BatchInterpolationSampler(num_task, num_buffered, per_batch, global_batch, seed=seed, placement="random")
 
 

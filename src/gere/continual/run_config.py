@@ -19,7 +19,7 @@ from gere.continual.lm_eval_general import lm_eval_tasks
 from gere.continual.multiple_choice import MC_FORMATS
 from gere.continual.tasks import TaskSpec
 from gere.continual.training_settings import TrainingSettings
-from gere.distributed import launched_world_size
+from gere.distributed import global_batch_size
 from gere.errors import GeReError, check_settings
 
 FINETUNING = ("full", "lora", "olora")
@@ -204,7 +204,7 @@ class RunConfig:
 
     def _check_interpolation(self, t: TrainingSettings, task: str | None) -> None:
         k = self.gere.num_interpolate_per_batch
-        global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * launched_world_size()
+        global_batch = global_batch_size(t.per_device_train_batch_size, t.gradient_accumulation_steps)
         tr = self.task_replay
         if tr.per_task and tr.mixing == "interpolate":
             if self.gere.parts and self.gere.mixing in ("interpolate", "concat"):

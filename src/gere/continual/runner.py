@@ -358,8 +358,9 @@ def _mix_task_buffer(run: _Run, index: int, features: list[dict], collator):
     if tr.mixing == "batch":
         return features, None, [SeparateBufferBatches(buffered, tr.batch_size, collator, seed)]
     t = run.cfg.training_for(run.tasks[index].spec.name)
-    global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps
-    return features + buffered, interpolating_sampler(len(features), len(buffered), tr.per_batch, global_batch, seed), []
+    sampler = interpolating_sampler(len(features), len(buffered), tr.per_batch, t.per_device_train_batch_size,
+                                    t.gradient_accumulation_steps, seed)  # fmt: skip
+    return features + buffered, sampler, []
 
 
 def _stage_trainer(run: _Run, index: int) -> GeReTrainer:
