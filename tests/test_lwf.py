@@ -166,17 +166,20 @@ def test_settings_are_checked(setup):
         LwF()(None, {}, torch.zeros(1, 1, 2))
 
 
-def test_keep_index_carries_the_index_past_a_collator_that_drops_it():
-    from gere.baselines.lwf import KeepIndex
+def test_keep_columns_carries_the_index_past_a_collator_that_drops_it():
+    from gere.batching import KeepColumns
+
+    assert LwF.columns == (INDEX,)
 
     def known_columns_only(features):  # as collators that build batches from the columns they know do
         return {"input_ids": torch.tensor([f["input_ids"] for f in features])}
 
-    collate = KeepIndex(known_columns_only)
+    collate = KeepColumns(known_columns_only, LwF.columns)
     batch = collate([{"input_ids": [1, 2], INDEX: 7}, {"input_ids": [3, 4], INDEX: 2}])
     assert batch[INDEX].tolist() == [7, 2] and batch["input_ids"].shape == (2, 2)
     assert INDEX not in collate([{"input_ids": [1, 2]}]), "examples without the index pass through"
-    joined = KeepIndex(lambda features: {"input_ids": torch.tensor([sum((f["input_ids"] for f in features), [])])})
+    joined = KeepColumns(lambda features: {"input_ids": torch.tensor([sum((f["input_ids"] for f in features), [])])},
+                         LwF.columns)  # fmt: skip
     with pytest.raises(GeReError, match="2 examples"):
         joined([{"input_ids": [1, 2], INDEX: 0}, {"input_ids": [3], INDEX: 1}])
 
@@ -206,7 +209,7 @@ def test_answer_tokens_distils_only_the_positions_that_predict_the_answer(side):
     assert lwf(model, batch, logits).item() != pytest.approx(LwF.__call__(_all(lwf), model, batch, logits).item())
     with pytest.raises(GeReError, match="needs the batch's labels"):
         lwf(model, {k: v for k, v in batch.items() if k != "labels"}, logits)
-    with pytest.raises(GeReError, match="tokens must be one of"):
+    with pytest.raises(GeReError, match=r"LwF: tokens = 'prompt' is not valid: it must be one of"):
         LwF(tokens="prompt")
 
 

@@ -25,8 +25,8 @@ def test_selection_first_and_reservoir():
         for i in select(20, 4, "reservoir", seed):
             counts[i] += 1
     assert min(counts) > 0.8 * 800 and max(counts) < 1.2 * 800
-    with pytest.raises(GeReError, match="not one of first, reservoir"):
-        select(10, 2, "last", 0)
+    with pytest.raises(GeReError, match="selection = 'last' is not valid: it must be one of"):
+        TaskReplayBuffer(2, "last")
 
 
 def test_buffer_grows_per_task_and_round_trips(tmp_path):
@@ -48,9 +48,9 @@ def test_the_second_task_trains_on_the_first_tasks_examples_too(setup, tmp_path,
     real = runner._stage_trainer
 
     def spy(run_, index):
-        trainer = real(run_, index)
+        trainer, stage = real(run_, index)
         sizes.append(len(trainer.train_dataset))
-        return trainer
+        return trainer, stage
 
     monkeypatch.setattr(runner, "_stage_trainer", spy)
     result = run(setup, tmp_path / "tr", "gere.objective=ce+tm", "task_replay.per_task=3")
@@ -71,8 +71,9 @@ def spy_trainers(monkeypatch) -> list:
     real = runner._stage_trainer
 
     def spy(run_, index):
-        trainers.append(real(run_, index))
-        return trainers[-1]
+        trainer, stage = real(run_, index)
+        trainers.append(trainer)
+        return trainer, stage
 
     monkeypatch.setattr(runner, "_stage_trainer", spy)
     return trainers

@@ -39,9 +39,8 @@ from torch.utils.data import DataLoader, RandomSampler, Sampler
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import seed_worker
 
-from gere.baselines.lwf import INDEX as LWF_INDEX
-from gere.baselines.lwf import KeepIndex, task_logits
 from gere.batching import (
+    KeepColumns,
     adapters_disabled,
     check_context_length,
     num_hidden_states,
@@ -117,14 +116,14 @@ class GeReMixin:
         # store's base model (checked there) turns this off.
         self._check_store_model = check_store_model
         self._gere_replay_set = replay_set
-        # Baseline loss parts (`gere.baselines`), added to the loss as they are while training: weight
-        # penalties (EWC, O-LoRA) called on the unwrapped model, parts with ``uses_batch`` (LwF) also given the
-        # task batch and its logits. A sampler replaces the Trainer's shuffling (e.g. exactly k buffered rows
-        # of earlier tasks in every global batch: `gere.baselines.task_replay.interpolating_sampler`).
+        # Baselines' loss parts (`gere.baselines.base`), added to the loss as they are: called on the unwrapped
+        # model, or with ``uses_batch`` also given the task batch (with the ``columns`` it names, carried past
+        # the collator) and its logits; an inactive part sits out. A sampler replaces the Trainer's shuffling.
         self._penalties, self._train_sampler = checked_loss_parts(penalties), train_sampler
         self._batch_parts = [p for p in self._penalties if getattr(p, "uses_batch", False)]
-        if self._batch_parts:
-            self.data_collator = KeepIndex(self.data_collator)  # LwF's row index, past collators that drop it
+        self._part_columns = tuple(dict.fromkeys(c for p in self._penalties for c in getattr(p, "columns", ())))
+        if self._part_columns:
+            self.data_collator = KeepColumns(self.data_collator, self._part_columns)
         if train_sampler is not None and self._replay_rows_in_batches:
             raise GeReError(
                 f"train_sampler= and replay_mixing {self.gere.mixing!r} both decide the task batches; give the "
@@ -265,8 +264,8 @@ class GeReMixin:
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        if LWF_INDEX not in self._signature_columns:  # LwF looks its targets up by the rows' index column
-            self._signature_columns.append(LWF_INDEX)
+        # The loss parts' own columns (LwF looks its targets up by the rows' index) are not the model's.
+        self._signature_columns += [c for c in self._part_columns if c not in self._signature_columns]
 
     def get_train_dataloader(self) -> DataLoader:
         if not self._replay_rows_in_batches:
@@ -326,17 +325,17 @@ class GeReMixin:
         replay_index = inputs.pop(REPLAY_INDEX, None)
         parts: dict[str, torch.Tensor] = {}
         outputs = None
-        example_index = inputs.pop(LWF_INDEX, None)
+        columns = {c: inputs.pop(c) for c in self._part_columns if c in inputs}
         # Loss parts on the task batch itself (LwF's distillation) need its logits.
         on_batch = [p for p in self._batch_parts if p.active] if model.training else []
         if "input_ids" in inputs or "inputs_embeds" in inputs:
             want_outputs = return_outputs or (bool(on_batch) and not self._gere_own_logits)
             parts["task_ce"], outputs = self._task_loss(model, inputs, want_outputs, num_items_in_batch)
             if on_batch:
-                logits, own_pass = task_logits(model, inputs, outputs)
+                logits, own_pass = _task_logits(model, inputs, outputs)
                 # A parent loss without logits that carry a gradient (TRL's fused LM head): own pass from now on.
                 self._gere_own_logits = self._gere_own_logits or own_pass
-                batch = {**inputs, LWF_INDEX: example_index} if example_index is not None else inputs
+                batch = {**inputs, **columns} if columns else inputs
                 parts.update({p.name: p(self._unwrapped(model), batch, logits) for p in on_batch})
         if self.gere.parts and model.training:
             self._gere_prepare()
@@ -426,6 +425,16 @@ class GeReMixin:
                     logs[name] = round(value, 6)
             self._gere_sums, self._gere_counts = {}, {}
         super().log(logs, *args, **kwargs)
+
+
+def _task_logits(model, inputs: dict, outputs) -> tuple[torch.Tensor, bool]:
+    """The task batch's logits for loss parts on the batch, and whether they took a forward pass of their own:
+    the parent trainer's outputs' logits when they carry a gradient; otherwise (no outputs asked for, or TRL's
+    fused LM head, which recomputes them without one) the model's, from a pass with the gradient."""
+    logits = None if outputs is None else outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+    if logits is not None and (logits.requires_grad or not torch.is_grad_enabled()):
+        return logits, False
+    return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits, True
 
 
 class GeReTrainer(GeReMixin, Trainer):
