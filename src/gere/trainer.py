@@ -29,7 +29,6 @@ and the logged loss parts are averaged over processes. See docs/distributed.md f
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -64,7 +63,7 @@ from gere.replay.batches import (
 )
 from gere.replay.replay_set import ReplaySet, tokenize_replay_set
 from gere.replay.sampler import BatchInterpolationSampler
-from gere.store.extract import extract_store
+from gere.store.extract import store_for
 from gere.store.fingerprint import check_store_belongs
 from gere.store.format import ActivationStore, StoreSpec
 
@@ -202,13 +201,10 @@ class GeReMixin:
     def _extract_store(self, model, tokenizer) -> ActivationStore:
         cfg = self.gere
         replay_set = self._gere_replay_set or cfg.load_replay_set()
-        store_dir = cfg.store_dir or os.path.join(self.args.output_dir, "gere_store")
         # Every process takes part: the forward pass is split across them (see gere.store.extract). Under
         # DeepSpeed or FSDP the Trainer has not placed the model yet; device= runs the pass there.
-        return extract_store(
-            model, tokenizer, replay_set, store_dir, StoreSpec.for_config(cfg), regenerate=not cfg.reuse_store,
-            progress=self.is_world_process_zero(), device=self.args.device,
-        )  # fmt: skip
+        return store_for(cfg, model, tokenizer, replay_set, self.args.output_dir,
+                         progress=self.is_world_process_zero(), device=self.args.device)  # fmt: skip
 
     def _online_reference(self, model, tokenizer, layers) -> OnlineReference:
         cfg = self.gere

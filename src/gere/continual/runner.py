@@ -47,7 +47,6 @@ from gere.continual.prompts import build_train_features
 from gere.continual.report import build_results, learning_warnings, write_report
 from gere.continual.run_config import RunConfig
 from gere.continual.run_folder import (
-    OWN_STORE,
     STATE_FILE,
     cached_base_eval,
     claim,
@@ -68,8 +67,8 @@ from gere.parts import GRAD_SHARE, LOGGED, TRAINER_LOGGED
 from gere.precision import Precision, resolve_bf16
 from gere.provenance import provenance
 from gere.replay.replay_set import ReplaySet
-from gere.store.extract import extract_store
-from gere.store.format import ActivationStore, StoreSpec, open_store
+from gere.store.extract import store_dir, store_for
+from gere.store.format import ActivationStore, open_store
 from gere.trainer import GeReTrainer
 
 logger = logging.getLogger(__name__)
@@ -181,23 +180,13 @@ def _prepare_replay(cfg: RunConfig, replay_set, model, tokenizer, out: Path, sta
         return None, None
     if gere.reference != "store" or not gere.needs_reference:
         return replay_set, None
-    own = not gere.store_dir
-    store_dir = out / OWN_STORE if own else Path(gere.store_dir)
     if state is None:
-        spec = StoreSpec.for_config(gere)
-        try:
-            store = extract_store(model, tokenizer, replay_set, store_dir, spec, regenerate=not gere.reuse_store,
-                                  progress=progress)  # fmt: skip
-        except GeReError as err:
-            if not (own and err.setting == "reuse_store"):
-                raise
-            # The run's own store, left by the run this one replaces: rebuilt for this run's model and texts.
-            logger.warning("rebuilding %s for this run: %s", store_dir, err)
-            store = extract_store(model, tokenizer, replay_set, store_dir, spec, regenerate=True, progress=progress)
+        store = store_for(gere, model, tokenizer, replay_set, out, progress=progress, rebuild_own=True)
     else:
-        store = open_store(store_dir)
+        folder = store_dir(gere, out)
+        store = open_store(folder)
         if store.manifest["model"] != state["base_model"]:
-            raise GeReError(f"{store_dir} no longer belongs to this run's base model; use --overwrite")
+            raise GeReError(f"{folder} no longer belongs to this run's base model; use --overwrite")
     return replay_set, store
 
 
