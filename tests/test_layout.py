@@ -20,6 +20,7 @@ def test_reading_settings_does_not_import_torch():
     code = (
         "import sys\n"
         "from gere import GeReConfig\n"
+        "from gere.baselines.settings import EwcSettings, LwfSettings, OLoraSettings, TaskReplaySettings\n"
         "from gere.store.format import StoreSpec\n"
         "cfg = GeReConfig(objective='ce+kl+tm', margin_weight='100')\n"
         "spec = StoreSpec.for_config(cfg)\n"
@@ -121,6 +122,7 @@ CROSS_CUTTING = {
     "reliability": "docs/reliability.md's failure table",
     "examples": "the examples folder runs",
     "layout": "the package's shape",
+    "architecture": "docs/architecture.md's module map against the code",
     "demo_integration": "the demo on its real model (opt-in)",
     "demo_methods": "the demo's methods table",
     "lm_eval": "lm-evaluation-harness as the general score (continual/lm_eval_general.py and the runner)",
