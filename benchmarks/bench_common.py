@@ -154,7 +154,9 @@ def task_batches(tokenizer, texts: list[str], sizes: Sizes, count: int = 4) -> l
     for b in range(count):
         rows = [token_lists[(b * sizes.task_batch + r) % len(token_lists)] for r in range(sizes.task_batch)]
         ids, mask, _, _ = pad_batch(rows, pad_token_id(tokenizer), "right", "cpu")
-        batches.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE_INDEX)})
+        batches.append(
+            {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE_INDEX)}
+        )
     return batches
 
 

@@ -37,13 +37,17 @@ class CountingTrainer(GeReTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             buffered = int((inputs["input_ids"] == self.marker).any(dim=1).sum())
-            self.micro.append({"step": self.state.global_step, "rows": len(inputs["input_ids"]), "buffered": buffered})
+            self.micro.append(
+                {"step": self.state.global_step, "rows": len(inputs["input_ids"]), "buffered": buffered}
+            )
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
 def run_task_replay(out: Path, grad_accum: int) -> list[dict]:
     tok, model = tiny_tokenizer(), tiny_llama()
-    task = sft_rows(tok, [f"review the movie was good answer : {i}" for i in range(NUM_TASK)], [" good"] * NUM_TASK)
+    task = sft_rows(
+        tok, [f"review the movie was good answer : {i}" for i in range(NUM_TASK)], [" good"] * NUM_TASK
+    )
     buffered = sft_rows(tok, ["north or south answer :"] * NUM_BUFFERED, [" north"] * NUM_BUFFERED)
     args = TrainingArguments(
         output_dir=str(out / f"train-{grad_accum}"), per_device_train_batch_size=PER_DEVICE,

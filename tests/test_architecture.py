@@ -24,7 +24,9 @@ def _map_rows() -> list[list[str]]:
     """The module map's rows, each the module paths (``store/format.py``) it names, in the document's order."""
     text = DOC.read_text()
     table = text.split("## Module map", 1)[1].split("\n## ", 1)[0]
-    rows = [line.split("|")[2] for line in table.splitlines() if line.startswith("|") and line.count("|") >= 4]
+    rows = [
+        line.split("|")[2] for line in table.splitlines() if line.startswith("|") and line.count("|") >= 4
+    ]
     return [re.findall(r"`([\w/]+\.py)`", cell) for cell in rows[2:]]  # past the header and its rule
 
 

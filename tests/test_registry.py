@@ -44,10 +44,14 @@ def test_the_runner_and_the_trainer_name_no_baseline():
     words = {*registry.BASELINES, "task-replay", "lwf", "LwF", "EWC", "OLoRA", "TaskReplay"}
     for module in ("continual/runner.py", "trainer.py"):
         names = _names_in_code(SRC / module)
-        named = sorted(n for n in names for w in words if w.lower() in n.lower().split(".")[-1].replace("_", ""))
+        named = sorted(
+            n for n in names for w in words if w.lower() in n.lower().split(".")[-1].replace("_", "")
+        )
         assert named == [], (module, named)
-        assert not {n for n in names if n.startswith("gere.baselines.")} - {"gere.baselines.base",
-                                                                              "gere.baselines.registry"}
+        assert not {n for n in names if n.startswith("gere.baselines.")} - {
+            "gere.baselines.base",
+            "gere.baselines.registry",
+        }
 
 
 class Counting(Baseline):

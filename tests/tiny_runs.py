@@ -19,7 +19,14 @@ from tiny import write_tiny_run_files
 def write_tiny_run(root: Path) -> Path:
     """A tiny model, two tasks (mood, compass), replay and held-out texts and ``run.yaml`` under ``root``."""
     model_dir = write_tiny_run_files(root)
-    mc = [{"question": "the river is", "choices": ["north", "south", "good", "bad"], "answer": 1, "subject": "geo"}]
+    mc = [
+        {
+            "question": "the river is",
+            "choices": ["north", "south", "good", "bad"],
+            "answer": 1,
+            "subject": "geo",
+        }
+    ]
     (root / "mc.jsonl").write_text("".join(json.dumps(q) + "\n" for q in mc * 3))
     config = {
         "name": "tiny",

@@ -38,7 +38,9 @@ class Stage:
     tokenizer: Any
     train_sets: Sequence[Sequence]  # every task's training examples, in task order
     collator: Callable  # batches the task's training rows
-    features: Callable[[int, list], list[dict]]  # (task position, examples) -> training rows in that task's prompt
+    features: Callable[
+        [int, list], list[dict]
+    ]  # (task position, examples) -> training rows in that task's prompt
     training: Any  # this task's `gere.continual.training_settings.TrainingSettings`
     rows: list[dict]  # the training rows as they stand (after `train_rows`: what the trainer trains on)
 
