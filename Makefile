@@ -37,7 +37,7 @@ $(COMPAT_VENV)/.installed: pyproject.toml
 	touch $@
 
 test-compat: $(COMPAT_VENV)/.installed
-	$(COMPAT_VENV)/bin/python -m pytest -q tests/test_gere_trainer.py tests/test_trl.py tests/test_runner.py
+	$(COMPAT_VENV)/bin/python -m pytest -q tests/test_trainer.py tests/test_trl_trainer.py tests/test_runner.py
 
 # LLaMA-Factory's requirements without torch / torchaudio / torchvision (tests_lf/requirements.txt): the
 # CPU torch pin stays, and tests_lf/stubs stands in for torchaudio, which PyPI has for no CPU torch 2.13.

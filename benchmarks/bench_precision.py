@@ -44,6 +44,7 @@ from gere.modeling import load_model_and_tokenizer  # noqa: E402
 from gere.precision import native_bf16  # noqa: E402
 from gere.provenance import provenance  # noqa: E402
 from gere.store.extract import extract_store  # noqa: E402
+from gere.store.format import StoreSpec  # noqa: E402
 from gere.trainer import GeReTrainer  # noqa: E402
 
 
@@ -72,7 +73,7 @@ class DemoStep:
         self.store = None
         if self.cfg.gere.needs_reference:
             self.store = extract_store(self.model, self.tokenizer, self.cfg.gere.load_replay_set(), work / "store",
-                                       self.cfg.gere.store_spec(), progress=False)  # fmt: skip
+                                       StoreSpec.for_config(self.cfg.gere), progress=False)  # fmt: skip
         self.task = load_task(self.cfg.task_specs()[0])
         self.features = build_train_features(self.task.spec, self.task.train, self.tokenizer,
                                              self.cfg.training.max_length)  # fmt: skip

@@ -26,7 +26,9 @@ def torchrun(script: str, out: Path, processes: int = 2, timeout: int = 300) -> 
     ``OUT/rank<r>.json``; a failure shows the processes' output."""
     if not TORCHRUN.exists():
         pytest.skip("torchrun is not installed next to this Python")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    # The tests' folder in front of the caller's own path (a checkout's src/ there wins over an installed gere).
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     command = [str(TORCHRUN), "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), str(TESTS / script), str(out)]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from test_runner import run, setup  # noqa: F401
 from torch.testing import assert_close
 
 from gere.config import GeReConfig, weight_rule
@@ -10,6 +9,7 @@ from gere.errors import GeReError
 from gere.losses import combine_losses
 
 from tiny import tiny_llama
+from tiny_runs import run
 
 
 def _parts(model):
@@ -74,7 +74,7 @@ def test_gb_needs_parameters_and_ce_in_every_micro_batch():
     GeReConfig(objective="tm", margin_weight="gb:1")  # a separate replay batch: every micro-batch has task CE
 
 
-def test_a_run_with_a_balanced_weight_holds_the_margin_gradient_to_the_fraction(setup, tmp_path):  # noqa: F811
+def test_a_run_with_a_balanced_weight_holds_the_margin_gradient_to_the_fraction(setup, tmp_path):
     results = run(setup, tmp_path / "r", "gere.objective=ce+tm", "gere.margin_weight=gb:0.5",
                   "gere.grad_share_every=1")  # fmt: skip
     for h in results["loss_history"]:

@@ -3,13 +3,11 @@ per-step lines in the run folder's train_log.jsonl; `gere -v` keeps the Trainer'
 
 import json
 
-from test_runner import setup  # noqa: F401
-
 from gere.cli import main
 from gere.continual.console import set_verbose, stage_line
 
 
-def test_quiet_console_prints_stage_lines_and_logs_steps_to_the_run_folder(setup, tmp_path, capsys):  # noqa: F811
+def test_quiet_console_prints_stage_lines_and_logs_steps_to_the_run_folder(setup, tmp_path, capsys):
     try:
         assert main(["run", str(setup / "run.yaml"), "--output-dir", str(tmp_path / "q"), "--objective", "ce+tm"]) == 0
     finally:
@@ -28,7 +26,7 @@ def test_quiet_console_prints_stage_lines_and_logs_steps_to_the_run_folder(setup
     assert any("train_runtime" in e for e in logged)
 
 
-def test_verbose_keeps_the_trainers_own_lines(setup, tmp_path, capsys):  # noqa: F811
+def test_verbose_keeps_the_trainers_own_lines(setup, tmp_path, capsys):
     try:
         assert main(["-v", "run", str(setup / "run.yaml"), "--output-dir", str(tmp_path / "v"), "--no-progress"]) == 0
     finally:

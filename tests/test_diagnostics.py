@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
-from test_runner import run, setup  # noqa: F401
 
 from gere.diagnostics import gradient_shares
 
 from tiny import tiny_llama
+from tiny_runs import run
 
 
 def _parts(model, seed=0):
@@ -62,7 +62,7 @@ def test_the_graph_survives_for_the_trainers_backward():
     assert all(p.grad is not None for p in params)
 
 
-def test_a_run_with_the_diagnostic_trains_exactly_as_one_without(setup, tmp_path):  # noqa: F811
+def test_a_run_with_the_diagnostic_trains_exactly_as_one_without(setup, tmp_path):
     plain = run(setup, tmp_path / "plain", "gere.objective=ce+tm")
     measured = run(setup, tmp_path / "measured", "gere.objective=ce+tm", "gere.grad_share_every=1")
     assert measured["accuracy_matrix"] == plain["accuracy_matrix"]
@@ -79,14 +79,14 @@ def test_a_run_with_the_diagnostic_trains_exactly_as_one_without(setup, tmp_path
         assert b["grad_norm_total"] == pytest.approx(b["grad_norm"], rel=1e-3)
 
 
-def test_every_n_steps_measures_only_those_steps(setup, tmp_path):  # noqa: F811
+def test_every_n_steps_measures_only_those_steps(setup, tmp_path):
     results = run(setup, tmp_path / "r", "gere.objective=ce", "gere.grad_share_every=2", "training.max_steps=3")
     measured = [h["step"] for h in results["loss_history"] if "grad_norm_task_ce" in h]
     assert measured == [1, 3, 4, 6]  # steps 1 and 3 of each 3-step task (global steps 0 and 2)
     assert all(math.isfinite(h["grad_cos_replay_ce"]) for h in results["loss_history"] if "grad_cos_replay_ce" in h)
 
 
-def test_the_report_shows_and_plots_the_gradient_share(setup, tmp_path):  # noqa: F811
+def test_the_report_shows_and_plots_the_gradient_share(setup, tmp_path):
     results = run(setup, tmp_path / "r", "gere.objective=ce+tm", "gere.grad_share_every=1")
     report = (tmp_path / "r" / "report.md").read_text()
     assert "## Gradient share (diagnostic)" in report and "| mood | replay_margin |" in report

@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_runner import run, setup, whole_and_resumed  # noqa: F401 (the tiny two-task run files, shared)
 
 from gere.baselines.ewc import EWC, FILE, diagonal_fisher, ewc_penalty
 from gere.continual.run_config import load_run_config
 from gere.errors import GeReError
 
 from tiny import sft_rows, tiny_llama, tiny_tokenizer
+from tiny_runs import run, whole_and_resumed
 
 
 def slow_penalty(params, fisher, anchor, strength):
@@ -86,7 +86,7 @@ def test_consolidate_accumulates_fisher_and_moves_the_anchor(tmp_path):
         EWC(1.0).load(tmp_path / "nowhere")
 
 
-def test_two_task_run_adds_the_penalty_from_the_second_task_anchored_at_the_first(setup, tmp_path):  # noqa: F811
+def test_two_task_run_adds_the_penalty_from_the_second_task_anchored_at_the_first(setup, tmp_path):
     out = tmp_path / "ewc"
     ewc = run(setup, out, "gere.objective=none", "ewc.strength=1000", "ewc.samples=4", "keep_checkpoints=0")
     assert ewc["method"] == "ewc"
@@ -107,7 +107,7 @@ def test_two_task_run_adds_the_penalty_from_the_second_task_anchored_at_the_firs
     assert set(fisher) == set(anchor) and sum(f.sum().item() for f in fisher.values()) > 0
 
 
-def test_resume_after_a_crash_gives_the_same_metrics(setup, tmp_path, monkeypatch):  # noqa: F811
+def test_resume_after_a_crash_gives_the_same_metrics(setup, tmp_path, monkeypatch):
     args = ("gere.objective=ce+tm", "ewc.strength=10", "ewc.samples=4", "keep_checkpoints=0")
     whole, resumed = whole_and_resumed(setup, tmp_path, monkeypatch, *args)
     assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
@@ -115,7 +115,7 @@ def test_resume_after_a_crash_gives_the_same_metrics(setup, tmp_path, monkeypatc
     assert resumed["metrics"] == whole["metrics"]
 
 
-def test_settings_are_checked(setup):  # noqa: F811
+def test_settings_are_checked(setup):
     for bad, words in (("ewc.strength=-1", "ewc.strength"), ("ewc.samples=0", "ewc.samples"),
                        ("ewc.strength=.inf", "ewc.strength")):  # fmt: skip
         with pytest.raises(GeReError, match=words):
@@ -124,7 +124,7 @@ def test_settings_are_checked(setup):  # noqa: F811
         "strength": 5.0, "samples": 64}
 
 
-def test_under_lora_only_the_adapter_is_constrained(setup, tmp_path):  # noqa: F811
+def test_under_lora_only_the_adapter_is_constrained(setup, tmp_path):
     out = tmp_path / "lora"
     result = run(setup, out, "finetuning=lora", "lora.target_modules=[q_proj,v_proj]", "gere.objective=none",
                  "ewc.strength=10", "ewc.samples=2")  # fmt: skip

@@ -9,12 +9,13 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_runner import run, setup  # noqa: F401 (the tiny two-task run files, shared)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gere.cli import main
 from gere.continual.export import export_model
 from gere.errors import GeReError
+
+from tiny_runs import run
 
 pytest.importorskip("peft")
 
@@ -27,18 +28,18 @@ def logits(model, tokenizer) -> torch.Tensor:
         return model.eval()(**batch).logits
 
 
-def base_model(setup):  # noqa: F811
+def base_model(setup):
     return AutoModelForCausalLM.from_pretrained(setup / "model")
 
 
 @pytest.fixture(scope="module")
-def full_run(setup, tmp_path_factory):  # noqa: F811
+def full_run(setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "run"
     run(setup, out, "gere.objective=none", "keep_checkpoints=0")
     return out
 
 
-def test_full_fine_tuning_exports_a_folder_from_pretrained_loads(setup, full_run, tmp_path, capsys):  # noqa: F811
+def test_full_fine_tuning_exports_a_folder_from_pretrained_loads(setup, full_run, tmp_path, capsys):
     assert main(["export", str(full_run), "--out", str(tmp_path / "hf")]) == 0
     assert "model after stage 2 (compass)" in capsys.readouterr().out
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
@@ -61,7 +62,7 @@ def test_full_fine_tuning_exports_a_folder_from_pretrained_loads(setup, full_run
     assert not torch.allclose(logits(first, tokenizer), logits(exported, tokenizer))
 
 
-def test_export_refusals_leave_an_existing_folder_as_it_was(setup, full_run, tmp_path, capsys):  # noqa: F811
+def test_export_refusals_leave_an_existing_folder_as_it_was(setup, full_run, tmp_path, capsys):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "mine.txt").write_text("keep me")
     cases = [
@@ -95,7 +96,7 @@ def test_export_refusals_leave_an_existing_folder_as_it_was(setup, full_run, tmp
     assert (tmp_path / "hf" / "config.json").is_file() and not (tmp_path / "hf" / "mine.txt").exists()
 
 
-def test_lora_exports_an_adapter_peft_loads_and_a_merged_model(setup, tmp_path):  # noqa: F811
+def test_lora_exports_an_adapter_peft_loads_and_a_merged_model(setup, tmp_path):
     from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model, set_peft_model_state_dict
 
     from gere.continual.checkpoint import lora_config
@@ -123,7 +124,7 @@ def test_lora_exports_an_adapter_peft_loads_and_a_merged_model(setup, tmp_path):
     torch.testing.assert_close(logits(merged, tokenizer), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_olora_exports_every_task_adapter_merged(setup, tmp_path):  # noqa: F811
+def test_olora_exports_every_task_adapter_merged(setup, tmp_path):
     out = tmp_path / "run"
     run(setup, out, "gere.objective=none", "finetuning=olora", "lora.target_modules=[q_proj,v_proj]",
         "training.learning_rate=0.05")  # fmt: skip
@@ -150,7 +151,7 @@ def test_olora_exports_every_task_adapter_merged(setup, tmp_path):  # noqa: F811
     torch.testing.assert_close(merged, logits(model, tokenizer), atol=1e-5, rtol=1e-5)
 
 
-def test_lm_eval_scores_the_exported_folder_as_the_run_s_model(setup, full_run, tmp_path):  # noqa: F811
+def test_lm_eval_scores_the_exported_folder_as_the_run_s_model(setup, full_run, tmp_path):
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
     from test_lm_eval import questions, write_task  # a tiny local lm-eval task (no hub)

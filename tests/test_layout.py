@@ -1,12 +1,12 @@
-"""The package's shape: cheap settings, bounded modules and functions, old import paths that still work."""
+"""The package's shape: cheap settings, bounded modules and functions, no import circle, no old import paths."""
 
 from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -20,8 +20,10 @@ def test_reading_settings_does_not_import_torch():
     code = (
         "import sys\n"
         "from gere import GeReConfig\n"
+        "from gere.baselines.settings import EwcSettings, LwfSettings, OLoraSettings, TaskReplaySettings\n"
+        "from gere.store.format import StoreSpec\n"
         "cfg = GeReConfig(objective='ce+kl+tm', margin_weight='100')\n"
-        "spec = cfg.store_spec()\n"
+        "spec = StoreSpec.for_config(cfg)\n"
         "assert cfg.margin_weight == 100.0 and spec.topk == cfg.kl_topk\n"
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
     )
@@ -54,34 +56,84 @@ def test_modules_and_functions_stay_small():
     assert too_long == []
 
 
-@pytest.mark.parametrize(
-    "old, new, name",
-    [
-        ("gere.gere_trainer", "gere.trainer", "GeReTrainer"),
-        ("gere.gere_config", "gere.config", "GeReConfig"),
-        ("gere.runner", "gere.continual.runner", "run_continual"),
-    ],
-)
-def test_old_module_paths_forward_with_a_warning(old, new, name):
-    sys.modules.pop(old, None)
-    with pytest.warns(DeprecationWarning, match=new.replace(".", r"\.")):
-        module = importlib.import_module(old)
-    assert getattr(module, name) is getattr(importlib.import_module(new), name)
-
-
-def test_store_package_keeps_its_names_and_forwards_moved_helpers():
-    import gere.batching
+def test_store_package_names_its_modules_names():
     import gere.store
     import gere.store.extract
     import gere.store.format
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the store's own names are not deprecated
-        assert gere.store.extract_store is gere.store.extract.extract_store
-        assert gere.store.open_store is gere.store.format.open_store
-        assert gere.store.StoreSpec is gere.store.format.StoreSpec
-    with pytest.warns(DeprecationWarning, match=r"gere\.batching\.length_sorted_batches"):
-        assert gere.store.length_sorted_batches is gere.batching.length_sorted_batches
-    with pytest.warns(DeprecationWarning, match="pad_batch"):
-        ids, mask = gere.store.pad_right([[5, 6, 7], [8]], 0, "cpu")
-    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert gere.store.extract_store is gere.store.extract.extract_store
+    assert gere.store.open_store is gere.store.format.open_store
+    assert gere.store.StoreSpec is gere.store.format.StoreSpec
+    with pytest.raises(AttributeError, match="no attribute 'pad_right'"):
+        gere.store.pad_right  # noqa: B018 (removed in 0.2.0: gere.batching.pad_batch)
+
+
+def test_removed_module_paths_are_gone():
+    for old in ("gere.gere_trainer", "gere.gere_config", "gere.runner", "gere._moved"):
+        assert importlib.util.find_spec(old) is None, f"{old} was removed in 0.2.0 (CHANGELOG.md)"
+
+
+def _imports(path: Path) -> set[str]:
+    """The `gere` modules a module imports, when it loads or inside its functions (not under TYPE_CHECKING)."""
+    tree = ast.parse(path.read_text())
+    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+               for n in ast.walk(node)}  # fmt: skip
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gere"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("gere"))
+    return found
+
+
+def test_modules_import_each_other_without_a_circle():
+    modules = {}
+    for path in SRC.rglob("*.py"):
+        parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {name: sorted(m for m in _imports(path) if m in modules and m != name)
+             for name, path in modules.items()}  # fmt: skip
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> list[str] | None:
+        state[name] = 1
+        for dep in graph[name]:
+            if state.get(dep) == 1:
+                return [*path, name, dep]
+            if dep not in state and (cycle := visit(dep, [*path, name])):
+                return cycle
+        state[name] = 2
+        return None
+
+    cycle = next((c for name in sorted(graph) if name not in state and (c := visit(name, []))), None)
+    assert cycle is None, " -> ".join(cycle[cycle.index(cycle[-1]):])
+
+
+# Test files about the whole package rather than one module, each with what it covers.
+CROSS_CUTTING = {
+    "config_shapes": "run configs of every shape YAML allows",
+    "configs": "the shipped example configs parse",
+    "crash_resume": "runs killed at every point and resumed",
+    "kills_between_writes": "kills between two file writes",
+    "reliability": "docs/reliability.md's failure table",
+    "examples": "the examples folder runs",
+    "layout": "the package's shape",
+    "architecture": "docs/architecture.md's module map against the code",
+    "demo_integration": "the demo on its real model (opt-in)",
+    "demo_methods": "the demo's methods table",
+    "lm_eval": "lm-evaluation-harness as the general score (continual/lm_eval_general.py and the runner)",
+    "llamafactory_entry": "gere-lf's entry point without LLaMA-Factory (tests_lf/ runs it with LLaMA-Factory)",
+}
+
+
+def test_test_files_are_named_after_their_modules():
+    names = {"_".join(p.relative_to(SRC).with_suffix("").parts) for p in SRC.rglob("*.py")}
+    names |= {p.name for p in SRC.rglob("*") if p.is_dir() and (p / "__init__.py").exists()}
+    names |= {p.stem for p in SRC.rglob("*.py")}
+    tests = Path(__file__).resolve().parent
+    unnamed = [p.name for p in sorted(tests.glob("test_*.py")) if p.stem[5:] not in names | set(CROSS_CUTTING)]
+    assert unnamed == [], "name a test file test_<module>.py after the module it tests, or list it in CROSS_CUTTING"

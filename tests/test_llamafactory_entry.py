@@ -30,7 +30,8 @@ def test_the_gere_block_becomes_a_config_and_overrides_reach_it(tmp_path):
     [
         ({"stage": "sft"}, "no gere: block"),
         ({"stage": "dpo", "gere": {}}, "stage: sft"),
-        ({"gere": {"objectiv": "ce"}}, r"unknown key\(s\) \['objectiv'\]"),
+        ({"gere": {"objectiv": "ce"}}, r"unknown config key\(s\) gere.objectiv; allowed here: .*objective"),
+        ({"gere": {"num_replay_samples": "many"}}, r"gere.num_replay_samples: expected int, got str"),
         ({"gere": {"objective": "ce+zz"}}, "objective"),
     ],
 )

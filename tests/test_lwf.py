@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from test_runner import run, setup, whole_and_resumed  # noqa: F401 (the tiny two-task run files, shared)
 from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
 from gere.baselines.lwf import INDEX, LwF, lwf_loss, with_index
@@ -14,6 +13,7 @@ from gere.errors import GeReError
 from gere.trainer import GeReTrainer
 
 from tiny import sft_rows, tiny_llama, tiny_tokenizer
+from tiny_runs import run, whole_and_resumed
 
 
 def slow_lwf(logits, values, indices, mask, temperature):
@@ -127,7 +127,7 @@ def test_the_trainer_adds_lwf_to_the_minimised_loss_and_keeps_the_index_column(t
         assert e["loss"] == pytest.approx(e["task_ce"] + e["lwf"], rel=1e-4)
 
 
-def test_two_task_run_distils_every_task_toward_the_stage_before(setup, tmp_path):  # noqa: F811
+def test_two_task_run_distils_every_task_toward_the_stage_before(setup, tmp_path):
     result = run(setup, tmp_path / "lwf", "gere.objective=none", "lwf.weight=1", "lwf.topk=8")
     assert result["method"] == "lwf"
     history = result["loss_history"]
@@ -142,7 +142,7 @@ def test_two_task_run_distils_every_task_toward_the_stage_before(setup, tmp_path
     assert plain["accuracy_matrix"][1:] != result["accuracy_matrix"][1:] or plain["general"] != result["general"]
 
 
-def test_combined_with_ce_tm_and_resumed_after_a_crash(setup, tmp_path, monkeypatch):  # noqa: F811
+def test_combined_with_ce_tm_and_resumed_after_a_crash(setup, tmp_path, monkeypatch):
     args = ("gere.objective=ce+tm", "lwf.weight=1", "lwf.topk=8", "keep_checkpoints=0")
     whole, resumed = whole_and_resumed(setup, tmp_path, monkeypatch, *args)
     assert whole["method"] == "ce+tm+lwf"
@@ -152,7 +152,7 @@ def test_combined_with_ce_tm_and_resumed_after_a_crash(setup, tmp_path, monkeypa
     assert resumed["metrics"] == whole["metrics"]
 
 
-def test_settings_are_checked(setup):  # noqa: F811
+def test_settings_are_checked(setup):
     for bad, words in (("lwf.weight=-1", "lwf.weight"), ("lwf.temperature=0", "lwf.temperature"),
                        ("lwf.topk=0", "lwf.topk"), ("lwf.weight=.inf", "lwf.weight"),
                        ("lwf.tokens=answers", "lwf.tokens")):  # fmt: skip
@@ -166,17 +166,20 @@ def test_settings_are_checked(setup):  # noqa: F811
         LwF()(None, {}, torch.zeros(1, 1, 2))
 
 
-def test_keep_index_carries_the_index_past_a_collator_that_drops_it():
-    from gere.baselines.lwf import KeepIndex
+def test_keep_columns_carries_the_index_past_a_collator_that_drops_it():
+    from gere.batching import KeepColumns
+
+    assert LwF.columns == (INDEX,)
 
     def known_columns_only(features):  # as collators that build batches from the columns they know do
         return {"input_ids": torch.tensor([f["input_ids"] for f in features])}
 
-    collate = KeepIndex(known_columns_only)
+    collate = KeepColumns(known_columns_only, LwF.columns)
     batch = collate([{"input_ids": [1, 2], INDEX: 7}, {"input_ids": [3, 4], INDEX: 2}])
     assert batch[INDEX].tolist() == [7, 2] and batch["input_ids"].shape == (2, 2)
     assert INDEX not in collate([{"input_ids": [1, 2]}]), "examples without the index pass through"
-    joined = KeepIndex(lambda features: {"input_ids": torch.tensor([sum((f["input_ids"] for f in features), [])])})
+    joined = KeepColumns(lambda features: {"input_ids": torch.tensor([sum((f["input_ids"] for f in features), [])])},
+                         LwF.columns)  # fmt: skip
     with pytest.raises(GeReError, match="2 examples"):
         joined([{"input_ids": [1, 2], INDEX: 0}, {"input_ids": [3], INDEX: 1}])
 
@@ -206,7 +209,7 @@ def test_answer_tokens_distils_only_the_positions_that_predict_the_answer(side):
     assert lwf(model, batch, logits).item() != pytest.approx(LwF.__call__(_all(lwf), model, batch, logits).item())
     with pytest.raises(GeReError, match="needs the batch's labels"):
         lwf(model, {k: v for k, v in batch.items() if k != "labels"}, logits)
-    with pytest.raises(GeReError, match="tokens must be one of"):
+    with pytest.raises(GeReError, match=r"LwF: tokens = 'prompt' is not valid: it must be one of"):
         LwF(tokens="prompt")
 
 

@@ -4,7 +4,6 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
-from test_runner import run, setup, whole_and_resumed  # noqa: F401 (the tiny two-task run files, shared)
 
 from gere.baselines.olora import OLoRA, adapter_name, l2_loss, lora_modules, orthogonality_loss
 from gere.batching import adapters_disabled
@@ -12,6 +11,7 @@ from gere.continual.run_config import load_run_config
 from gere.errors import GeReError
 
 from tiny import tiny_llama
+from tiny_runs import run, whole_and_resumed
 
 LORA = {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}
 
@@ -81,7 +81,7 @@ def test_each_task_trains_its_own_adapter_beside_the_frozen_earlier_ones():
         OLoRA(orthogonal=-1, l2=0, lora_config=None)
 
 
-def test_two_task_run_keeps_an_adapter_per_task_and_penalises_overlap(setup, tmp_path):  # noqa: F811
+def test_two_task_run_keeps_an_adapter_per_task_and_penalises_overlap(setup, tmp_path):
     out = tmp_path / "olora"
     result = run(setup, out, "finetuning=olora", "lora.target_modules=[q_proj,v_proj]", "gere.objective=none",
                  "olora.l2=0.01", "keep_checkpoints=0")  # fmt: skip
@@ -98,7 +98,7 @@ def test_two_task_run_keeps_an_adapter_per_task_and_penalises_overlap(setup, tmp
         torch.testing.assert_close(two[name], value)
 
 
-def test_with_ce_tm_online_reference_and_resumed_after_a_crash(setup, tmp_path, monkeypatch):  # noqa: F811
+def test_with_ce_tm_online_reference_and_resumed_after_a_crash(setup, tmp_path, monkeypatch):
     args = ("finetuning=olora", "lora.target_modules=[q_proj,v_proj]", "gere.objective=ce+tm",
             "gere.reference=online", "keep_checkpoints=0")  # fmt: skip
     whole, resumed = whole_and_resumed(setup, tmp_path, monkeypatch, *args)
@@ -109,7 +109,7 @@ def test_with_ce_tm_online_reference_and_resumed_after_a_crash(setup, tmp_path, 
     assert resumed["metrics"] == whole["metrics"]
 
 
-def test_settings_are_checked(setup):  # noqa: F811
+def test_settings_are_checked(setup):
     for bad, words in (("olora.orthogonal=-1", "olora.orthogonal"), ("olora.l2=.inf", "olora.l2"),
                        ("finetuning=o-lora", "finetuning")):  # fmt: skip
         with pytest.raises(GeReError, match=words):

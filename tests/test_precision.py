@@ -2,11 +2,12 @@ import json
 
 import pytest
 import torch
-from test_runner import run, setup  # noqa: F401
 
 from gere.continual.run_config import load_run_config
 from gere.errors import GeReError
 from gere.precision import cpu_flags, parse_bf16, resolve_bf16
+
+from tiny_runs import run
 
 
 def test_parse_bf16_takes_auto_and_booleans_and_refuses_the_rest():
@@ -36,14 +37,14 @@ def test_true_and_false_force_the_choice_whatever_the_hardware():
     assert resolve_bf16(False, device="cpu", flags={"avx512_bf16"}).bf16 is False
 
 
-def test_run_config_bf16_defaults_to_auto_and_refuses_nonsense(setup):  # noqa: F811
+def test_run_config_bf16_defaults_to_auto_and_refuses_nonsense(setup):
     assert load_run_config(setup / "run.yaml").training.bf16 == "auto"
     assert load_run_config(setup / "run.yaml", ["training.bf16=true"]).training.bf16 is True
     with pytest.raises(GeReError, match="training.bf16"):
         load_run_config(setup / "run.yaml", ["training.bf16=sometimes"])
 
 
-def test_a_forced_bf16_run_trains_under_autocast_and_records_its_precision(setup, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_a_forced_bf16_run_trains_under_autocast_and_records_its_precision(setup, tmp_path, monkeypatch, capsys):
     import gere.continual.runner as runner
 
     seen = []

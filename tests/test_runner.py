@@ -1,40 +1,13 @@
 import json
 
 import pytest
-import yaml
 
 import gere.continual.runner as runner
 from gere.cli import main
-from gere.continual.run_config import load_run_config
-from gere.continual.runner import run_continual
 from gere.errors import GeReError
 
-from tiny import tiny_llama, tiny_tokenizer, write_tiny_run_files
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cl")
-    model_dir = write_tiny_run_files(root)
-    mc = [{"question": "the river is", "choices": ["north", "south", "good", "bad"], "answer": 1, "subject": "geo"}]
-    (root / "mc.jsonl").write_text("".join(json.dumps(q) + "\n" for q in mc * 3))
-    config = {
-        "name": "tiny",
-        "model": str(model_dir),
-        "tasks": [{"source": str(root / "mood")}, {"source": str(root / "compass")}],
-        "gere": {"replay_source": str(root / "replay.jsonl"), "num_replay_samples": 8, "replay_max_length": 16,
-                 "replay_batch_size": 2},
-        "training": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 0.01, "max_length": 32,
-                     "optim": "adamw_torch"},
-        "evaluation": {"general_mc": str(root / "mc.jsonl"), "perplexity_sets": {"heldout": str(root / "heldout.jsonl")}},
-    }  # fmt: skip
-    (root / "run.yaml").write_text(yaml.safe_dump(config))
-    return root
-
-
-def run(setup, out, *extra, **kwargs):
-    cfg = load_run_config(setup / "run.yaml", [f"output_dir={out}", *extra])
-    return run_continual(cfg, progress=False, **kwargs)
+from tiny import tiny_llama, tiny_tokenizer
+from tiny_runs import run
 
 
 @pytest.mark.parametrize("objective,bi", [("none", 0), ("ce+tm", 0), ("ce+tm", 2)])
@@ -84,23 +57,6 @@ def test_resume_after_interruption_gives_same_metrics(setup, tmp_path, monkeypat
     assert resumed["metrics"] == whole["metrics"]
     assert [g["perplexity"] for g in resumed["general"]] == [g["perplexity"] for g in whole["general"]]
     assert [h["loss"] for h in resumed["loss_history"]] == [h["loss"] for h in whole["loss_history"]]
-
-
-def whole_and_resumed(setup, tmp_path, monkeypatch, *args):
-    """The same run twice: once straight through, once crashing in its second task and then resumed."""
-    whole = run(setup, tmp_path / "whole", *args)
-    real = runner._run_stage
-
-    def crash_on_second_task(run_, index):
-        if index == 1:
-            raise RuntimeError("simulated crash")
-        return real(run_, index)
-
-    monkeypatch.setattr(runner, "_run_stage", crash_on_second_task)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run(setup, tmp_path / "resumed", *args)
-    monkeypatch.setattr(runner, "_run_stage", real)
-    return whole, run(setup, tmp_path / "resumed", *args, resume=True)
 
 
 def test_resume_with_other_config_is_refused(setup, tmp_path):

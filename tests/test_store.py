@@ -200,3 +200,18 @@ def test_a_manifest_edited_by_hand_is_refused_on_open(parts, tmp_path):
     path.write_text(json.dumps(manifest))
     with pytest.raises(GeReError, match="does not agree with its manifest.*tm_codes"):
         open_store(tmp_path / "s")
+
+
+def test_one_owner_says_where_a_store_lives(tmp_path):
+    import ast
+    from pathlib import Path
+
+    from gere.config import GeReConfig
+    from gere.store.extract import OWN_STORE, store_dir
+
+    assert store_dir(GeReConfig(), tmp_path) == tmp_path / OWN_STORE
+    assert store_dir(GeReConfig(store_dir=str(tmp_path / "elsewhere")), tmp_path) == tmp_path / "elsewhere"
+    src = Path(__file__).resolve().parent.parent / "src" / "gere"
+    spelled = [str(p.relative_to(src)) for p in sorted(src.rglob("*.py"))
+               for node in ast.walk(ast.parse(p.read_text())) if isinstance(node, ast.Constant) and node.value == OWN_STORE]  # fmt: skip
+    assert spelled == ["store/extract.py"], "the default store folder is named in one place"

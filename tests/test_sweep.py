@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_runner import setup  # noqa: F401 (the tiny two-task run files, shared)
 
 from gere.cli import main
 from gere.continual.compare import compare_runs
@@ -34,7 +33,7 @@ def test_grid_is_the_product_in_the_order_given():
         parse_seeds("0,x")
 
 
-def test_sweep_runs_every_cell_and_seed_then_skips_and_resumes(setup, tmp_path):  # noqa: F811
+def test_sweep_runs_every_cell_and_seed_then_skips_and_resumes(setup, tmp_path):
     calls = []
 
     def counting_run(cfg, resume=False, overwrite=False, progress=True):
@@ -67,7 +66,7 @@ def test_sweep_runs_every_cell_and_seed_then_skips_and_resumes(setup, tmp_path):
         run_sweep(other, cells, [0], out, progress=False)
 
 
-def test_cli_sweep_and_compare_of_seeds(setup, tmp_path, capsys):  # noqa: F811
+def test_cli_sweep_and_compare_of_seeds(setup, tmp_path, capsys):
     out = tmp_path / "cli"
     argv = ["sweep", str(setup / "run.yaml"), "--grid", "gere.objective=none,ce", "--seeds", "3,4",
             "--set", "training.max_steps=1", "--baseline", "gere.objective=ce", "--out", str(out), "--no-progress"]  # fmt: skip

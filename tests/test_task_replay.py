@@ -4,12 +4,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_runner import run, setup, whole_and_resumed  # noqa: F401 (the tiny two-task run files, shared)
 
 import gere.continual.runner as runner
 from gere.baselines.task_replay import FILE, TaskReplayBuffer, select
 from gere.continual.run_config import load_run_config
 from gere.errors import GeReError
+
+from tiny_runs import run, whole_and_resumed
 
 
 def test_selection_first_and_reservoir():
@@ -24,8 +25,8 @@ def test_selection_first_and_reservoir():
         for i in select(20, 4, "reservoir", seed):
             counts[i] += 1
     assert min(counts) > 0.8 * 800 and max(counts) < 1.2 * 800
-    with pytest.raises(GeReError, match="not one of first, reservoir"):
-        select(10, 2, "last", 0)
+    with pytest.raises(GeReError, match="selection = 'last' is not valid: it must be one of"):
+        TaskReplayBuffer(2, "last")
 
 
 def test_buffer_grows_per_task_and_round_trips(tmp_path):
@@ -42,14 +43,14 @@ def test_buffer_grows_per_task_and_round_trips(tmp_path):
         TaskReplayBuffer(per_task=0)
 
 
-def test_the_second_task_trains_on_the_first_tasks_examples_too(setup, tmp_path, monkeypatch):  # noqa: F811
+def test_the_second_task_trains_on_the_first_tasks_examples_too(setup, tmp_path, monkeypatch):
     sizes = []
     real = runner._stage_trainer
 
     def spy(run_, index):
-        trainer = real(run_, index)
+        trainer, stage = real(run_, index)
         sizes.append(len(trainer.train_dataset))
-        return trainer
+        return trainer, stage
 
     monkeypatch.setattr(runner, "_stage_trainer", spy)
     result = run(setup, tmp_path / "tr", "gere.objective=ce+tm", "task_replay.per_task=3")
@@ -58,7 +59,7 @@ def test_the_second_task_trains_on_the_first_tasks_examples_too(setup, tmp_path,
     assert (tmp_path / "tr" / "checkpoints" / "stage-2" / FILE).exists()
 
 
-def test_resume_after_a_crash_gives_the_same_metrics(setup, tmp_path, monkeypatch):  # noqa: F811
+def test_resume_after_a_crash_gives_the_same_metrics(setup, tmp_path, monkeypatch):
     args = ("gere.objective=none", "task_replay.per_task=4", "task_replay.seed=3")
     whole, resumed = whole_and_resumed(setup, tmp_path, monkeypatch, *args)
     assert resumed["accuracy_matrix"] == whole["accuracy_matrix"] and resumed["metrics"] == whole["metrics"]
@@ -70,14 +71,15 @@ def spy_trainers(monkeypatch) -> list:
     real = runner._stage_trainer
 
     def spy(run_, index):
-        trainers.append(real(run_, index))
-        return trainers[-1]
+        trainer, stage = real(run_, index)
+        trainers.append(trainer)
+        return trainer, stage
 
     monkeypatch.setattr(runner, "_stage_trainer", spy)
     return trainers
 
 
-def test_interpolate_puts_exactly_k_buffered_examples_in_every_batch(setup, tmp_path, monkeypatch):  # noqa: F811
+def test_interpolate_puts_exactly_k_buffered_examples_in_every_batch(setup, tmp_path, monkeypatch):
     trainers = spy_trainers(monkeypatch)
     run(setup, tmp_path / "bi", "gere.objective=ce+tm", "task_replay.per_task=3", "task_replay.mixing=interpolate",
         "task_replay.per_batch=1", "lwf.weight=1", "lwf.topk=4")  # fmt: skip
@@ -91,7 +93,7 @@ def test_interpolate_puts_exactly_k_buffered_examples_in_every_batch(setup, tmp_
     assert second._train_sampler is not None and trainers[0]._train_sampler is None
 
 
-def test_batch_mode_adds_a_separate_buffered_batch_to_every_step(setup, tmp_path, monkeypatch):  # noqa: F811
+def test_batch_mode_adds_a_separate_buffered_batch_to_every_step(setup, tmp_path, monkeypatch):
     trainers = spy_trainers(monkeypatch)
     result = run(setup, tmp_path / "sep", "gere.objective=none", "task_replay.per_task=3", "task_replay.mixing=batch",
                  "task_replay.batch_size=2")  # fmt: skip
@@ -104,7 +106,7 @@ def test_batch_mode_adds_a_separate_buffered_batch_to_every_step(setup, tmp_path
         assert r["loss"] == pytest.approx(r["task_ce"] + r["task_replay_ce"], rel=1e-4)
 
 
-def test_separate_batches_draw_each_buffered_row_before_repeating(setup):  # noqa: F811
+def test_separate_batches_draw_each_buffered_row_before_repeating(setup):
     from gere.baselines.task_replay import SeparateBufferBatches
 
     seen = []
@@ -120,14 +122,14 @@ def test_separate_batches_draw_each_buffered_row_before_repeating(setup):  # noq
         SeparateBufferBatches([], 2, None, 0)
 
 
-def test_resume_in_batch_mode_gives_the_same_losses(setup, tmp_path, monkeypatch):  # noqa: F811
+def test_resume_in_batch_mode_gives_the_same_losses(setup, tmp_path, monkeypatch):
     args = ("gere.objective=none", "task_replay.per_task=4", "task_replay.mixing=batch", "task_replay.batch_size=2")
     whole, resumed = whole_and_resumed(setup, tmp_path, monkeypatch, *args)
     assert [r["loss"] for r in resumed["loss_history"]] == [r["loss"] for r in whole["loss_history"]]
     assert resumed["metrics"] == whole["metrics"]
 
 
-def test_settings_are_checked(setup):  # noqa: F811
+def test_settings_are_checked(setup):
     for bad, words in (("task_replay.per_task=-1", "task_replay.per_task"),
                        ("task_replay.selection=last", "task_replay.selection"),
                        ("task_replay.mixing=mix", "task_replay.mixing"),
@@ -141,3 +143,22 @@ def test_settings_are_checked(setup):  # noqa: F811
     with pytest.raises(GeReError, match="both place rows"):
         load_run_config(setup / "run.yaml", [*interpolate, "gere.objective=ce", "gere.num_interpolate_per_batch=1"])
     load_run_config(setup / "run.yaml", [*interpolate, "gere.objective=ce"])  # a separate general replay batch: fine
+
+
+def test_interpolate_counts_the_global_batch_over_every_process(tmp_path):
+    """Two processes (torchrun, gloo) with per-device batch 2 and one with accumulation 2: global batches of
+    4 either way, and exactly ``per_batch`` = 1 buffered row in each, not one per process."""
+    from launch import torchrun
+    from task_replay_worker import NUM_BUFFERED, NUM_TASK, run_task_replay
+
+    def per_step(micro_lists):
+        steps: dict[int, list[int]] = {}
+        for micro in micro_lists:
+            for m in micro:
+                steps.setdefault(m["step"], []).append(m["buffered"])
+        return {step: sum(counts) for step, counts in steps.items()}
+
+    two = per_step(torchrun("task_replay_worker.py", tmp_path))
+    one = per_step([run_task_replay(tmp_path / "one", grad_accum=2)])
+    assert two == one == {0: 1, 1: 1, 2: 1}
+    assert sum(two.values()) == NUM_BUFFERED and 3 * 4 == NUM_TASK + NUM_BUFFERED

@@ -5,16 +5,17 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-from test_runner import run, setup  # noqa: F401 (the tiny two-task run files, shared)
 
 from gere.continual.tracking import _mlflow_major, check_report_to, mlflow_store_problem
 from gere.errors import GeReError
+
+from tiny_runs import run
 
 # MLflow 3's default store is SQLite, which needs SQLAlchemy and Alembic (gere[track] installs them).
 SQL_STORE = all(importlib.util.find_spec(m) for m in ("sqlalchemy", "alembic"))
 
 
-def test_tensorboard_holds_the_sequence_stage_metrics_losses_and_summary(setup, tmp_path):  # noqa: F811
+def test_tensorboard_holds_the_sequence_stage_metrics_losses_and_summary(setup, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -43,7 +44,7 @@ def test_tensorboard_holds_the_sequence_stage_metrics_losses_and_summary(setup, 
 
 
 @pytest.mark.skipif(not SQL_STORE, reason="MLflow's default SQLite store needs sqlalchemy and alembic (gere[track])")
-def test_mlflow_by_default_holds_one_run_with_history_summary_table_and_artifacts(setup, tmp_path, monkeypatch):  # noqa: F811
+def test_mlflow_by_default_holds_one_run_with_history_summary_table_and_artifacts(setup, tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
     # No tracking URI and no opt-in to anything: MLflow's own default, in the working directory.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
-from test_trl import prompt_completion, replay_config, sft_args
+from test_trl_trainer import prompt_completion, replay_config, sft_args
 
 from gere.errors import GeReError
 from gere.trl_trainer import GeReSFTTrainer

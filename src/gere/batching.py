@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -64,6 +64,35 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     """Sample indices grouped into batches of similar length (longest first, ties in index order)."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     return list(batches(order, batch_size))
+
+
+class KeepColumns:
+    """A collator that carries integer ``columns`` (a loss part's own batch columns, such as LwF's row index)
+    past another one, which may build batches from the columns it knows only: they are taken out of each
+    example, the inner collator batches the rest, and they come back as tensors, one value per row.
+    Examples without them pass through."""
+
+    def __init__(self, collator: Callable, columns: Sequence[str]):
+        self.collator, self.columns = collator, tuple(columns)
+
+    def __getattr__(self, name):  # the inner collator's settings (its tokenizer, padding, ...) stay visible
+        if name in ("collator", "columns"):
+            raise AttributeError(name)
+        return getattr(self.collator, name)
+
+    def __call__(self, features):
+        if not features or not isinstance(features[0], Mapping) or not set(self.columns) & set(features[0]):
+            return self.collator(features)
+        kept = {c: [int(f[c]) for f in features] for c in self.columns if c in features[0]}
+        batch = self.collator([{k: v for k, v in f.items() if k not in kept} for f in features])
+        rows = len(batch["input_ids"]) if "input_ids" in batch else None
+        if rows != len(features):
+            raise GeReError(
+                f"the collator made {rows} rows of {len(features)} examples, but {', '.join(kept)} is read row by "
+                "row (LwF distils each row toward its own targets); turn packing and padding-free batches off"
+            )
+        batch.update({c: torch.tensor(values) for c, values in kept.items()})
+        return batch
 
 
 def model_device(model) -> torch.device:

@@ -134,6 +134,7 @@ def cmd_extract(args) -> int:
     from gere.io_utils import check_output_dir
     from gere.modeling import load_model_and_tokenizer
     from gere.store.extract import extract_store
+    from gere.store.format import StoreSpec
 
     cfg = load_run_config(args.config) if args.config else None
     gere = cfg.gere if cfg else GeReConfig()
@@ -157,7 +158,7 @@ def cmd_extract(args) -> int:
     model, tokenizer = load_model_and_tokenizer(
         model_spec, cache_dir=args.cache_dir, trust_remote_code=args.trust_remote_code
     )
-    store = extract_store(model, tokenizer, replay_set, args.store_dir, gere.store_spec(), regenerate=args.regenerate_store)
+    store = extract_store(model, tokenizer, replay_set, args.store_dir, StoreSpec.for_config(gere), regenerate=args.regenerate_store)
     if not is_main():
         return 0  # under torchrun every process extracts its share; one summary is enough
     m = store.manifest

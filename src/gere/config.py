@@ -1,6 +1,7 @@
 """Settings of GeRe replay, shared by `GeReTrainer`, `gere extract` and `gere run`.
 
-A leaf: it imports neither torch nor the store, so reading or validating settings is cheap. Every value is
+A leaf: it imports neither torch nor the store's modules (only the store's list of feature dtypes, from the
+package `gere.store`), so reading or validating settings is cheap. Every value is
 parsed and checked once, in `GeReConfig.__post_init__`; the rest of the package uses the parsed values
 (``parts``, a float or ``"dy"`` in ``margin_weight``).
 """
@@ -14,17 +15,15 @@ from typing import TYPE_CHECKING
 from gere.errors import GeReError, shown
 from gere.parts import REDUCTIONS, REPLAY_PARTS
 from gere.replay.replay_set import PAPER_MAX_LENGTH, SELECTIONS
+from gere.store import FEATURE_DTYPES
 
 if TYPE_CHECKING:
     from gere.replay.replay_set import ReplaySet
-    from gere.store.format import StoreSpec
 
 REFERENCE_MODES = ("store", "online")
 #: How replay samples join training (see `GeReConfig.replay_mixing`).
 MIXINGS = ("auto", "concat", "interpolate", "batch")
 PLACEMENTS = ("even", "random")
-#: Dtypes of the hidden states stored for the l1 / l2 objectives.
-FEATURE_DTYPES = ("float16", "bfloat16")
 DYNAMIC = "dy"
 BALANCED = "gb"
 
@@ -309,21 +308,6 @@ class GeReConfig:
             seed=self.replay_seed,
             text_field=self.replay_text_field,
             split=self.replay_split,
-        )
-
-    def store_spec(self) -> StoreSpec:
-        """What the activation store must hold for this objective."""
-        from gere.store.format import StoreSpec
-
-        return StoreSpec(
-            max_length=self.replay_max_length,
-            layers=tuple(self.layers),
-            threshold_k=self.threshold_k,
-            tm="tm" in self.parts,
-            features="l1" in self.parts or "l2" in self.parts,
-            feature_dtype=self.feature_dtype,
-            topk=self.kl_topk if "kl" in self.parts else 0,
-            batch_size=self.extract_batch_size,
         )
 
     def to_dict(self) -> dict:

@@ -119,6 +119,13 @@ def launched_world_size() -> int:
         return 1
 
 
+def global_batch_size(per_device: int, accumulation: int, world_size: int | None = None) -> int:
+    """Rows in one optimisation step across every process: the per-device batch x gradient accumulation steps
+    x processes (``world_size``; by default those the launcher started). Batch interpolation counts its k
+    replay rows, and task replay its ``per_batch`` rows, per such global batch."""
+    return per_device * accumulation * (launched_world_size() if world_size is None else world_size)
+
+
 def init_from_env(backend: str | None = None) -> bool:
     """Create the default process group when started by ``torchrun`` / ``accelerate launch`` and none
     exists yet (NCCL when CUDA is available, else gloo). Returns whether a group exists afterwards.

@@ -82,6 +82,15 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
+def lora_config(lora):
+    """A `peft.LoraConfig` for a causal LM from LoRA settings (``r``, ``alpha``, ``dropout``, ``target_modules``:
+    a run config's ``lora:`` section)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
+
+
 def check_model_spec(spec: str, *, cache_dir=None, gguf_file: str | None = None) -> None:
     """What can be known of a model without loading it, checked before any work: a name is given, a local
     path or GGUF file exists, a local folder holds ``config.json``. A hub id is checked when it loads."""

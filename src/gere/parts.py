@@ -36,8 +36,6 @@ REPLAY_PARTS: dict[str, ReplayPart] = {
         ReplayPart("l2", "replay_l2", "l2_weight"),  # feature imitation, squared error
     )
 }
-# The regularisers are added to the loss in this order.
-REGULARISERS = tuple(name for name, part in REPLAY_PARTS.items() if part.weight is not None)
 
 TASK_CE = "task_ce"
 TOTAL = "loss"

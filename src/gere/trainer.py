@@ -29,7 +29,6 @@ and the logged loss parts are averaged over processes. See docs/distributed.md f
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -39,9 +38,8 @@ from torch.utils.data import DataLoader, RandomSampler, Sampler
 from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import seed_worker
 
-from gere.baselines.lwf import INDEX as LWF_INDEX
-from gere.baselines.lwf import KeepIndex, task_logits
 from gere.batching import (
+    KeepColumns,
     adapters_disabled,
     check_context_length,
     num_hidden_states,
@@ -50,7 +48,7 @@ from gere.batching import (
 )
 from gere.config import BALANCED, GeReConfig, resolved_config, weight_rule
 from gere.diagnostics import GradShareMeter
-from gere.distributed import check_interpolation_across_processes
+from gere.distributed import check_interpolation_across_processes, global_batch_size
 from gere.errors import GeReError
 from gere.losses import combine_losses, loss_contributions, replay_losses
 from gere.parts import GRAD_SHARE, LOSS_PARTS, WEIGHTS, checked_loss_parts
@@ -65,9 +63,9 @@ from gere.replay.batches import (
 )
 from gere.replay.replay_set import ReplaySet, tokenize_replay_set
 from gere.replay.sampler import BatchInterpolationSampler
-from gere.store.extract import extract_store
+from gere.store.extract import store_for
 from gere.store.fingerprint import check_store_belongs
-from gere.store.format import ActivationStore
+from gere.store.format import ActivationStore, StoreSpec
 
 LOGGED_PARTS = (*LOSS_PARTS, *WEIGHTS, *GRAD_SHARE)
 
@@ -117,14 +115,14 @@ class GeReMixin:
         # store's base model (checked there) turns this off.
         self._check_store_model = check_store_model
         self._gere_replay_set = replay_set
-        # Baseline loss parts (`gere.baselines`), added to the loss as they are while training: weight
-        # penalties (EWC, O-LoRA) called on the unwrapped model, parts with ``uses_batch`` (LwF) also given the
-        # task batch and its logits. A sampler replaces the Trainer's shuffling (e.g. exactly k buffered rows
-        # of earlier tasks in every global batch: `gere.baselines.task_replay.interpolating_sampler`).
+        # Baselines' loss parts (`gere.baselines.base`), added to the loss as they are: called on the unwrapped
+        # model, or with ``uses_batch`` also given the task batch (with the ``columns`` it names, carried past
+        # the collator) and its logits; an inactive part sits out. A sampler replaces the Trainer's shuffling.
         self._penalties, self._train_sampler = checked_loss_parts(penalties), train_sampler
         self._batch_parts = [p for p in self._penalties if getattr(p, "uses_batch", False)]
-        if self._batch_parts:
-            self.data_collator = KeepIndex(self.data_collator)  # LwF's row index, past collators that drop it
+        self._part_columns = tuple(dict.fromkeys(c for p in self._penalties for c in getattr(p, "columns", ())))
+        if self._part_columns:
+            self.data_collator = KeepColumns(self.data_collator, self._part_columns)
         if train_sampler is not None and self._replay_rows_in_batches:
             raise GeReError(
                 f"train_sampler= and replay_mixing {self.gere.mixing!r} both decide the task batches; give the "
@@ -186,7 +184,7 @@ class GeReMixin:
         from_store = cfg.reference == "store" and (cfg.needs_reference or self._gere_store is not None)
         if from_store:
             if self._gere_store is not None and self._check_store_model:
-                check_store_belongs(self._gere_store, model, tokenizer, cfg.store_spec())
+                check_store_belongs(self._gere_store, model, tokenizer, StoreSpec.for_config(cfg))
             store = self._gere_store or self._extract_store(model, tokenizer)
             self._check_store_contents(store, layers)
             self._gere_store = store
@@ -203,13 +201,10 @@ class GeReMixin:
     def _extract_store(self, model, tokenizer) -> ActivationStore:
         cfg = self.gere
         replay_set = self._gere_replay_set or cfg.load_replay_set()
-        store_dir = cfg.store_dir or os.path.join(self.args.output_dir, "gere_store")
         # Every process takes part: the forward pass is split across them (see gere.store.extract). Under
         # DeepSpeed or FSDP the Trainer has not placed the model yet; device= runs the pass there.
-        return extract_store(
-            model, tokenizer, replay_set, store_dir, cfg.store_spec(), regenerate=not cfg.reuse_store,
-            progress=self.is_world_process_zero(), device=self.args.device,
-        )  # fmt: skip
+        return store_for(cfg, model, tokenizer, replay_set, self.args.output_dir,
+                         progress=self.is_world_process_zero(), device=self.args.device)  # fmt: skip
 
     def _online_reference(self, model, tokenizer, layers) -> OnlineReference:
         cfg = self.gere
@@ -227,7 +222,7 @@ class GeReMixin:
         return OnlineReference(stats, cfg.parts, cfg.threshold_k, cfg.kl_topk)
 
     def _check_store_contents(self, store: ActivationStore, layers) -> None:
-        spec, contents = self.gere.store_spec(), store.contents
+        spec, contents = StoreSpec.for_config(self.gere), store.contents
         missing = [
             name
             for name, needed, have in (
@@ -265,8 +260,8 @@ class GeReMixin:
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        if LWF_INDEX not in self._signature_columns:  # LwF looks its targets up by the rows' index column
-            self._signature_columns.append(LWF_INDEX)
+        # The loss parts' own columns (LwF looks its targets up by the rows' index) are not the model's.
+        self._signature_columns += [c for c in self._part_columns if c not in self._signature_columns]
 
     def get_train_dataloader(self) -> DataLoader:
         if not self._replay_rows_in_batches:
@@ -288,7 +283,8 @@ class GeReMixin:
             sampler = RandomSampler(range(len(task_dataset) + len(self._replay_tokens)),
                                     generator=torch.Generator().manual_seed(seed))  # fmt: skip
         else:
-            global_batch = self._train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+            global_batch = global_batch_size(self._train_batch_size, self.args.gradient_accumulation_steps,
+                                             self.args.world_size)  # fmt: skip
             sampler = BatchInterpolationSampler(len(task_dataset), len(self._replay_tokens),
                                                 self.gere.num_interpolate_per_batch, global_batch, seed=seed,
                                                 placement=self.gere.interpolation_placement)  # fmt: skip
@@ -325,17 +321,17 @@ class GeReMixin:
         replay_index = inputs.pop(REPLAY_INDEX, None)
         parts: dict[str, torch.Tensor] = {}
         outputs = None
-        example_index = inputs.pop(LWF_INDEX, None)
+        columns = {c: inputs.pop(c) for c in self._part_columns if c in inputs}
         # Loss parts on the task batch itself (LwF's distillation) need its logits.
         on_batch = [p for p in self._batch_parts if p.active] if model.training else []
         if "input_ids" in inputs or "inputs_embeds" in inputs:
             want_outputs = return_outputs or (bool(on_batch) and not self._gere_own_logits)
             parts["task_ce"], outputs = self._task_loss(model, inputs, want_outputs, num_items_in_batch)
             if on_batch:
-                logits, own_pass = task_logits(model, inputs, outputs)
+                logits, own_pass = _task_logits(model, inputs, outputs)
                 # A parent loss without logits that carry a gradient (TRL's fused LM head): own pass from now on.
                 self._gere_own_logits = self._gere_own_logits or own_pass
-                batch = {**inputs, LWF_INDEX: example_index} if example_index is not None else inputs
+                batch = {**inputs, **columns} if columns else inputs
                 parts.update({p.name: p(self._unwrapped(model), batch, logits) for p in on_batch})
         if self.gere.parts and model.training:
             self._gere_prepare()
@@ -408,7 +404,7 @@ class GeReMixin:
     # ------------------------------------------------------------------------------------------ logging
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs and self._gere_counts is not None:
+        if "loss" in logs:
             means = torch.tensor(
                 [self._gere_sums.get(n, 0.0) / max(self._gere_counts.get(n, 0), 1) for n in LOGGED_PARTS],
                 dtype=torch.float64,
@@ -425,6 +421,16 @@ class GeReMixin:
                     logs[name] = round(value, 6)
             self._gere_sums, self._gere_counts = {}, {}
         super().log(logs, *args, **kwargs)
+
+
+def _task_logits(model, inputs: dict, outputs) -> tuple[torch.Tensor, bool]:
+    """The task batch's logits for loss parts on the batch, and whether they took a forward pass of their own:
+    the parent trainer's outputs' logits when they carry a gradient; otherwise (no outputs asked for, or TRL's
+    fused LM head, which recomputes them without one) the model's, from a pass with the gradient."""
+    logits = None if outputs is None else outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+    if logits is not None and (logits.requires_grad or not torch.is_grad_enabled()):
+        return logits, False
+    return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits, True
 
 
 class GeReTrainer(GeReMixin, Trainer):

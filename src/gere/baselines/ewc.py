@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from gere.baselines.base import Baseline, Stage
+from gere.baselines.settings import EwcSettings
 from gere.batching import IGNORE_INDEX, eval_mode, model_device
 from gere.errors import GeReError
 
@@ -105,6 +107,7 @@ class EWC:
     name = "ewc"
 
     def __init__(self, strength: float):
+        EwcSettings(strength=strength)  # its rules, written once
         if not strength > 0:
             raise GeReError(f"EWC strength must be above 0 (got {strength}); leave EWC off instead")
         self.strength = float(strength)
@@ -147,3 +150,29 @@ class EWC:
         tensors = load_file(str(path), device=str(device or "cpu"))
         self.fisher = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("fisher/")}
         self.anchor = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("anchor/")}
+
+
+class EwcBaseline(Baseline):
+    """EWC in a continual run (the ``ewc:`` section): the penalty while every task after the first trains, the
+    Fisher of ``samples`` of each task's training rows added after it; Fisher and anchor in every checkpoint."""
+
+    def __init__(self, strength: float, samples: int):
+        self.ewc, self.samples = EWC(strength), samples
+
+    @classmethod
+    def from_config(cls, cfg) -> EwcBaseline | None:
+        return cls(cfg.ewc.strength, cfg.ewc.samples) if cfg.ewc.strength > 0 else None
+
+    def loss_parts(self, stage: Stage) -> list:
+        return [self.ewc]
+
+    def after_task(self, stage: Stage) -> list[dict]:
+        if stage.index + 1 < stage.num_tasks:  # the Fisher of this task, for the tasks after it
+            self.ewc.consolidate(stage.model, stage.rows[: self.samples])
+        return []
+
+    def save(self, folder: Path) -> None:
+        self.ewc.save(folder)
+
+    def load(self, folder: Path) -> None:
+        self.ewc.load(folder)

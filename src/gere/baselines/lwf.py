@@ -19,21 +19,21 @@ Memory: 6 * k bytes per training token (384 bytes at k = 64), for the stage's ro
 one no-grad forward pass over the task's training rows per task. A crash mid-task resumes from the last
 checkpoint, which is the previous stage's model, so the targets computed again are the same.
 
-The rows carry their position in the training set as ``gere_example_index`` (`INDEX`), which the trainer
-takes out of the batch before the model sees it. Collators that build batches from known columns only (TRL's,
-for one) would drop it: `KeepIndex`, which the trainer puts around its collator when an LwF part is given,
-carries it past them. Packed or padding-free batches join rows, so LwF refuses them.
+The rows carry their position in the training set as ``gere_example_index`` (`INDEX`), a batch column the
+loss part names in its ``columns``: the trainer takes it out of the batch before the model sees it, and
+carries it past collators that build batches from known columns only (TRL's, for one) with
+`gere.batching.KeepColumns`. Packed or padding-free batches join rows, so LwF refuses them.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from gere.baselines.settings import LWF_TOKENS
-from gere.batching import eval_mode, length_sorted_batches, model_device, pad_batch
+from gere.baselines.base import Baseline, Stage
+from gere.baselines.settings import LwfSettings
+from gere.batching import eval_mode, length_sorted_batches, model_device, pad_batch, pad_token_id
 from gere.errors import GeReError
 from gere.losses import topk_kl_loss
 
@@ -59,43 +59,6 @@ def with_index(rows: Sequence[dict]) -> list[dict]:
     return [{**row, INDEX: i} for i, row in enumerate(rows)]
 
 
-def task_logits(model, inputs: dict, outputs) -> tuple[torch.Tensor, bool]:
-    """The task batch's logits for LwF, and whether they took a forward pass of their own: the parent
-    trainer's outputs' logits when they carry a gradient; otherwise (no outputs asked for, or TRL's fused LM
-    head, which recomputes them without one) the model's, from a pass with the gradient."""
-    logits = None if outputs is None else outputs["logits"] if isinstance(outputs, dict) else outputs.logits
-    if logits is not None and (logits.requires_grad or not torch.is_grad_enabled()):
-        return logits, False
-    return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits, True
-
-
-class KeepIndex:
-    """A collator that carries `INDEX` past another one: the index is taken out of each example, the inner
-    collator batches the rest, and the indices come back as a tensor. Examples without it pass through."""
-
-    def __init__(self, collator: Callable):
-        self.collator = collator
-
-    def __getattr__(self, name):  # the inner collator's settings (its tokenizer, padding, ...) stay visible
-        if name == "collator":
-            raise AttributeError(name)
-        return getattr(self.collator, name)
-
-    def __call__(self, features):
-        if not features or not isinstance(features[0], Mapping) or INDEX not in features[0]:
-            return self.collator(features)
-        index = [int(f[INDEX]) for f in features]
-        batch = self.collator([{k: v for k, v in f.items() if k != INDEX} for f in features])
-        rows = len(batch["input_ids"]) if "input_ids" in batch else None
-        if rows != len(index):
-            raise GeReError(
-                f"LwF: the collator made {rows} rows of {len(index)} examples; LwF distils row by row, so turn "
-                "packing and padding-free batches off"
-            )
-        batch[INDEX] = torch.tensor(index)
-        return batch
-
-
 class LwF:
     """The previous stage's top-k logits on the current task's rows; a loss part for `gere.trainer.GeReMixin`.
 
@@ -105,19 +68,16 @@ class LwF:
 
     name = "lwf"
     uses_batch = True  # called with the task batch and its logits, not with the model alone
+    columns = (INDEX,)  # the batch column it reads: each row's position, to look its targets up by
 
     def __init__(self, weight: float = 1.0, temperature: float = 2.0, topk: int = 64, batch_size: int = 8,
                  tokens: str = "all"):  # fmt: skip
-        problems = [
-            (tokens in LWF_TOKENS, f"tokens must be one of {LWF_TOKENS} (got {tokens!r})"),
-            (0 < weight < math.inf, f"weight must be a finite number above 0 (got {weight}); leave LwF off instead"),
-            (0 < temperature < math.inf, f"temperature must be above 0 (got {temperature})"),
-            (topk >= 1, f"topk must be 1 or more (got {topk})"),
-            (batch_size >= 1, f"batch_size must be 1 or more (got {batch_size})"),
-        ]
-        for ok, text in problems:
-            if not ok:
-                raise GeReError(f"LwF: {text}")
+        try:
+            LwfSettings(weight=weight, temperature=temperature, topk=topk, tokens=tokens)  # its rules, written once
+        except GeReError as err:
+            raise GeReError(f"LwF: {err}") from None
+        if not weight > 0:
+            raise GeReError(f"LwF: weight must be above 0 (got {weight}); leave LwF off instead")
         self.weight, self.temperature = float(weight), float(temperature)
         self.topk, self.batch_size, self.tokens = int(topk), int(batch_size), tokens
         self._targets: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -191,3 +151,33 @@ class LwF:
     @property
     def _k(self) -> int:
         return int(self._targets[0][0].shape[-1]) if self._targets else self.topk
+
+
+class LwfBaseline(Baseline):
+    """LwF in a continual run (the ``lwf:`` section): before each task, the model as it is then (the previous
+    stage) reads the task's rows (each with its `INDEX`) once; its targets are dropped after the task. Nothing
+    is saved: a resumed stage starts from the previous stage's weights, so its targets come out the same."""
+
+    def __init__(self, lwf: LwF):
+        self.lwf = lwf
+
+    @classmethod
+    def from_config(cls, cfg) -> LwfBaseline | None:
+        s = cfg.lwf
+        if not s.weight > 0:
+            return None
+        return cls(LwF(s.weight, s.temperature, s.topk, cfg.evaluation.batch_size, s.tokens))
+
+    def train_rows(self, stage: Stage) -> list[dict]:
+        return with_index(stage.rows)
+
+    def before_task(self, stage: Stage) -> list[dict]:
+        self.lwf.prepare(stage.model, stage.rows, pad_token_id(stage.tokenizer))
+        return []
+
+    def loss_parts(self, stage: Stage) -> list:
+        return [self.lwf]
+
+    def after_task(self, stage: Stage) -> list[dict]:
+        self.lwf.clear()  # the targets belong to this stage's rows
+        return []

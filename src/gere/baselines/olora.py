@@ -20,10 +20,10 @@ Saved with every checkpoint: the weights file holds every adapter (``<adapter>/<
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from gere.baselines.base import Baseline, Stage
+from gere.baselines.settings import OLoraSettings
 from gere.errors import GeReError
 
 
@@ -64,9 +64,10 @@ class OLoRA:
     names = ("olora_orth", "olora_l2")
 
     def __init__(self, orthogonal: float, l2: float, lora_config):
-        for label, value in (("orthogonal", orthogonal), ("l2", l2)):
-            if not 0 <= value < math.inf:
-                raise GeReError(f"O-LoRA: {label} must be a finite number, 0 or more (got {value})")
+        try:
+            OLoraSettings(orthogonal=orthogonal, l2=l2)  # its rules, written once
+        except GeReError as err:
+            raise GeReError(f"O-LoRA: {err}") from None
         self.orthogonal, self.l2, self.lora_config = float(orthogonal), float(l2), lora_config
         self.task: int | None = None
         self._modules: list = []  # the adapted modules holding the training task's adapter (found once per task)
@@ -106,3 +107,31 @@ class OLoRA:
                    start=zero)  # fmt: skip
         params = [w for m in modules for w in (m.lora_A[new].weight, m.lora_B[new].weight)]
         return {"olora_orth": self.orthogonal * orth, "olora_l2": self.l2 * l2_loss(params)}
+
+
+class OLoraBaseline(Baseline):
+    """O-LoRA in a continual run (``finetuning: olora``, the ``olora:`` section): before each task its own adapter
+    joins and trains, the earlier ones frozen; the checkpoint's weights hold every adapter, so a resumed run
+    adds the finished tasks' adapters before they load."""
+
+    def __init__(self, olora: OLoRA):
+        self.olora = olora
+
+    @classmethod
+    def from_config(cls, cfg) -> OLoraBaseline | None:
+        if cfg.finetuning != "olora":
+            return None
+        from gere.modeling import lora_config
+
+        return cls(OLoRA(cfg.olora.orthogonal, cfg.olora.l2, lora_config(cfg.lora)))
+
+    def resume(self, model, stages_done: int) -> None:
+        if stages_done > 0:  # the finished tasks' adapters, for their weights to load into
+            self.olora.add_adapters(model, stages_done - 1)
+
+    def before_task(self, stage: Stage) -> list[dict]:
+        self.olora.begin_task(stage.model, stage.index)
+        return []
+
+    def loss_parts(self, stage: Stage) -> list:
+        return [self.olora]

@@ -1,5 +1,6 @@
 """The run-config sections of the continual-learning baselines (`gere run`): ``ewc``, ``lwf``, ``olora``,
-``task_replay``. Each value is checked when the config is read; docs/baselines.md describes them."""
+``task_replay``. Each value is checked here, once: when the config is read, and when a baseline's class is
+built directly (it builds its settings); docs/baselines.md describes them."""
 
 from __future__ import annotations
 
@@ -56,6 +57,10 @@ class OLoraSettings:
         ], self)  # fmt: skip
 
 
+TASK_REPLAY_SELECTIONS = ("first", "reservoir")  # which examples of a finished task join the buffer
+TASK_REPLAY_MIXINGS = ("concat", "interpolate", "batch")  # how the buffer joins later tasks' training
+
+
 @dataclass
 class TaskReplaySettings:
     per_task: int = field(default=0, metadata={"help": "Training examples of each finished task replayed later; 0 is off."})
@@ -72,8 +77,8 @@ class TaskReplaySettings:
     def __post_init__(self) -> None:
         check_settings([
             (self.per_task >= 0, "per_task", "0 (off) or more"),
-            (self.selection in ("first", "reservoir"), "selection", "'first' or 'reservoir'"),
-            (self.mixing in ("concat", "interpolate", "batch"), "mixing", "'concat', 'interpolate' or 'batch'"),
+            (self.selection in TASK_REPLAY_SELECTIONS, "selection", f"one of {TASK_REPLAY_SELECTIONS}"),
+            (self.mixing in TASK_REPLAY_MIXINGS, "mixing", f"one of {TASK_REPLAY_MIXINGS}"),
             (self.per_batch >= 1, "per_batch", "1 or more"),
             (self.batch_size >= 1, "batch_size", "1 or more"),
         ], self)  # fmt: skip

@@ -4,7 +4,7 @@ After each task, ``per_task`` of its training examples join the buffer, chosen `
 by ``reservoir`` sampling (Algorithm R over the task's training examples in order, seeded by the run's
 task-replay seed and the task's position). While later tasks train, the buffer's examples, each formatted
 with its own task's prompt, join training in one of the three ways the general replay set can
-(``MIXINGS``):
+(`gere.baselines.settings.TASK_REPLAY_MIXINGS`):
 
 - ``concat``: appended to the new task's training examples and shuffled with them;
 - ``interpolate``: exactly ``per_batch`` buffered examples inside every global batch, the rest task
@@ -24,7 +24,10 @@ from pathlib import Path
 
 import torch
 
+from gere.baselines.base import Baseline, Stage
+from gere.baselines.settings import TaskReplaySettings
 from gere.batching import model_device
+from gere.distributed import global_batch_size
 from gere.errors import GeReError
 from gere.io_utils import atomic_write_json
 from gere.reading import read_json
@@ -32,14 +35,11 @@ from gere.replay.batches import SeparateReplayBatches
 from gere.replay.sampler import BatchInterpolationSampler
 
 FILE = "task_replay.json"
-SELECTIONS = ("first", "reservoir")
-MIXINGS = ("concat", "interpolate", "batch")
 
 
 def select(count: int, n: int, selection: str, seed: int) -> list[int]:
-    """Positions of the ``n`` examples (of ``count``) that join the buffer, in ascending order."""
-    if selection not in SELECTIONS:
-        raise GeReError(f"task_replay.selection={selection!r} is not one of {', '.join(SELECTIONS)}")
+    """Positions of the ``n`` examples (of ``count``) that join the buffer, in ascending order; ``selection``:
+    ``first`` or ``reservoir`` (checked by `TaskReplaySettings`)."""
     if selection == "first" or n >= count:
         return list(range(min(n, count)))
     rng = random.Random(seed)
@@ -55,10 +55,9 @@ class TaskReplayBuffer:
     """The (task position, example position) pairs replayed into later tasks."""
 
     def __init__(self, per_task: int, selection: str = "reservoir", seed: int = 0):
+        TaskReplaySettings(per_task=per_task, selection=selection, seed=seed)  # its rules, written once
         if per_task < 1:
             raise GeReError(f"task_replay.per_task must be 1 or more (got {per_task}); leave it 0 to turn replay off")
-        if selection not in SELECTIONS:
-            raise GeReError(f"task_replay.selection={selection!r} is not one of {', '.join(SELECTIONS)}")
         self.per_task, self.selection, self.seed = per_task, selection, seed
         self.entries: list[tuple[int, int]] = []
 
@@ -87,9 +86,13 @@ def stage_seed(seed: int, task: int) -> int:
     return seed * 1_000_003 + 7 * task + 1
 
 
-def interpolating_sampler(num_task: int, num_buffered: int, per_batch: int, global_batch: int, seed: int):
+def interpolating_sampler(num_task: int, num_buffered: int, per_batch: int, per_device: int, accumulation: int,
+                          seed: int, world_size: int | None = None):  # fmt: skip
     """Indices of ``[task rows..., buffered rows...]`` with exactly ``per_batch`` buffered rows in every global
-    batch (at random positions), for a dataset that lists the task's rows, then the buffer's."""
+    batch (at random positions), for a dataset that lists the task's rows, then the buffer's. The global
+    batch counts every process (`gere.distributed.global_batch_size`; ``world_size`` defaults to the
+    launched processes), as the Trainer's data loader hands each process its share of it."""
+    global_batch = global_batch_size(per_device, accumulation, world_size)
     return BatchInterpolationSampler(num_task, num_buffered, per_batch, global_batch, seed=seed, placement="random")
 
 
@@ -103,8 +106,7 @@ class SeparateBufferBatches:
     def __init__(self, rows: Sequence[dict], batch_size: int, collator, seed: int):
         if not rows:
             raise GeReError("the task-replay buffer is empty: there is nothing to draw a separate batch from")
-        if batch_size < 1:
-            raise GeReError(f"task_replay.batch_size must be 1 or more (got {batch_size})")
+        TaskReplaySettings(batch_size=batch_size)  # its rules, written once
         self.rows, self.collator = list(rows), collator
         self._draws = SeparateReplayBatches(len(self.rows), batch_size, seed)
 
@@ -113,3 +115,51 @@ class SeparateBufferBatches:
         device = model_device(model)
         inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
         return model(**inputs, use_cache=False).loss
+
+
+class TaskReplay(Baseline):
+    """Task replay in a continual run (the ``task_replay:`` section): each later task's training gets the
+    buffer's examples, in their own tasks' prompts, mixed in as ``mixing`` says; after each task its chosen
+    examples join the buffer, which every checkpoint holds."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.buffer = TaskReplayBuffer(settings.per_task, settings.selection, settings.seed)
+        self._buffered: list[dict] = []
+        self._num_task = 0
+
+    @classmethod
+    def from_config(cls, cfg) -> TaskReplay | None:
+        return cls(cfg.task_replay) if cfg.task_replay.per_task > 0 else None
+
+    def train_rows(self, stage: Stage) -> list[dict]:
+        self._buffered = []
+        for t, example in self.buffer.examples(stage.train_sets):
+            self._buffered += stage.features(t, [example])
+        self._num_task = len(stage.rows)
+        if self._buffered and self.settings.mixing in ("concat", "interpolate"):
+            return stage.rows + self._buffered
+        return stage.rows
+
+    def train_sampler(self, stage: Stage):
+        s, t = self.settings, stage.training
+        if not self._buffered or s.mixing != "interpolate":
+            return None
+        return interpolating_sampler(self._num_task, len(self._buffered), s.per_batch, t.per_device_train_batch_size,
+                                     t.gradient_accumulation_steps, stage_seed(s.seed, stage.index))  # fmt: skip
+
+    def loss_parts(self, stage: Stage) -> list:
+        s = self.settings
+        if not self._buffered or s.mixing != "batch":
+            return []
+        return [SeparateBufferBatches(self._buffered, s.batch_size, stage.collator, stage_seed(s.seed, stage.index))]
+
+    def after_task(self, stage: Stage) -> list[dict]:
+        self.buffer.add_task(stage.index, len(stage.train_sets[stage.index]))
+        return []
+
+    def save(self, folder: Path) -> None:
+        self.buffer.save(folder)
+
+    def load(self, folder: Path) -> None:
+        self.buffer.load(folder)

@@ -18,15 +18,12 @@ from safetensors.torch import load_file, save_file
 from gere.continual.run_config import RunConfig
 from gere.errors import GeReError
 from gere.io_utils import atomic_write_json
+from gere.modeling import lora_config as peft_lora_config
 
 
 def lora_config(cfg: RunConfig):
     """The run's `peft.LoraConfig` (its ``lora:`` section)."""
-    from peft import LoraConfig
-
-    lora = cfg.lora
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
+    return peft_lora_config(cfg.lora)
 
 
 def with_lora(cfg: RunConfig, model):

@@ -42,7 +42,6 @@ _CATEGORY_SUBJECTS = {
 MMLU_SUBJECT_CATEGORY: dict[str, str] = {
     subject: category for category, subjects in _CATEGORY_SUBJECTS.items() for subject in subjects.split()
 }
-MMLU_CATEGORIES = tuple(_CATEGORY_SUBJECTS)
 
 
 def subject_category(subject: str) -> str:

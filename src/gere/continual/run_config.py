@@ -14,20 +14,13 @@ from pathlib import Path
 
 from gere.baselines.settings import EwcSettings, LwfSettings, OLoraSettings, TaskReplaySettings
 from gere.config import GeReConfig
-from gere.continual.config_reading import (  # noqa: F401 (their home before; imported from here by users)
-    _coerce,
-    from_dict,
-    parse_yaml,
-    read_yaml_mapping,
-    set_dotted,
-    to_plain,
-)
+from gere.config_reading import coerce, from_dict, parse_override, read_yaml_mapping, set_dotted, to_plain
 from gere.continual.lm_eval_general import lm_eval_tasks
 from gere.continual.multiple_choice import MC_FORMATS
 from gere.continual.tasks import TaskSpec
 from gere.continual.training_settings import TrainingSettings
-from gere.distributed import launched_world_size
-from gere.errors import GeReError, check_settings, shown
+from gere.distributed import global_batch_size
+from gere.errors import GeReError, check_settings
 
 FINETUNING = ("full", "lora", "olora")
 EVAL_METHODS = ("label", "generate")
@@ -211,7 +204,7 @@ class RunConfig:
 
     def _check_interpolation(self, t: TrainingSettings, task: str | None) -> None:
         k = self.gere.num_interpolate_per_batch
-        global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * launched_world_size()
+        global_batch = global_batch_size(t.per_device_train_batch_size, t.gradient_accumulation_steps)
         tr = self.task_replay
         if tr.per_task and tr.mixing == "interpolate":
             if self.gere.parts and self.gere.mixing in ("interpolate", "concat"):
@@ -253,7 +246,7 @@ class RunConfig:
         hints = typing.get_type_hints(TrainingSettings)
         try:
             # Typed as the training section is (a YAML 1e-3 is text until read as a float).
-            overrides = {k: _coerce(v, hints[k], k) for k, v in self.per_task.get(task, {}).items()}
+            overrides = {k: coerce(v, hints[k], k) for k, v in self.per_task.get(task, {}).items()}
             if "trainer_args" in overrides:  # a task's TrainingArguments fields add to (and win over) the section's
                 overrides["trainer_args"] = {**self.training.trainer_args, **overrides["trainer_args"]}
             return dataclasses.replace(self.training, **overrides)
@@ -280,8 +273,5 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None,
         data.update(read_yaml_mapping(path))
         _relative_to_config(data, Path(path))
     for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise GeReError(f"--set {shown(item, 80)}: write it as section.key=value")
-        set_dotted(data, key.strip(), parse_yaml(raw, f"the value of --set {shown(key.strip(), 60)}"))
+        set_dotted(data, *parse_override(item, "--set"))
     return from_dict(RunConfig, data)

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import yaml
 
+from gere.config_reading import read_yaml_mapping
 from gere.continual.report import REPORT_FILES
-from gere.continual.run_config import RunConfig, read_yaml_mapping
+from gere.continual.run_config import RunConfig
 from gere.errors import GeReError, shown
 from gere.io_utils import HF_PREFIX, atomic_write_json, atomic_write_text, sha256_file
 from gere.reading import read_json
@@ -28,7 +29,6 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "run_state.json"
 CONFIG_FILE = "config.yaml"
 RUN_FILES = (STATE_FILE, CONFIG_FILE, "results.json", "report.md", "checkpoints", "stages")
-OWN_STORE = "gere_store"  # where a run keeps its store unless gere.store_dir points elsewhere
 #: (section, key) of settings added after runs were first written, left out of a run's identity when unset.
 #: Settings added after runs were recorded, with the value that means "not set": at that value they leave
 #: a run's identity as it was.

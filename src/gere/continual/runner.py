@@ -24,26 +24,18 @@ import itertools
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from transformers import DataCollatorForSeq2Seq, set_seed
 
-from gere.baselines.ewc import EWC
-from gere.baselines.lwf import LwF, with_index
-from gere.baselines.olora import OLoRA
-from gere.baselines.task_replay import (
-    SeparateBufferBatches,
-    TaskReplayBuffer,
-    interpolating_sampler,
-    stage_seed,
-)
-from gere.batching import IGNORE_INDEX, pad_token_id
+from gere.baselines.base import Baseline, Stage
+from gere.baselines.registry import run_baselines
+from gere.batching import IGNORE_INDEX
 from gere.continual.checkpoint import (
     checkpoint_dir,
     load_checkpoint,
-    lora_config,
     prune_checkpoints,
     save_checkpoint,
     with_lora,
@@ -55,7 +47,6 @@ from gere.continual.prompts import build_train_features
 from gere.continual.report import build_results, learning_warnings, write_report
 from gere.continual.run_config import RunConfig
 from gere.continual.run_folder import (
-    OWN_STORE,
     STATE_FILE,
     cached_base_eval,
     claim,
@@ -76,7 +67,7 @@ from gere.parts import GRAD_SHARE, LOGGED, TRAINER_LOGGED
 from gere.precision import Precision, resolve_bf16
 from gere.provenance import provenance
 from gere.replay.replay_set import ReplaySet
-from gere.store.extract import extract_store
+from gere.store.extract import store_dir, store_for
 from gere.store.format import ActivationStore, open_store
 from gere.trainer import GeReTrainer
 
@@ -103,16 +94,8 @@ class _Run:
     progress: bool
     started: float
     tracker: SequenceTracker | None = None
-    ewc: EWC | None = None
-    task_buffer: TaskReplayBuffer | None = None
-    lwf: LwF | None = None  # its targets are recomputed at every stage's start: nothing to save
-    olora: OLoRA | None = None  # its adapters are saved in the checkpoint's weights
+    baselines: dict[str, Baseline] = field(default_factory=dict)  # by name (`gere.baselines.registry`)
     precision: Precision = Precision(False, "fp32")
-
-    @property
-    def baselines(self) -> list:
-        """The baselines' states saved with every checkpoint (EWC's Fisher and anchor, the task buffer)."""
-        return [b for b in (self.ewc, self.task_buffer) if b is not None]
 
     def save_state(self) -> None:
         self.state["elapsed_s"] = time.time() - self.started
@@ -152,22 +135,12 @@ def _run_locked(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, b
     evaluator.check(tokenizer)  # every held-out set has something to score, before the store is extracted
     replay_set, store = _prepare_replay(cfg, replay_set, model, tokenizer, out, state, progress)
     claim(cfg, fresh=fresh)
-    olora = None
-    if cfg.finetuning in ("lora", "olora"):
+    if cfg.finetuning != "full":
         model = with_lora(cfg, model)
-    if cfg.finetuning == "olora":
-        olora = OLoRA(cfg.olora.orthogonal, cfg.olora.l2, lora_config(cfg))
     run = _Run(cfg, out, state or _new_state(cfg, model, store, precision), tasks, model, tokenizer, evaluator,
                replay_set, store, progress, started, precision=precision)  # fmt: skip
-    run.olora = olora
     run.tracker = SequenceTracker(check_report_to(cfg.report_to), cfg.name, out, cfg.to_dict())
-    run.ewc = EWC(cfg.ewc.strength) if cfg.ewc.strength > 0 else None
-    tr = cfg.task_replay
-    run.task_buffer = TaskReplayBuffer(tr.per_task, tr.selection, tr.seed) if tr.per_task > 0 else None
-    lwf = cfg.lwf
-    run.lwf = (
-        LwF(lwf.weight, lwf.temperature, lwf.topk, cfg.evaluation.batch_size, lwf.tokens) if lwf.weight > 0 else None
-    )
+    run.baselines = run_baselines(cfg)
     if not fresh:
         _resume(run)
         _track_history(run)  # a resumed run's tracked run holds the whole sequence too
@@ -207,23 +180,13 @@ def _prepare_replay(cfg: RunConfig, replay_set, model, tokenizer, out: Path, sta
         return None, None
     if gere.reference != "store" or not gere.needs_reference:
         return replay_set, None
-    own = not gere.store_dir
-    store_dir = out / OWN_STORE if own else Path(gere.store_dir)
     if state is None:
-        spec = gere.store_spec()
-        try:
-            store = extract_store(model, tokenizer, replay_set, store_dir, spec, regenerate=not gere.reuse_store,
-                                  progress=progress)  # fmt: skip
-        except GeReError as err:
-            if not (own and err.setting == "reuse_store"):
-                raise
-            # The run's own store, left by the run this one replaces: rebuilt for this run's model and texts.
-            logger.warning("rebuilding %s for this run: %s", store_dir, err)
-            store = extract_store(model, tokenizer, replay_set, store_dir, spec, regenerate=True, progress=progress)
+        store = store_for(gere, model, tokenizer, replay_set, out, progress=progress, rebuild_own=True)
     else:
-        store = open_store(store_dir)
+        folder = store_dir(gere, out)
+        store = open_store(folder)
         if store.manifest["model"] != state["base_model"]:
-            raise GeReError(f"{store_dir} no longer belongs to this run's base model; use --overwrite")
+            raise GeReError(f"{folder} no longer belongs to this run's base model; use --overwrite")
     return replay_set, store
 
 
@@ -267,10 +230,10 @@ def _resume(run: _Run) -> None:
     done = run.state["stages_done"]
     run.started -= run.state.get("elapsed_s", 0.0)
     if done > 0:
-        if run.olora:  # the finished tasks' adapters, for their weights to load into
-            run.olora.add_adapters(run.model, done - 1)
+        for baseline in run.baselines.values():  # shapes the model for the checkpoint's weights (O-LoRA)
+            baseline.resume(run.model, done)
         load_checkpoint(checkpoint_dir(run.out, done), run.model, run.cfg)
-        for baseline in run.baselines:
+        for baseline in run.baselines.values():
             baseline.load(checkpoint_dir(run.out, done))
     logger.info("resuming %s after stage %d of %d", run.out, done, len(run.tasks))
 
@@ -294,25 +257,21 @@ def _run_stage(run: _Run, index: int) -> None:
     """Train task ``index``, log its loss parts, evaluate everything, checkpoint, then record the stage."""
     cfg, state, name = run.cfg, run.state, run.tasks[index].spec.name
     t0 = time.time()
-    trainer = _stage_trainer(run, index)
+    trainer, stage = _stage_trainer(run, index)
     trainer.train()
-    if run.lwf:
-        run.lwf.clear()  # the targets belong to this stage's rows
     step_offset = _steps_before(state)
     rows = [{"step": step_offset + int(entry["step"]), "task": name, **{k: entry.get(k) for k in LOGGED},
              **{k: entry[k] for k in (*TRAINER_LOGGED, *GRAD_SHARE) if entry.get(k) is not None}}
             for entry in trainer.state.log_history if "loss" in entry]  # fmt: skip
     state["loss_history"].extend(rows)
     run.tracker.log_training(rows)
-    if run.ewc and index + 1 < len(run.tasks):  # the Fisher of this task, for the tasks after it
-        run.ewc.consolidate(run.model, trainer.train_dataset[: cfg.ewc.samples])
-    if run.task_buffer:
-        run.task_buffer.add_task(index, len(run.tasks[index].train))
+    for baseline_name, baseline in run.baselines.items():
+        _report(run, index, baseline_name, baseline.after_task(stage))
     train_s = time.time() - t0
     t1 = time.time()
     evaluation = run.evaluator(run.model, run.tokenizer, f"after {name}", run.progress)
     state["eval_s"] += time.time() - t1
-    save_checkpoint(run.out, index + 1, run.model, cfg, extra=run.baselines)
+    save_checkpoint(run.out, index + 1, run.model, cfg, extra=list(run.baselines.values()))
     state["accuracy_matrix"].append(evaluation["accuracies"])
     state["general"].append(evaluation["general"])
     state["per_task_s"].append(train_s)
@@ -343,46 +302,27 @@ def _steps_before(state: dict[str, Any]) -> int:
     return max((h["step"] for h in state["loss_history"]), default=0)  # a state written before 0.2
 
 
-def _mix_task_buffer(run: _Run, index: int, features: list[dict], collator):
-    """The earlier tasks' buffered examples (each in its own task's prompt) mixed in as
-    ``task_replay.mixing`` says: ``(training rows, sampler or None, [separate-batch loss part] or [])``."""
-    if not run.task_buffer:
-        return features, None, []
-    max_length = run.cfg.training_for(run.tasks[index].spec.name).max_length
-    buffered = []
-    for t, example in run.task_buffer.examples([d.train for d in run.tasks]):
-        buffered += build_train_features(run.tasks[t].spec, [example], run.tokenizer, max_length)
-    tr, seed = run.cfg.task_replay, stage_seed(run.cfg.task_replay.seed, index)
-    if not buffered or tr.mixing == "concat":
-        return features + buffered, None, []
-    if tr.mixing == "batch":
-        return features, None, [SeparateBufferBatches(buffered, tr.batch_size, collator, seed)]
-    t = run.cfg.training_for(run.tasks[index].spec.name)
-    global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps
-    return features + buffered, interpolating_sampler(len(features), len(buffered), tr.per_batch, global_batch, seed), []
-
-
-def _stage_trainer(run: _Run, index: int) -> GeReTrainer:
+def _stage_trainer(run: _Run, index: int) -> tuple[GeReTrainer, Stage]:
+    """The trainer of task ``index``, with the run's baselines' rows, sampler and loss parts (in registry order)."""
     task, tokenizer = run.tasks[index], run.tokenizer
     name = task.spec.name
-    max_length = run.cfg.training_for(name).max_length
-    features = build_train_features(task.spec, task.train, tokenizer, max_length)
+    training = run.cfg.training_for(name)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-    penalties = [run.ewc] if run.ewc else []
-    features, sampler, buffer_batches = _mix_task_buffer(run, index, features, collator)
-    penalties += buffer_batches
-    if run.olora:  # this task's own adapter trains; the earlier ones stay in the forward pass, frozen
-        run.olora.begin_task(run.model, index)
-        penalties.append(run.olora)
-    if run.lwf:  # the model as it is now, before this task, is the previous stage LwF distils toward
-        features = with_index(features)
-        run.lwf.prepare(run.model, features, pad_token_id(tokenizer))
-        penalties.append(run.lwf)
+    stage = Stage(index, len(run.tasks), run.cfg, run.model, tokenizer, [t.train for t in run.tasks], collator,
+                  lambda t, examples: build_train_features(run.tasks[t].spec, examples, tokenizer, training.max_length),
+                  training, build_train_features(task.spec, task.train, tokenizer, training.max_length))  # fmt: skip
+    for baseline in run.baselines.values():
+        stage.rows = baseline.train_rows(stage)
+    for baseline_name, baseline in run.baselines.items():
+        _report(run, index, baseline_name, baseline.before_task(stage))
+    samplers = [s for s in (b.train_sampler(stage) for b in run.baselines.values()) if s is not None]
+    if len(samplers) > 1:
+        raise GeReError(f"{len(samplers)} baselines each give a train sampler; at most one may decide the batches")
     trainer = GeReTrainer(
         model=run.model,
         args=stage_training_args(run.cfg, name, run.out / "stages" / f"{index + 1}-{name}", run.progress,
                                  run.precision.bf16),
-        train_dataset=features,
+        train_dataset=stage.rows,
         data_collator=collator,
         processing_class=tokenizer,
         gere_config=run.cfg.gere,
@@ -390,11 +330,17 @@ def _stage_trainer(run: _Run, index: int) -> GeReTrainer:
         check_store_model=False,  # the store is the base model's (checked in _prepare_replay); the model trains on
         replay_set=run.replay_set,
         callbacks=[train_step_callback()],  # crash tests (gere.faults); a no-op unless GERE_FAULT is set
-        penalties=penalties,
-        train_sampler=sampler,
+        penalties=[part for b in run.baselines.values() for part in b.loss_parts(stage)],
+        train_sampler=samplers[0] if samplers else None,
     )
     label = f"task {index + 1}/{len(run.tasks)} {name}"
-    return quiet_trainer(trainer, label, run.out / TRAIN_LOG, run.progress)
+    return quiet_trainer(trainer, label, run.out / TRAIN_LOG, run.progress), stage
+
+
+def _report(run: _Run, index: int, name: str, rows: list[dict]) -> None:
+    """A baseline's report rows of task ``index``, kept in the run's state (and results) under ``baselines``."""
+    if rows:
+        run.state.setdefault("baselines", []).extend({"stage": index + 1, "baseline": name, **r} for r in rows)
 
 
 def _finish(run: _Run) -> dict[str, Any]:
@@ -413,6 +359,8 @@ def _finish(run: _Run) -> dict[str, Any]:
     )
     results["provenance"] = {**provenance(), "precision": run.precision.name, "precision_reason": run.precision.reason}
     results["input_warnings"] = run.evaluator.doubts
+    if state.get("baselines"):
+        results["baselines"] = state["baselines"]
     if run.replay_set is not None:
         results["replay_set"] = {"requested": cfg.gere.num_replay_samples, "used": len(run.replay_set)}
     paths = write_report(run.out, results)

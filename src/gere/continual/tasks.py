@@ -25,7 +25,7 @@ from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gere.continual.config_reading import _coerce, parse_yaml
+from gere.config_reading import coerce, parse_yaml
 from gere.errors import GeReError, shown
 from gere.io_utils import HF_PREFIX, ROW_SUFFIXES, load_hub_dataset, read_rows
 from gere.reading import read_json, read_text
@@ -154,7 +154,7 @@ class TaskSpec:
             if default is MISSING:
                 default = defaults[key].default_factory()
             if current == default:  # explicit arguments win over the file
-                setattr(self, key, _coerce(value, hints[key], f"{task_file}: {key}"))
+                setattr(self, key, coerce(value, hints[key], f"{task_file}: {key}"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -33,8 +33,8 @@ import sys
 from typing import Any
 
 from gere.config import GeReConfig
-from gere.continual.run_config import parse_yaml, read_yaml_mapping, set_dotted
-from gere.errors import GeReError, shown
+from gere.config_reading import from_dict, parse_override, read_yaml_mapping, set_dotted
+from gere.errors import GeReError
 
 USAGE = "usage: gere-lf train CONFIG.yaml [key=value ...]   (a LLaMA-Factory SFT config with a gere: block)"
 # Keys of the gere: block that are trainer arguments rather than GeReConfig settings.
@@ -46,10 +46,10 @@ def read_config(path: str, overrides: list[str]) -> tuple[dict[str, Any], GeReCo
     (``gere.margin_weight=100`` reaches the gere block)."""
     args = read_yaml_mapping(path)
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
+        if "=" not in item:
             raise GeReError(f"override {item!r} is not key=value; {USAGE}")
-        set_dotted(args, key, _value(value))
+        # LLaMA-Factory's settings are handed on untyped: 2e-5 must arrive as a number.
+        set_dotted(args, *parse_override(item, "override", numbers=True))
     block = args.pop("gere", None)
     if not isinstance(block, dict):
         raise GeReError(f"{path} has no gere: block; add one, e.g. gere: {{replay_source: general.jsonl}}")
@@ -57,27 +57,13 @@ def read_config(path: str, overrides: list[str]) -> tuple[dict[str, Any], GeReCo
     if stage != "sft":
         raise GeReError(f"gere-lf supports stage: sft (got {stage!r}); GeRe replays into supervised fine-tuning")
     trainer_kwargs = {k: block.pop(k) for k in TRAINER_KEYS if k in block}
-    known = set(GeReConfig.__dataclass_fields__)
-    unknown = sorted(set(block) - known)
-    if unknown:
-        raise GeReError(f"gere: unknown key(s) {unknown}; allowed: {sorted(known) + list(TRAINER_KEYS)}")
-    config = GeReConfig(**block)
+    # The same reader as `gere run`'s: unknown keys and values of the wrong type named by their dotted key.
+    config = from_dict(GeReConfig, block, "gere")
     if config.parts and "use_reentrant_gc" not in args:
         # A replay batch is a second forward pass before the step's backward; with LLaMA-Factory's default
         # reentrant gradient checkpointing, DDP would mark the checkpointed parameters ready twice and stop.
         args["use_reentrant_gc"] = False
     return args, config, trainer_kwargs
-
-
-def _value(text: str) -> Any:
-    """A ``key=value`` override's value as YAML reads it, with ``2e-5`` a number (YAML 1.1 wants ``2.0e-5``)."""
-    value = parse_yaml(text, f"the value {shown(text, 60)}")
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
 
 
 def gere_trainer_class(base: type, gere_config: GeReConfig, trainer_kwargs: dict[str, Any]) -> type:

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -52,6 +54,11 @@ from gere.store.format import (
     store_file_names,
     write_npy,
 )
+
+if TYPE_CHECKING:
+    from gere.config import GeReConfig
+
+logger = logging.getLogger(__name__)
 
 
 class ExtractionStopped(RuntimeError):
@@ -114,6 +121,33 @@ def _part_name(name: str, rank: int, world: int) -> str:
         return name
     stem, _, suffix = name.rpartition(".")
     return f"{stem}.rank{rank}.{suffix}"
+
+
+#: The store's folder under a run's (or a trainer's) output folder, where ``store_dir`` does not point elsewhere.
+OWN_STORE = "gere_store"
+
+
+def store_dir(config: GeReConfig, output_dir: str | Path) -> Path:
+    """Where ``config``'s store lives: ``config.store_dir``, or `OWN_STORE` under ``output_dir``."""
+    return Path(config.store_dir) if config.store_dir else Path(output_dir) / OWN_STORE
+
+
+def store_for(config: GeReConfig, model, tokenizer, replay_set: ReplaySet, output_dir: str | Path, *,
+              progress: bool = True, device: torch.device | str | None = None,
+              rebuild_own: bool = False) -> ActivationStore:  # fmt: skip
+    """The activation store ``config`` asks for, built from ``model`` over ``replay_set`` in `store_dir`, or
+    reused when ``config.reuse_store`` and it matches. With ``rebuild_own``, the own store (no ``store_dir``
+    set) is rebuilt when it belongs to another model or texts (a continual run's, left by the run it replaces)."""
+    folder, spec = store_dir(config, output_dir), StoreSpec.for_config(config)
+    try:
+        return extract_store(model, tokenizer, replay_set, folder, spec, regenerate=not config.reuse_store,
+                             progress=progress, device=device)  # fmt: skip
+    except GeReError as err:
+        if not (rebuild_own and not config.store_dir and err.setting == "reuse_store"):
+            raise
+        logger.warning("rebuilding %s for this run: %s", folder, err)
+        return extract_store(model, tokenizer, replay_set, folder, spec, regenerate=True, progress=progress,
+                             device=device)  # fmt: skip
 
 
 def extract_store(

@@ -24,16 +24,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from safetensors.numpy import load_file as load_numpy_file
 
-from gere.config import FEATURE_DTYPES
 from gere.errors import GeReError
 from gere.io_utils import atomic_path, sha256_file
 from gere.reading import read_json
 from gere.replay.replay_set import PAPER_MAX_LENGTH
 from gere.stats import thresholds
+from gere.store import FEATURE_DTYPES
+
+if TYPE_CHECKING:
+    from gere.config import GeReConfig
 
 # Label codes stored per element (2 bits each).
 CODE_NEGATIVE = 0
@@ -71,6 +75,21 @@ class StoreSpec:
             raise GeReError(f"threshold k = {self.threshold_k}; set threshold_k above 0", setting="threshold_k")
         if self.topk < 0 or self.batch_size < 1:
             raise GeReError("top-k must be >= 0 and the extraction batch size >= 1")
+
+    @classmethod
+    def for_config(cls, config: GeReConfig) -> StoreSpec:
+        """What the activation store must hold for ``config``'s replay objective."""
+        parts = config.parts
+        return cls(
+            max_length=config.replay_max_length,
+            layers=tuple(config.layers),
+            threshold_k=config.threshold_k,
+            tm="tm" in parts,
+            features="l1" in parts or "l2" in parts,
+            feature_dtype=config.feature_dtype,
+            topk=config.kl_topk if "kl" in parts else 0,
+            batch_size=config.extract_batch_size,
+        )
 
     def contents(self) -> dict:
         """The manifest's ``contents``: which arrays the store holds."""

@@ -9,7 +9,6 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_runner import setup  # noqa: F401 (the tiny two-task run files, shared)
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from gere.cli import main
@@ -66,13 +65,13 @@ def test_per_task_typos_are_refused_by_name(tmp_path):
         load_run_config(config(tmp_path, {}, per_task={"t": {"max_step": 3}}))
 
 
-def tiny_run(setup, tmp_path, *sets):  # noqa: F811
+def tiny_run(setup, tmp_path, *sets):
     argv = ["run", str(setup / "run.yaml"), "--no-progress", "--set", f"output_dir={tmp_path / 'out'}",
             "--set", "gere.objective=none", *[x for s in sets for x in ("--set", s)]]  # fmt: skip
     return main(argv)
 
 
-def test_max_grad_norm_bounds_each_sgd_step(setup, tmp_path):  # noqa: F811
+def test_max_grad_norm_bounds_each_sgd_step(setup, tmp_path):
     # Plain SGD moves the weights by learning_rate x the clipped gradient: with max_grad_norm 1e-4 and 2 steps
     # of task 1 and 2 of task 2, the weights move by at most 4 x 0.01 x 1e-4 in L2 norm.
     assert tiny_run(setup, tmp_path, "training.optim=sgd", "training.max_grad_norm=1e-4") == 0
@@ -85,7 +84,7 @@ def test_max_grad_norm_bounds_each_sgd_step(setup, tmp_path):  # noqa: F811
     assert torch.sqrt(sum(((free[k] - base[k]) ** 2).sum() for k in free)) > 100 * moved
 
 
-def test_values_trainingarguments_refuses_stop_the_run_before_any_work(setup, tmp_path, capsys):  # noqa: F811
+def test_values_trainingarguments_refuses_stop_the_run_before_any_work(setup, tmp_path, capsys):
     assert tiny_run(setup, tmp_path, "gere.objective=ce+tm", "training.lr_scheduler_type=cosin") == 2
     err = capsys.readouterr().err
     assert "training: transformers.TrainingArguments refuses these settings: cosin is not a valid" in err

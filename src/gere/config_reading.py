@@ -1,6 +1,7 @@
-"""Reading run configs: YAML read safely, dataclasses built from mappings by their types, ``--set`` keys.
+"""Reading configs: YAML read safely, dataclasses built from mappings by their types, ``key=value`` overrides.
 
-A leaf under `gere.continual.run_config`: `parse_yaml` reads one YAML document with `yaml.safe_load`'s
+A leaf (it imports only `gere.errors` and `gere.reading`), used by the run config (`gere.continual.run_config`,
+``gere run``) and by ``gere-lf`` (`gere.integrations.llamafactory`): `parse_yaml` reads one YAML document with `yaml.safe_load`'s
 rules (merge keys included) but refuses a key given twice and turns every failure (syntax, nesting too
 deep, a number too long) into a `GeReError` naming the file; `from_dict` builds a dataclass from a mapping,
 refusing unknown keys and values of the wrong type by their dotted name. Error messages show values through
@@ -41,7 +42,8 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+# ``value`` as type ``tp`` (a dataclass, list, dict, union or plain type), or an error naming ``where``.
+def coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
@@ -52,7 +54,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if option is type(None):
                 continue
             try:
-                return _coerce(value, option, where)
+                return coerce(value, option, where)
             except GeReError as err:
                 errors.append(str(err))
         raise GeReError(errors[0] if errors else f"{where}: invalid value {shown(value)}")
@@ -68,12 +70,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise GeReError(f"{where}: expected a list, got {type(value).__name__} ({shown(value)})")
         (item,) = typing.get_args(tp) or (Any,)
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise GeReError(f"{where}: expected a mapping, got {type(value).__name__} ({shown(value)})")
         _, item = typing.get_args(tp) or (Any, Any)
-        return {str(k): _coerce(v, item, f"{where}.{k}") for k, v in value.items()}
+        return {str(k): coerce(v, item, f"{where}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
     if tp in (dict, list):
@@ -116,7 +118,7 @@ def from_dict(cls, data: dict, where: str = "") -> Any:
         listed = ", ".join(prefix + shown(k, 60).strip("'") for k in unknown[:8])
         more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
         raise GeReError(f"unknown config key(s) {listed}{more}; allowed here: {', '.join(sorted(names))}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    kwargs = {k: coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except GeReError as err:
@@ -187,6 +189,22 @@ def set_dotted(data: dict, dotted: str, value: Any) -> None:
             raise GeReError(f"--set {shown(dotted, 80)}: {'.'.join(keys[:depth])} is not a section "
                             f"(it holds {shown(node, 60)})")  # fmt: skip
     node[keys[-1]] = value
+
+
+def parse_override(item: str, flag: str, *, numbers: bool = False) -> tuple[str, Any]:
+    """``(dotted key, value)`` of one ``key.path=value`` override; the value is read as YAML. ``flag`` names
+    the option in messages. With ``numbers``, text that reads as a number (``2e-5``, which YAML 1.1 leaves
+    as text) becomes a float: for settings handed on untyped; typed settings are converted by `coerce`."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise GeReError(f"{flag} {shown(item, 80)}: write it as key=value (section.key=value inside a section)")
+    value = parse_yaml(raw, f"the value of {flag} {shown(key.strip(), 60)}")
+    if numbers and isinstance(value, str):
+        try:
+            return key.strip(), float(value)
+        except ValueError:
+            pass
+    return key.strip(), value
 
 
 def read_yaml_mapping(path: str | Path) -> dict:
