@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from gere.continual.run_config import load_run_config
 from gere.errors import GeReError
@@ -37,8 +38,11 @@ def test_true_and_false_force_the_choice_whatever_the_hardware():
     assert resolve_bf16(False, device="cpu", flags={"avx512_bf16"}).bf16 is False
 
 
-def test_run_config_bf16_defaults_to_auto_and_refuses_nonsense(setup):
-    assert load_run_config(setup / "run.yaml").training.bf16 == "auto"
+def test_run_config_bf16_defaults_to_auto_and_refuses_nonsense(setup, tmp_path):
+    config = yaml.safe_load((setup / "run.yaml").read_text())
+    del config["training"]["bf16"]  # the tests' run pins fp32; a config that says nothing gets auto
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert load_run_config(tmp_path / "run.yaml").training.bf16 == "auto"
     assert load_run_config(setup / "run.yaml", ["training.bf16=true"]).training.bf16 is True
     with pytest.raises(GeReError, match="training.bf16"):
         load_run_config(setup / "run.yaml", ["training.bf16=sometimes"])
