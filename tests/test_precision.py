@@ -8,7 +8,7 @@ from gere.continual.run_config import load_run_config
 from gere.errors import GeReError
 from gere.precision import cpu_flags, parse_bf16, resolve_bf16
 
-from tiny_runs import run
+from tiny_runs import run, whole_and_resumed
 
 
 def test_parse_bf16_takes_auto_and_booleans_and_refuses_the_rest():
@@ -72,3 +72,15 @@ def test_a_forced_bf16_run_trains_under_autocast_and_records_its_precision(setup
     seen.clear()
     fp32 = run(setup, tmp_path / "f", "training.bf16=false", "gere.objective=ce+tm")
     assert seen and not any(seen) and fp32["provenance"]["precision"] == "fp32"
+
+
+def test_a_bf16_run_resumed_after_a_crash_ends_as_an_uninterrupted_one(setup, tmp_path, monkeypatch):
+    # Each stage's Trainer prepares the model (an autocast forward); the run gives it back unprepared, so
+    # the model that trained task 1 in this process and the one a resumed run loads from the checkpoint
+    # compute the evaluation and task 2's LwF targets alike (fp32) and train task 2 alike (bf16).
+    args = ("gere.objective=ce+tm", "lwf.weight=1", "lwf.topk=8", "keep_checkpoints=0", "training.bf16=true")
+    whole, resumed = whole_and_resumed(setup, tmp_path, monkeypatch, *args)
+    assert whole["provenance"]["precision"] == resumed["provenance"]["precision"] == "bf16"
+    assert resumed["loss_history"] == whole["loss_history"]
+    assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
+    assert resumed["general"] == whole["general"]

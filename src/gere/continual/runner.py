@@ -258,7 +258,7 @@ def _run_stage(run: _Run, index: int) -> None:
     cfg, state, name = run.cfg, run.state, run.tasks[index].spec.name
     t0 = time.time()
     trainer, stage = _stage_trainer(run, index)
-    trainer.train()
+    _train(trainer, run.model)
     step_offset = _steps_before(state)
     rows = [{"step": step_offset + int(entry["step"]), "task": name, **{k: entry.get(k) for k in LOGGED},
              **{k: entry[k] for k in (*TRAINER_LOGGED, *GRAD_SHARE) if entry.get(k) is not None}}
@@ -284,6 +284,27 @@ def _run_stage(run: _Run, index: int) -> None:
     print(stage_line(f"after {name}", names, evaluation["accuracies"], evaluation["general"]), flush=True)
     prune_checkpoints(run.out, cfg)
     shutil.rmtree(run.out / "stages" / f"{index + 1}-{name}", ignore_errors=True)
+
+
+#: What the Trainer's accelerate sets on the model it prepares: under bf16 (or fp16) an autocast ``forward``
+#: and the ``_original_forward`` it replaced, and a mark that makes every later Trainer leave the model as is.
+_PREPARED_KEYS = ("forward", "_original_forward", "_is_accelerate_prepared")
+
+
+def _train(trainer: GeReTrainer, model) -> None:
+    """``trainer.train()``, then ``model`` as it was before the Trainer prepared it. Left prepared, a model
+    that trained the previous task in this process would run the evaluation and the next task's LwF targets
+    and online reference under autocast, where a run resumed from the checkpoint (a model never prepared) runs
+    them in fp32, and it would train the next task under this Trainer's wrapper, not one of its own.
+    accelerate's ``unwrap_model(keep_fp32_wrapper=False)`` unwinds past transformers' own decorators of
+    ``forward`` (``return_dict=False`` then fails), so the entries are put back as they were."""
+    own = {key: value for key, value in vars(model).items() if key in _PREPARED_KEYS}
+    try:
+        trainer.train()
+    finally:
+        for key in _PREPARED_KEYS:
+            vars(model).pop(key, None)
+        vars(model).update(own)
 
 
 def _track_history(run: _Run) -> None:
