@@ -18,14 +18,14 @@ pytestmark = pytest.mark.integration
 def test_smallest_demo_end_to_end(tmp_path, capsys):
     cache = os.environ.get("GERE_CACHE") or str(tmp_path / "cache")
     result = run_demo(output_dir=tmp_path / "demo", cache_dir=cache, size="smallest", progress=False)
-    assert list(result["cells"]) == ["none", "ce", "ce+tm-gb1"]
+    assert list(result["cells"]) == ["none", "ce", "ce+tm-w1"]
     out = capsys.readouterr().out
-    assert "| ce+tm-gb1 |" in out and "base model: probe" in out
-    for method in ("none", "ce", "ce+tm-gb1"):
+    assert "| ce+tm-w1 |" in out and "base model: probe" in out
+    for method in ("none", "ce", "ce+tm-w1"):
         data = json.loads((tmp_path / "demo" / method / "seed-0" / "results.json").read_text())
         assert len(data["accuracy_matrix"]) == 4 and len(data["accuracy_matrix"][0]) == 3
         assert data["general"][-1]["perplexity"]["news"] > 1 and data["general"][0]["mc_accuracy_sum"] is not None
-    ce_tm = json.loads((tmp_path / "demo" / "ce+tm-gb1" / "seed-0" / "results.json").read_text())
+    ce_tm = json.loads((tmp_path / "demo" / "ce+tm-w1" / "seed-0" / "results.json").read_text())
     assert all(h["replay_margin"] is not None for h in ce_tm["loss_history"])
     assert (tmp_path / "demo" / "sweep.md").exists()
 

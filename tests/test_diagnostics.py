@@ -71,7 +71,7 @@ def test_a_run_with_the_diagnostic_trains_exactly_as_one_without(setup, tmp_path
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
         assert "grad_norm_task_ce" not in a
         for part in ("task_ce", "replay_ce", "replay_margin"):
-            if part == "replay_margin" and b["margin_weight"] == 0:  # the first step: the model is the base
+            if part == "replay_margin" and b["replay_margin"] == 0:  # the first step: the model is the base
                 assert b[f"grad_norm_{part}"] == 0 and f"grad_cos_{part}" not in b
                 continue
             assert b[f"grad_norm_{part}"] > 0 and -1 <= b[f"grad_cos_{part}"] <= 1

@@ -281,7 +281,7 @@ def test_reference_argument_names_bring_the_reference_defaults(tmp_path):
     assert bi.gere.margin_weight == "dy" and bi.gere.mixing == "interpolate"
     assert bi.gere.interpolation_placement == "random"
     own = GeReTrainer(model=model, args=args, tokenizer=tok, gere_config=GeReConfig(), gere_data_file="x.jsonl")
-    assert own.gere.margin_weight == "dy" and own.gere.mixing == "batch"  # an explicit config keeps its values
+    assert own.gere.margin_weight == 1.0 and own.gere.mixing == "batch"  # an explicit config keeps its values
     assert own.gere.interpolation_placement == "even"
     with pytest.raises(GeReError, match="applies to replay_mixing 'interpolate'"):
         GeReConfig(replay_mixing="concat", num_interpolate_per_batch=2)
