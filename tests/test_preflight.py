@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-import gere.continual.runner as runner
 from gere.cli import main
 from gere.continual.preflight import RUN_DEPTH
 from gere.continual.run_config import load_run_config
@@ -25,6 +24,7 @@ from gere.errors import GeReError
 from gere.io_utils import check_output_dir
 
 from tiny import write_tiny_run_files
+from tiny_runs import crash_in_second_task
 
 
 @pytest.fixture(scope="module")
@@ -221,18 +221,9 @@ def test_a_probe_with_nothing_to_ask_is_refused_before_any_work(setup, tmp_path,
 
 def test_a_run_resumes_from_its_own_config_yaml(setup, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    real = runner._run_stage
-
-    def crash_on_second_task(run_, index):
-        if index == 1:
-            raise RuntimeError("simulated crash")
-        return real(run_, index)
-
-    monkeypatch.setattr(runner, "_run_stage", crash_on_second_task)
     cfg = load_run_config(setup / "run.yaml", [f"output_dir={out}"])
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_in_second_task(monkeypatch):
         run_continual(cfg, progress=False)
-    monkeypatch.setattr(runner, "_run_stage", real)
     written = yaml.safe_load((out / "config.yaml").read_text())
     assert written["training"]["warmup_steps"] == 0  # an int default of a float setting: read back as 0.0
     assert main(["run", str(out / "config.yaml"), "--resume", "--no-progress"]) == 0

@@ -3,6 +3,7 @@ its second task and resumed. The ``setup`` fixture (tests/conftest.py) writes th
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -47,9 +48,9 @@ def run(setup, out, *extra, **kwargs):
     return run_continual(cfg, progress=False, **kwargs)
 
 
-def whole_and_resumed(setup, tmp_path, monkeypatch, *args):
-    """The same run twice: once straight through, once crashing in its second task and then resumed."""
-    whole = run(setup, tmp_path / "whole", *args)
+@contextlib.contextmanager
+def crash_in_second_task(monkeypatch):
+    """Inside the block a run stops with "simulated crash" as its second task starts (the block expects it)."""
     real = runner._run_stage
 
     def crash_on_second_task(run_, index):
@@ -58,7 +59,16 @@ def whole_and_resumed(setup, tmp_path, monkeypatch, *args):
         return real(run_, index)
 
     monkeypatch.setattr(runner, "_run_stage", crash_on_second_task)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            yield
+    finally:
+        monkeypatch.setattr(runner, "_run_stage", real)
+
+
+def whole_and_resumed(setup, tmp_path, monkeypatch, *args):
+    """The same run twice: once straight through, once crashing in its second task and then resumed."""
+    whole = run(setup, tmp_path / "whole", *args)
+    with crash_in_second_task(monkeypatch):
         run(setup, tmp_path / "resumed", *args)
-    monkeypatch.setattr(runner, "_run_stage", real)
     return whole, run(setup, tmp_path / "resumed", *args, resume=True)
