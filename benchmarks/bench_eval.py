@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import HERE, cpu_pressure, environment, median, write_results  # noqa: E402
+from bench_common import made_by  # noqa: E402
+from bench_engine import HERE, median, write_results  # noqa: E402
 
 from gere.continual.evaluation import evaluate_task, perplexity  # noqa: E402
 from gere.continual.multiple_choice import evaluate_multiple_choice, load_multiple_choice  # noqa: E402
@@ -36,7 +37,6 @@ from gere.continual.tasks import load_task  # noqa: E402
 from gere.demo.assets import DemoSizes, build_demo_assets  # noqa: E402
 from gere.demo.run import SIZES, demo_config  # noqa: E402
 from gere.modeling import load_model_and_tokenizer  # noqa: E402
-from gere.provenance import provenance  # noqa: E402
 from gere.replay.replay_set import load_replay_records  # noqa: E402
 
 
@@ -92,13 +92,10 @@ def main(argv=None) -> int:
         rows.append((f"perplexity {name} ({len(texts)} texts)", wall, cpu))
         scores[f"ppl {name}"] = value
     total_wall, total_cpu = sum(r[1] for r in rows), sum(r[2] for r in rows)
-    prov, env = provenance(), environment()
     section = "\n".join([
         f"### One evaluation of the demo, piece by piece ({args.threads} thread{'s' if args.threads > 1 else ''})",
         "",
-        f"Command: `{command}`; commit {prov['commit']}{' (uncommitted changes)' if prov['dirty'] else ''}.",
-        f"Machine: {env['machine']}; torch {env['torch']}, transformers {env['transformers']}; {env['date']}; "
-        f"CPU pressure avg60 {cpu_pressure()}. Median of {args.repeats} repeats after a warm-up.",
+        made_by(command, f" Median of {args.repeats} repeats after a warm-up."),
         "",
         "| piece | wall s | CPU s | share of CPU |",
         "|---|---|---|---|",

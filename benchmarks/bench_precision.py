@@ -31,7 +31,8 @@ import torch
 from transformers import DataCollatorForSeq2Seq, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import HERE, cpu_pressure, environment, median, write_results  # noqa: E402
+from bench_common import made_by  # noqa: E402
+from bench_engine import HERE, median, write_results  # noqa: E402
 
 from gere.batching import IGNORE_INDEX  # noqa: E402
 from gere.continual.prompts import build_train_features  # noqa: E402
@@ -42,7 +43,6 @@ from gere.demo.assets import DemoSizes, build_demo_assets  # noqa: E402
 from gere.demo.run import METHODS, SIZES, demo_config  # noqa: E402
 from gere.modeling import load_model_and_tokenizer  # noqa: E402
 from gere.precision import native_bf16  # noqa: E402
-from gere.provenance import provenance  # noqa: E402
 from gere.store.extract import extract_store  # noqa: E402
 from gere.store.format import StoreSpec  # noqa: E402
 from gere.trainer import GeReTrainer  # noqa: E402
@@ -126,20 +126,17 @@ def main(argv=None) -> int:
     assets = build_demo_assets(args.cache_dir, sizes=DemoSizes(**SIZES["default"]["assets"]))
     work = Path(tempfile.mkdtemp(prefix="bench_precision_"))
     base = demo_config(assets, "default", work)
-    rows, env = [], environment()
+    rows = []
     native, why = native_bf16("cpu" if not torch.cuda.is_available() else "cuda")
     for method in args.methods:
         times = precision_turns(DemoStep([f"{k}={v}" for k, v in METHODS[method].items()], base, work), method,
                                 args.turns, args.steps)  # fmt: skip
         fp32, bf16 = median(times["fp32"]), median(times["bf16"])
         rows.append(f"| {method} | {fp32:.2f} | {bf16:.2f} | {fp32 / bf16:.2f}x | {len(times['fp32'])} |")
-    prov = provenance()
     section = "\n".join([
         "### Training step: fp32 against bf16 autocast (the demo's model and settings)",
         "",
-        f"Command: `{command}`; commit {prov['commit']}{' (uncommitted changes)' if prov['dirty'] else ''}.",
-        f"Machine: {env['machine']}; torch {env['torch']}, transformers {env['transformers']}; {env['date']}; "
-        f"CPU pressure avg60 at the end {cpu_pressure()}.",
+        made_by(command),
         f"Native bf16 here: {'yes' if native else 'no'} ({why}); `training.bf16: auto` picks "
         f"{'bf16' if native else 'fp32'} on this machine.",
         "",

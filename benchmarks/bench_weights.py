@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import HERE, cpu_pressure, environment, median, write_results  # noqa: E402
+from bench_common import made_by  # noqa: E402
+from bench_engine import HERE, median, write_results  # noqa: E402
 from bench_precision import DemoStep, take_turns  # noqa: E402
 
 from gere.demo.assets import DemoSizes, build_demo_assets  # noqa: E402
 from gere.demo.run import METHODS, SIZES, demo_config  # noqa: E402
 from gere.precision import resolve_bf16  # noqa: E402
-from gere.provenance import provenance  # noqa: E402
 
 #: Each variant's changes to the demo's `ce+tm` settings.
 VARIANTS = {
@@ -70,13 +70,10 @@ def main(argv=None) -> int:
     times = take_turns(list(VARIANTS), 2 * args.turns, run)
     first = median(times["dy"])
     rows = [f"| {name} | {median(t):.2f} | {median(t) / first:.2f}x | {len(t)} |" for name, t in times.items()]
-    prov, env = provenance(), environment()
     section = "\n".join([
         "### Training step of ce+tm: the gradient-share diagnostic and the gradient-balanced weight",
         "",
-        f"Command: `{command}`; commit {prov['commit']}{' (uncommitted changes)' if prov['dirty'] else ''}.",
-        f"Machine: {env['machine']}; torch {env['torch']}, transformers {env['transformers']}; {env['date']}; "
-        f"CPU pressure avg60 at the end {cpu_pressure()}. Precision: {precision.describe()}.",
+        made_by(command, f" Precision: {precision.describe()}."),
         "",
         "| ce+tm weight | s / step | against dy | steps |",
         "|---|---|---|---|",
