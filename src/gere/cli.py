@@ -308,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("run", "sweep", "demo"):
         _console(args.verbose)
     try:
+        if args.command in ("extract", "run", "sweep", "demo"):
+            from gere.allocator import for_cpu_training
+
+            for_cpu_training()  # freed host memory kept for the next step (gere.allocator; GERE_CPU_MALLOC)
         return COMMANDS[args.command](args)
     except GeReError as err:
         print(f"gere: error: {for_command(err, args.command)}", file=sys.stderr)
