@@ -259,6 +259,44 @@ def test_shared_prompt_logprobs_match_slow_reference_with_multi_token_targets(mo
     assert got == pytest.approx(want, abs=1e-4)
 
 
+SHARED = "Is this review good or bad ? Option : Good, Bad \n"
+REVIEWS = ["the movie was great fun", "awful", "the movie was boring boring boring and awful , what is 2 ?",
+           "fun", "what is 1 2 3 4 x"]  # fmt: skip
+
+
+def test_shared_prefix_runs_once_and_matches_slow_reference(model, tok):
+    """Prompts that start alike (a task's instruction and options): the shared tokens run once, and every
+    score still equals the slow one-sequence-at-a-time reference, for any batch size and label length."""
+    from gere.continual import evaluation
+
+    prompts = [tok(SHARED + r + "\nAnswer:")["input_ids"] for r in REVIEWS]
+    targets = [encode_prompt_and_target(tok, SHARED + REVIEWS[0] + "\nAnswer:", " " + w)[1] for w in LABELS]
+    shared = evaluation.shared_prefix_length(prompts)
+    assert shared >= evaluation.MIN_SHARED_PREFIX and shared == len(tok(SHARED.strip())["input_ids"])
+    want = [slow_logprob(model, p, t) for p in prompts for t in targets]
+    fed: list[int] = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda mod, args, out: fed.append(args[0].numel()))
+    try:
+        for batch_size in (1, 2, 3, 8):
+            fed.clear()
+            got = evaluation.shared_prompt_logprobs(model, tok, prompts, targets, batch_size=batch_size)
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=1e-4)
+            # The prefix once (batch 1), then the first batch's own tokens, left-padded to its longest.
+            first = sorted(prompts, key=len, reverse=True)[:batch_size]
+            assert fed[:2] == [shared, len(first) * (len(first[0]) - shared)]
+    finally:
+        hook.remove()
+
+
+def test_shared_prefix_length_leaves_every_prompt_a_token_of_its_own():
+    from gere.continual.evaluation import shared_prefix_length
+
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[7, 2], [1, 2]]) == 0
+    assert shared_prefix_length([[1], [1, 2]]) == 0
+
+
 # ------------------------------------------------------------------------------------------ cloze scoring
 
 CLOZE = [

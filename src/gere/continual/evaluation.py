@@ -17,6 +17,7 @@ Two ways to read a task answer:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -87,6 +88,30 @@ def shared_prompt_logprobs(
     return [score for row in nested for score in row]
 
 
+#: The fewest tokens every prompt must share for `continuation_logprobs` to run them once for all prompts.
+MIN_SHARED_PREFIX = 4
+
+
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Tokens at the start of every prompt that all prompts share, leaving each prompt at least one of its
+    own (its last position gives the first continuation token's logits)."""
+    first = prompts[0]
+    n = min(len(p) for p in prompts) - 1
+    for prompt in prompts[1:]:
+        n = next((k for k in range(n) if prompt[k] != first[k]), n)
+    return max(n, 0)
+
+
+def _prefix_cache(model, prefix: list[int], cache_arg: str):
+    """The key/value cache of ``prefix`` alone (batch 1), or None where the cache cannot be copied per batch."""
+    device = model_device(model)
+    ids = torch.tensor([prefix], device=device)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(len(prefix),
+                device=device).unsqueeze(0), use_cache=True, logits_to_keep=1)  # fmt: skip
+    cache = _output_cache(out)
+    return cache if hasattr(cache, "batch_repeat_interleave") and hasattr(cache, "crop") else None
+
+
 def continuation_logprobs(
     model,
     tokenizer,
@@ -97,10 +122,13 @@ def continuation_logprobs(
     """Sum of log p(continuation tokens | prompt) for each prompt's own continuations, running each prompt
     once.
 
-    The prompts of a batch are left-padded and encoded once with a key/value cache; the j-th continuation
-    of every prompt in the batch is then scored together (right-padded to the longest), and the cache is
-    cropped back to the prompts before the next j. Equal to `sequence_logprobs` on the concatenations (up
-    to float rounding), at about 1/len(continuations) of the cost when continuations are short.
+    The tokens every prompt starts with (a task's instruction and options: `shared_prefix_length`, when at
+    least `MIN_SHARED_PREFIX`) run once, and their key/value cache is copied for every batch. The rest of
+    each prompt is left-padded after that prefix and encoded with the cache; the j-th continuation of every
+    prompt in the batch is then scored together (right-padded to the longest), and the cache is cropped back
+    to the prompts before the next j. Equal to `sequence_logprobs` on the concatenations (up to float
+    rounding), at about 1/len(continuations) of the cost when continuations are short, less again by the
+    shared prefix.
     """
     device = model_device(model)
     cache_arg = _cache_argument(model)
@@ -111,9 +139,20 @@ def continuation_logprobs(
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     scores = [[0.0] * len(options) for options in continuations]
     with eval_mode(model):
+        shared = shared_prefix_length(prompts) if len(prompts) > 1 and last_only else 0
+        prefix = _prefix_cache(model, list(prompts[0][:shared]), cache_arg) if shared >= MIN_SHARED_PREFIX else None
+        shared = shared if prefix is not None else 0
         for idx in batches(order, batch_size):
-            ids, mask, positions, _ = pad_batch([prompts[i] for i in idx], pad_id, "left", device)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only)
+            ids, mask, positions, _ = pad_batch([prompts[i][shared:] for i in idx], pad_id, "left", device)
+            given = {}
+            if prefix is not None:  # the prefix's cache, one copy per row; the rest follows its positions
+                cache = copy.deepcopy(prefix)
+                cache.batch_repeat_interleave(len(idx))
+                mask = torch.cat([torch.ones((len(idx), shared), dtype=mask.dtype, device=device), mask], dim=1)
+                positions = positions + shared
+                given = {cache_arg: cache}
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **given,
+                        **last_only)  # fmt: skip
             context = (_output_cache(out), mask, positions[:, -1:] + 1, cache_arg)
             first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
             for j in range(max(len(continuations[i]) for i in idx)):
