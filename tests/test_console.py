@@ -26,6 +26,16 @@ def test_quiet_console_prints_stage_lines_and_logs_steps_to_the_run_folder(setup
     assert any("train_runtime" in e for e in logged)
 
 
+def test_a_run_that_replaces_another_starts_its_own_train_log(setup, tmp_path):
+    out = str(tmp_path / "r")
+    assert main(["run", str(setup / "run.yaml"), "--output-dir", out, "--objective", "none", "--no-progress"]) == 0
+    assert main(["run", str(setup / "run.yaml"), "--output-dir", out, "--objective", "ce", "--no-progress",
+                 "--overwrite"]) == 0  # fmt: skip
+    steps = [json.loads(line) for line in (tmp_path / "r" / "train_log.jsonl").read_text().splitlines()]
+    steps = [e for e in steps if "loss" in e]
+    assert len(steps) == 4 and all("replay_ce" in e for e in steps)  # the ce run's steps alone
+
+
 def test_verbose_keeps_the_trainers_own_lines(setup, tmp_path, capsys):
     try:
         assert main(["-v", "run", str(setup / "run.yaml"), "--output-dir", str(tmp_path / "v"), "--no-progress"]) == 0

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from gere.config_reading import read_yaml_mapping
+from gere.continual.console import TRAIN_LOG
 from gere.continual.report import REPORT_FILES
 from gere.continual.run_config import RunConfig
 from gere.errors import GeReError, shown
@@ -28,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "run_state.json"
 CONFIG_FILE = "config.yaml"
-RUN_FILES = (STATE_FILE, CONFIG_FILE, "results.json", "report.md", "checkpoints", "stages")
+#: A run's own files and folders: a fresh run (``--overwrite``, or a first task never finished) removes them.
+RUN_FILES = (STATE_FILE, CONFIG_FILE, "results.json", "report.md", "checkpoints", "stages", TRAIN_LOG)
 #: (section, key) of settings added after runs were first written, left out of a run's identity when unset.
 #: Settings added after runs were recorded, with the value that means "not set": at that value they leave
 #: a run's identity as it was.
