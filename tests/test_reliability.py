@@ -119,6 +119,30 @@ def test_disk_full_after_stage_two_keeps_stage_one_and_resumes(config, tmp_path,
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["stage-2"]  # keep_checkpoints = 1
 
 
+def test_checkpoint_is_written_while_the_body_runs_and_a_failing_body_leaves_none(config, tmp_path):
+    """`checkpoint_beside`: the weights reach the disk while the body runs (the runner evaluates there); the
+    RNG state is taken after it; a body that fails leaves no checkpoint and no temporary folder."""
+    import time
+
+    cfg, model = load_run_config(config), tiny_llama()
+    weights = tmp_path / "checkpoints" / ".stage-1.tmp" / "weights.safetensors"
+    with checkpoint.checkpoint_beside(tmp_path, 1, model, cfg):
+        deadline = time.monotonic() + 60
+        while not weights.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert weights.exists()  # written by the thread, inside the body
+        torch.rand(3)  # the RNG moves on in the body: the checkpoint keeps the state after it
+        after_body = torch.get_rng_state()
+    stage = checkpoint.checkpoint_dir(tmp_path, 1)
+    assert torch.equal(load_file(str(stage / "rng.safetensors"))["torch_rng"], after_body)
+    tensors = len(load_file(str(stage / "weights.safetensors")))
+    assert json.loads((stage / "checkpoint.json").read_text()) == {"stage": 1, "finetuning": "full", "tensors": tensors}
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        with checkpoint.checkpoint_beside(tmp_path, 2, model, cfg):
+            raise RuntimeError("evaluation failed")
+    assert not checkpoint.checkpoint_dir(tmp_path, 2).exists() and leftovers(tmp_path) == []
+
+
 def test_disk_full_while_finishing_the_store_keeps_extraction_and_trusts_nothing(tmp_path, monkeypatch):
     model, tok = tiny_llama(), tiny_tokenizer()
     replay_set = ReplaySet(tuple(f"r{i}" for i in range(8)), tuple(replay_texts(8)))

@@ -2,14 +2,17 @@
 
 ``<run>/checkpoints/stage-<i>/`` holds ``weights.safetensors`` (the weights, the LoRA adapter, or under
 O-LoRA every task's adapter as ``<adapter>/<name>``), ``rng.safetensors``, the baselines' states
-(``ewc.safetensors``, ``task_replay.json``) and ``checkpoint.json`` (written last). A checkpoint is written to a temporary folder and renamed, so a crash or a full disk never
-leaves a half checkpoint under the final name; older ones are pruned only after the run state names the
-newest.
+(``ewc.safetensors``, ``task_replay.json``) and ``checkpoint.json`` (written last). A checkpoint is written to
+a temporary folder and renamed, so a crash or a full disk never leaves a half checkpoint under the final
+name; older ones are pruned only after the run state names the newest. The runner writes the weights while
+it evaluates the stage (`checkpoint_beside`), which leaves them alone.
 """
 
 from __future__ import annotations
 
 import shutil
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -41,26 +44,48 @@ def checkpoint_dir(out: Path, stage: int) -> Path:
     return out / "checkpoints" / f"stage-{stage}"
 
 
-def save_checkpoint(out: Path, stage: int, model, cfg: RunConfig, extra=()) -> Path:
-    """Weights (or the adapter) after ``stage``, plus torch's RNG state and ``x.save(folder)`` for each of
-    ``extra`` (the baselines' states: EWC's Fisher and anchor, the task-replay buffer); temp folder, then
-    rename."""
+@contextmanager
+def checkpoint_beside(out: Path, stage: int, model, cfg: RunConfig, extra=()):
+    """Weights (or the adapter) after ``stage``, torch's RNG state and ``x.save(folder)`` for each of ``extra``
+    (the baselines' states: EWC's Fisher and anchor, the task-replay buffer), written to a temporary folder and
+    renamed. The weights and the baselines' states are written by a thread while the body runs: the
+    body must leave the weights alone (the runner evaluates the stage there), so writing them costs the
+    run no time of its own. After the body: torch's RNG state as it is then, ``checkpoint.json``, and the
+    rename into place. An error in the body or in the writing is raised once both have ended, and leaves
+    no checkpoint under the final name (the previous stage's is kept)."""
     final = checkpoint_dir(out, stage)
     tmp = out / "checkpoints" / f".stage-{stage}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    failed: list[BaseException] = []
+    written: list[int] = []
+
+    def write() -> None:
+        try:
+            written.append(_write_weights(tmp, model, cfg))
+            for state in extra:
+                state.save(tmp)
+        except BaseException as err:  # raised in the caller's thread, below
+            failed.append(err)
+
+    writer = threading.Thread(target=write, name=f"checkpoint stage {stage}", daemon=True)
+    writer.start()
     try:
-        _write_checkpoint(tmp, stage, model, cfg)
-        for state in extra:
-            state.save(tmp)
+        try:
+            yield
+        finally:
+            writer.join()
+        if failed:
+            raise failed[0]
+        save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        atomic_write_json(tmp / "checkpoint.json", {"stage": stage, "finetuning": cfg.finetuning, "tensors": written[0]})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed (e.g. disk-full) write leaves nothing behind
         raise
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    return final
 
 
 def prune_checkpoints(out: Path, cfg: RunConfig) -> None:
@@ -72,7 +97,8 @@ def prune_checkpoints(out: Path, cfg: RunConfig) -> None:
             shutil.rmtree(old)
 
 
-def _write_checkpoint(tmp: Path, stage: int, model, cfg: RunConfig) -> None:
+def _write_weights(tmp: Path, model, cfg: RunConfig) -> int:
+    """``weights.safetensors``: the weights, the LoRA adapter or every O-LoRA adapter; the number of tensors."""
     if cfg.finetuning == "lora":
         from peft import get_peft_model_state_dict
 
@@ -93,8 +119,7 @@ def _write_checkpoint(tmp: Path, stage: int, model, cfg: RunConfig) -> None:
         seen.add(key)
         unique[name] = tensor.detach().contiguous().cpu()
     save_file(unique, str(tmp / "weights.safetensors"))
-    save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    atomic_write_json(tmp / "checkpoint.json", {"stage": stage, "finetuning": cfg.finetuning, "tensors": len(unique)})
+    return len(unique)
 
 
 def load_checkpoint(path: Path, model, cfg: RunConfig) -> None:

@@ -34,10 +34,10 @@ from gere.baselines.base import Baseline, Stage
 from gere.baselines.registry import run_baselines
 from gere.batching import IGNORE_INDEX
 from gere.continual.checkpoint import (
+    checkpoint_beside,
     checkpoint_dir,
     load_checkpoint,
     prune_checkpoints,
-    save_checkpoint,
     with_lora,
 )
 from gere.continual.console import TRAIN_LOG, quiet_trainer, stage_line
@@ -269,9 +269,10 @@ def _run_stage(run: _Run, index: int) -> None:
         _report(run, index, baseline_name, baseline.after_task(stage))
     train_s = time.time() - t0
     t1 = time.time()
-    evaluation = run.evaluator(run.model, run.tokenizer, f"after {name}", run.progress)
-    state["eval_s"] += time.time() - t1
-    save_checkpoint(run.out, index + 1, run.model, cfg, extra=list(run.baselines.values()))
+    # The checkpoint is written while the stage is evaluated (evaluation leaves the weights alone).
+    with checkpoint_beside(run.out, index + 1, run.model, cfg, extra=list(run.baselines.values())):
+        evaluation = run.evaluator(run.model, run.tokenizer, f"after {name}", run.progress)
+        state["eval_s"] += time.time() - t1
     state["accuracy_matrix"].append(evaluation["accuracies"])
     state["general"].append(evaluation["general"])
     state["per_task_s"].append(train_s)
