@@ -66,7 +66,8 @@ METHODS: dict[str, dict[str, Any]] = {
 # gradient-balanced ce+tm-gb1 did at a higher step cost; the paper's dynamic weight (ce+tm) loses the tasks.
 DEFAULT_METHODS = ("none", "ce", "ce+tm-w1")
 
-# Sizes: "default" fits ~10 minutes on a 2-core CPU; "smallest" is for the integration tests; "full" is
+# Sizes: "default" fits ~6 minutes on a 2-core CPU with bf16 instructions (docs/demo.md, "Measured");
+# "smallest" is for the integration tests; "full" is
 # for a GPU. Each entry: asset sizes, per-task training, evaluation sizes, replay settings.
 SIZES: dict[str, dict[str, Any]] = {
     "default": {
