@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -79,9 +78,9 @@ def main(argv=None) -> int:
         print(json.dumps(child(args.child, args.steps)))
         return 0
     sys.path.insert(0, str(HERE))
-    from bench_common import made_by, write_results
+    from bench_common import command_line, made_by, write_results
 
-    command = ("python benchmarks/bench_allocator.py " + shlex.join(argv if argv is not None else sys.argv[1:])).strip()
+    command = command_line(__file__, argv)
     rows = []
     for method in args.methods:
         got: dict[str, list[dict]] = {"system": [], "keep": []}

@@ -12,8 +12,10 @@ import glob
 import os
 import platform
 import random
+import shlex
 import shutil
 import statistics
+import sys
 import time
 import zipfile
 from dataclasses import dataclass
@@ -226,6 +228,12 @@ def environment() -> dict:
         "transformers": transformers.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def command_line(script: str, argv=None) -> str:
+    """How a benchmark was run, for its RESULTS.md section: ``python benchmarks/<script> <arguments>``."""
+    args = shlex.join(argv if argv is not None else sys.argv[1:])
+    return f"python benchmarks/{Path(script).name} {args}".strip()
 
 
 def made_by(command: str, note: str = "") -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import made_by  # noqa: E402
+from bench_common import command_line, made_by  # noqa: E402
 from bench_engine import HERE, median, write_results  # noqa: E402
 
 from gere.continual.evaluation import evaluate_task, perplexity  # noqa: E402
@@ -61,7 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--scores", default=None, help="also write the scores as JSON here")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
-    command = "python benchmarks/bench_eval.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = command_line(__file__, argv)
     torch.set_num_threads(args.threads)
 
     assets = build_demo_assets(args.cache_dir, sizes=DemoSizes(**SIZES["default"]["assets"]))

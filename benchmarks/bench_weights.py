@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import made_by  # noqa: E402
+from bench_common import command_line, made_by  # noqa: E402
 from bench_engine import HERE, median, write_results  # noqa: E402
 from bench_precision import DemoStep, take_turns  # noqa: E402
 
@@ -55,7 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(HERE / "RESULTS.md"))
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
-    command = "python benchmarks/bench_weights.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = command_line(__file__, argv)
 
     assets = build_demo_assets(args.cache_dir, sizes=DemoSizes(**SIZES["default"]["assets"]))
     work = Path(tempfile.mkdtemp(prefix="bench_weights_"))

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shlex
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import HERE, made_by, write_results  # noqa: E402
+from bench_common import HERE, command_line, made_by, write_results  # noqa: E402
 
 from gere.continual import evaluation, multiple_choice  # noqa: E402
 from gere.continual.checkpoint import load_checkpoint  # noqa: E402
@@ -82,7 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(HERE / "RESULTS.md"))
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
-    command = "python benchmarks/eval_prefix_agreement.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = command_line(__file__, argv)
 
     assets = build_demo_assets(args.cache_dir, sizes=DemoSizes(**SIZES["default"]["assets"]))
     cfg = load_run_config(None, [], base=copy.deepcopy(demo_config(assets, "default", Path("/tmp/eval_prefix"))))
