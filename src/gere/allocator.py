@@ -1,7 +1,5 @@
 """Host memory for CPU training: freed blocks kept in the process for the next step.
 
-Without this, freed blocks go back to the operating system and are faulted in again.
-
 A training step on a CPU allocates the same large tensors every step (a small LLM's logits, the vocabulary
 matrix's bf16 copy under autocast, its dense gradient). glibc's malloc serves each allocation above its
 mmap threshold with a fresh ``mmap`` and returns it with ``munmap`` when freed, so every step touches
@@ -9,7 +7,7 @@ hundreds of MB of new pages and the kernel zeroes each one: on the demo's 2-core
 replay step's time went to page faults (benchmarks/bench_allocator.py). Telling malloc never to ``mmap``
 (``M_MMAP_MAX = 0``) and never to trim the heap (``M_TRIM_THRESHOLD`` at its maximum) keeps those pages
 mapped and reused. Numbers are unchanged (only where the bytes live changes); the cost is that the process
-keeps its peak heap until it exits (about 10% more resident memory on the demo).
+keeps its peak heap until it exits (3-9% more peak resident memory on the demo's steps).
 
 The `gere` command does this for ``run``, ``sweep``, ``demo`` and ``extract`` when no CUDA device is
 present, on glibc only; ``GERE_CPU_MALLOC=system`` leaves malloc as it is. A library user gets the same
@@ -23,6 +21,8 @@ import ctypes
 import ctypes.util
 import logging
 import os
+
+from gere.errors import GeReError, shown
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,6 @@ def choice(environ=None) -> str:
     """``GERE_CPU_MALLOC``'s value (``keep`` when unset); anything else is an error naming the choices."""
     value = (environ if environ is not None else os.environ).get(ENV, "keep").strip().lower() or "keep"
     if value not in CHOICES:
-        from gere.errors import GeReError, shown
-
         raise GeReError(f"{ENV}={shown(value)} is not valid: use keep (the default) or system")
     return value
 
