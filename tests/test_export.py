@@ -90,10 +90,27 @@ def test_export_refusals_leave_an_existing_folder_as_it_was(setup, full_run, tmp
     config = (moved / "config.yaml").read_text().replace(str(setup / "model"), str(changed))
     (moved / "config.yaml").write_text(config)
     with pytest.raises(GeReError, match="no longer the one this run trained from"):
-        export_model(moved, tmp_path / "hf", overwrite=True)
+        export_model(moved, tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
     assert (tmp_path / "hf" / "mine.txt").read_text() == "keep me"
-    export_model(full_run, tmp_path / "hf", overwrite=True)
-    assert (tmp_path / "hf" / "config.json").is_file() and not (tmp_path / "hf" / "mine.txt").exists()
+    # --overwrite replaces only an earlier export: a folder of the user's own files is kept.
+    with pytest.raises(GeReError, match="no gere_export.json, so it is not an earlier `gere export`"):
+        export_model(full_run, tmp_path / "hf", overwrite=True)
+    assert (tmp_path / "hf" / "mine.txt").read_text() == "keep me"
+    export_model(full_run, tmp_path / "again", stage=1)
+    export_model(full_run, tmp_path / "again", overwrite=True)
+    assert json.loads((tmp_path / "again" / "gere_export.json").read_text())["stage"] == 2
+
+
+def test_export_never_writes_over_its_run(full_run, tmp_path, capsys):
+    """--out equal to the run, inside it or above it is refused, with --overwrite too, and the run is whole."""
+    before = sorted(str(p.relative_to(full_run)) for p in full_run.rglob("*"))
+    for out, why in [(full_run, "is the run's own folder"), (full_run / "checkpoints", "lies inside the run"),
+                     (full_run / "new", "lies inside the run"), (full_run.parent, "holds the run"),
+                     (full_run / ".." / full_run.name, "is the run's own folder")]:  # fmt: skip
+        assert main(["export", str(full_run), "--out", str(out), "--overwrite"]) == 2
+        assert why in capsys.readouterr().err
+    assert sorted(str(p.relative_to(full_run)) for p in full_run.rglob("*")) == before
 
 
 def test_lora_exports_an_adapter_peft_loads_and_a_merged_model(setup, tmp_path):

@@ -169,14 +169,15 @@ def cmd_extract(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from gere.config_reading import literal
     from gere.continual.report import render_markdown
     from gere.continual.run_config import load_run_config
     from gere.continual.runner import run_continual
 
     overrides = list(args.overrides)
-    for key, value in (
-        ("output_dir", args.output_dir),
-        ("model", args.model),
+    for key, value in (  # paths taken as typed ('runs/a #2' is that folder, not runs/a)
+        ("output_dir", args.output_dir and literal(args.output_dir)),
+        ("model", args.model and literal(args.model)),
         ("gere.objective", args.objective),
         ("gere.margin_weight", args.margin_weight),
     ):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import types
 import typing
 from dataclasses import fields
@@ -199,12 +200,25 @@ def parse_override(item: str, flag: str, *, numbers: bool = False) -> tuple[str,
     if not sep or not key.strip():
         raise GeReError(f"{flag} {shown(item, 80)}: write it as key=value (section.key=value inside a section)")
     value = parse_yaml(raw, f"the value of {flag} {shown(key.strip(), 60)}")
+    text = raw.strip()
+    if isinstance(value, str) and value != text and not text.startswith(("'", '"', "|", ">")):
+        # YAML dropped a comment (` #...`) or folded a line break: the setting would not be what was typed
+        # (`output_dir=runs/a #2` would name runs/a, another run's folder).
+        raise GeReError(f"{flag} {shown(item, 80)}: YAML reads the value as {shown(value, 60)}, not as typed "
+                        f"({'a comment starts at #' if '#' in text else 'a line break becomes a space'}); quote it: "
+                        f"{flag} {key.strip()}={literal(text)}")  # fmt: skip
     if numbers and isinstance(value, str):
         try:
             return key.strip(), float(value)
         except ValueError:
             pass
     return key.strip(), value
+
+
+def literal(value: str) -> str:
+    """``value`` written as a YAML double-quoted scalar, read back by `parse_override` exactly as it is (``#``,
+    line breaks, quotes, backslashes, leading ``~`` or ``yes``): for paths and names handed on as overrides."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 def read_yaml_mapping(path: str | Path) -> dict:

@@ -61,7 +61,7 @@ def export_model(run_dir: str | Path, out: str | Path, *, stage: int | None = No
     if cfg.finetuning == "olora" and not merge_lora:
         raise GeReError(f"{run_dir} trained one O-LoRA adapter per task, all of them in every forward pass; "
                         "pass --merge-lora to export them merged into one model")  # fmt: skip
-    _check_out(out, overwrite)
+    _check_out(out, overwrite, run_dir)
     model, tokenizer = _stage_model(cfg, run_dir, stage)
     if merge_lora:
         model = model.merge_and_unload(adapter_names=list(model.peft_config))
@@ -91,11 +91,24 @@ def _chosen_stage(run_dir: Path, stage: int | None) -> int:
     return stage
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def _check_out(out: Path, overwrite: bool, run_dir: Path) -> None:
+    """Refuse an ``--out`` that would write over what the export does not own: the run itself, a folder
+    inside it or above it, and (with ``--overwrite``) any folder that is not an earlier export."""
+    here, run = out.resolve(), run_dir.resolve()
+    if here == run or run in here.parents or here in run.parents:
+        where = "is the run's own folder" if here == run else ("lies inside the run" if run in here.parents
+                                                                 else "holds the run")  # fmt: skip
+        raise GeReError(f"--out {out} {where} ({run}); an export there would replace or mix with the run's "
+                        "files: choose a folder outside the run")  # fmt: skip
     if out.exists() and not out.is_dir():
         raise GeReError(f"--out {out} is a file; choose a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise GeReError(f"--out {out} already holds files; pass --overwrite to replace it, or choose another folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise GeReError(f"--out {out} already holds files; pass --overwrite to replace an earlier export, or "
+                            "choose another folder")  # fmt: skip
+        if not (out / EXPORT_MARKER).is_file():
+            raise GeReError(f"--out {out} holds files but no {EXPORT_MARKER}, so it is not an earlier `gere export`; "
+                            "--overwrite replaces only an export: choose an empty or new folder")  # fmt: skip
 
 
 def _stage_model(cfg, run_dir: Path, stage: int):
@@ -155,8 +168,9 @@ def _write(out: Path, overwrite: bool, model, tokenizer, info: dict[str, Any], c
         shutil.copyfile(config_file, staging / "gere_run_config.yaml")
         atomic_write_json(staging / EXPORT_MARKER, {**info, "files": sorted(p.name for p in staging.iterdir())})
         if out.exists():
-            if any(out.iterdir()) and not overwrite:  # checked before; a folder filled meanwhile is kept
-                raise GeReError(f"--out {out} already holds files; pass --overwrite to replace it")
+            if any(out.iterdir()) and not (overwrite and (out / EXPORT_MARKER).is_file()):  # filled meanwhile: kept
+                raise GeReError(f"--out {out} was filled while the model was written; it is kept as it is: choose "
+                                "another folder")  # fmt: skip
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
             os.replace(out, old / out.name)
             os.replace(staging, out)

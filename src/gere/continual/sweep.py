@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gere.config_reading import literal
 from gere.continual.aggregate import aggregate_runs, write_aggregate
 from gere.continual.run_config import RunConfig, load_run_config
 from gere.errors import GeReError, shown
@@ -138,7 +139,7 @@ def plan_sweep(
         for seed in seeds:
             folder = out_dir / cell.folder / f"seed-{seed}"
             try:
-                cfg = load_config([*cell.overrides, f"seed={seed}", f"output_dir={folder}"])
+                cfg = load_config([*cell.overrides, f"seed={seed}", f"output_dir={literal(str(folder))}"])
                 check_run(cfg)
             except GeReError as err:
                 raise GeReError(f"sweep cell {shown(cell.label, 200)} (seed {seed}): {err}") from None
