@@ -41,8 +41,11 @@ def build_run_folder(root: Path) -> Path:
     return root / "run.yaml"
 
 
-def gere_run(config: Path, out: Path, *flags: str, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "GERE_FAULT"}
+def gere_run(config: Path, out: Path, *flags: str, fault: str | None = None,
+             signal_name: str | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("GERE_FAULT", "GERE_FAULT_SIGNAL")}
+    if signal_name:
+        env["GERE_FAULT_SIGNAL"] = signal_name
     # One thread: the same arithmetic in every process, and no oversubscription on a busy machine.
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     if fault:
@@ -137,3 +140,28 @@ def test_kill_during_evaluation_then_resume(reference, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert comparable(out) == whole
     assert not list((out / "checkpoints").glob(".*"))  # the temporary folder went with the next write
+
+
+@pytest.mark.parametrize(("signal_name", "status", "why"), [("TERM", 143, "SIGTERM"), ("INT", 130, "Ctrl-C")])
+def test_sigterm_and_ctrl_c_stop_with_one_line_and_resume_cleanly(reference, tmp_path, signal_name, status, why):
+    """A stop in task 2 ends with one line (what was kept, the command that continues), no traceback; the
+    resumed run equals an uninterrupted one, logs each step once and leaves no temporary file."""
+    config, whole = reference
+    out = tmp_path / "run"
+    stopped = gere_run(config, out, fault="train_step:4", signal_name=signal_name)  # task 2's second step
+    assert stopped.returncode == status, stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr, stopped.stderr[-2000:]
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"gere: stopped by {why}; every finished task is kept"), last
+    assert last.endswith(f"--output-dir {out} --no-progress --resume"), last
+    assert json.loads((out / "run_state.json").read_text())["stages_done"] == 1
+    steps_before = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert any(s["task"].endswith("compass") for s in steps_before), "task 2 had logged a step before the stop"
+    resumed = gere_run(config, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert comparable(out) == whole
+    # One line per logged step and one summary line per task (the Trainer's train_runtime line).
+    logged = [(s["task"], s["step"], "train_runtime" in s)
+              for s in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())]  # fmt: skip
+    assert len(logged) == len(set(logged)) == 6, logged
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]

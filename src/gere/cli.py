@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from gere import __version__
@@ -303,8 +306,48 @@ def _console(verbose: bool) -> None:
         hf_logging.disable_progress_bar()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that the run stops as on Ctrl-C: temporary files removed, locks
+    released, everything finished kept."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _stopped_line(args, argv: list[str], err: KeyboardInterrupt) -> str:
+    """One line on a stopped command: what was kept and the command that continues it."""
+    why = "SIGTERM" if isinstance(err, Terminated) else "Ctrl-C"
+    again = " ".join(shlex.quote(a) for a in ["gere", *argv])
+    if args.command in ("run", "demo"):
+        if "--resume" not in argv:
+            again += " --resume"
+        kept = "every finished task is kept in its checkpoint"
+    elif args.command == "sweep":
+        kept = "every finished run is kept and the next call skips it"
+    elif args.command == "extract":
+        kept = "the store's finished batches are kept and the next call goes on from them"
+    else:
+        kept = "nothing half-written is left"
+    return f"gere: stopped by {why}; {kept}; continue with: {again}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    in_main = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+    try:
+        return _main(args)
+    except KeyboardInterrupt as err:
+        print(_stopped_line(args, argv, err), file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, before)
+
+
+def _main(args) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command in ("run", "sweep", "demo"):
         _console(args.verbose)

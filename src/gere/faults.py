@@ -16,6 +16,9 @@ Points (see docs/reliability.md and tests/test_reliability.py):
 Example: ``GERE_FAULT=train_step:3 gere run run.yaml`` dies during the third optimisation step of the
 run; ``gere run run.yaml --resume`` then finishes it.
 
+``GERE_FAULT_SIGNAL=TERM`` (or ``INT``) sends that signal instead of SIGKILL: what a scheduler's stop or a
+Ctrl-C does, which the ``gere`` command turns into a clean stop.
+
 ``GERE_FAULT_LOG=<file>`` appends one line per point passed (``write /run/report.md``), in order: which n
 to pick for a point, e.g. the write of a given file.
 """
@@ -28,6 +31,8 @@ import sys
 
 ENV = "GERE_FAULT"
 LOG_ENV = "GERE_FAULT_LOG"
+SIGNAL_ENV = "GERE_FAULT_SIGNAL"
+SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT}
 POINTS = ("extract_batch", "train_step", "evaluate_task", "write")
 
 _calls: dict[str, int] = {}
@@ -60,9 +65,12 @@ def maybe_fail(point: str, detail: str = "") -> None:
     _calls[point] = _calls.get(point, 0) + 1
     if _calls[point] == count:
         after = f" (after {detail})" if detail else ""
-        print(f"gere: {ENV}={spec}: killing process {os.getpid()} at {point} #{count}{after}", file=sys.stderr)
+        name = os.environ.get(SIGNAL_ENV, "KILL")
+        if name not in SIGNALS:
+            raise ValueError(f"{SIGNAL_ENV}={name!r} is not one of {', '.join(SIGNALS)}; unset it for SIGKILL")
+        print(f"gere: {ENV}={spec}: SIG{name} to process {os.getpid()} at {point} #{count}{after}", file=sys.stderr)
         sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), SIGNALS[name])
 
 
 def train_step_callback():

@@ -16,6 +16,7 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from gere.io_utils import atomic_write_text
 from gere.parts import LOSS_PARTS, WEIGHTS
 
 #: The Trainer's per-step log lines, one JSON object each, in the run folder.
@@ -43,6 +44,8 @@ class TaskProgress(TrainerCallback):
         self.bar = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            drop_lines_of(self.log_file, self.label)
         if self.show and state.is_world_process_zero:
             from tqdm.auto import tqdm
 
@@ -69,6 +72,25 @@ class TaskProgress(TrainerCallback):
             self.bar = None
 
 
+def drop_lines_of(log_file: Path, label: str) -> None:
+    """Remove from ``log_file`` the lines of a stage that starts again (``label`` names one stage of one run),
+    so that a stage interrupted and resumed is logged once. The file is rewritten whole, atomically."""
+    if not log_file.is_file():
+        return
+    lines = log_file.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if _task_of(line) != label]
+    if len(kept) != len(lines):
+        atomic_write_text(log_file, "".join(kept))
+
+
+def _task_of(line: str) -> str | None:
+    try:
+        entry = json.loads(line)
+    except ValueError:  # a line cut short by a kill: not this stage's to judge
+        return None
+    return entry.get("task") if isinstance(entry, dict) else None
+
+
 def quiet_trainer(trainer, label: str, log_file: Path, show: bool):
     """Put ``trainer``'s console output in the quiet form (unless verbose): its own bar and per-step prints
     replaced by a `TaskProgress`; the log entries go to ``log_file`` either way."""
@@ -80,8 +102,9 @@ def quiet_trainer(trainer, label: str, log_file: Path, show: bool):
 
 
 def stage_line(stage: str, tasks: list[str], accuracies: list[float], general: dict[str, Any]) -> str:
-    """One line for a finished stage: each task's accuracy, the probe or lm-eval score, the perplexities."""
-    parts = [f"{t} {100 * a:.1f}" for t, a in zip(tasks, accuracies, strict=True)]
+    """One line for a finished stage: each evaluated task's accuracy, the probe or lm-eval score, the
+    perplexities (a task or general part the schedule left out is not shown)."""
+    parts = [f"{t} {100 * a:.1f}" for t, a in zip(tasks, accuracies, strict=True) if a is not None]
     if general.get("mc_accuracy") is not None:
         parts.append(f"probe {100 * general['mc_accuracy']:.1f}")
     for name, value in (general.get("lm_eval") or {}).items():
