@@ -170,6 +170,20 @@ def test_a_missing_model_is_refused_before_anything_is_written(setup, tmp_path):
     assert files_under(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [(["mood", "mood"], "tasks 1 and 2 are both named 'mood'"), (["mood", "a|b"], r"task 2's name 'a\|b' holds \|"),
+     (["mo\nod", "compass"], r"task 1's name .* holds \\n"), (["mood", "c\tx"], r"holds \\t")],
+)  # fmt: skip
+def test_task_names_that_would_mix_or_break_the_report_are_refused_before_any_work(setup, tmp_path, names, message):
+    tasks = f"tasks=[{{source: {setup / 'mood'}, name: {json.dumps(names[0])}}}, {{source: {setup / 'compass'}, name: {json.dumps(names[1])}}}]"
+    cfg = load_run_config(setup / "run.yaml", [f"output_dir={tmp_path / 'run'}", tasks])
+    assert [s.name for s in cfg.task_specs()] == names
+    with pytest.raises(GeReError, match=message):
+        run_continual(cfg, progress=False)
+    assert files_under(tmp_path) == []
+
+
 # ------------------------------------------------------------------------------------ evaluation inputs
 
 EMPTY_SETS = {
