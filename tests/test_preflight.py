@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -95,9 +96,35 @@ def test_every_cell_is_checked_before_the_first_runs(setup, tmp_path, grid, mess
 )
 def test_grid_values_equal_once_read_are_refused(setup, tmp_path, key, a, b):
     cells = grid_cells(parse_grid([f"{key}={a},{b}"]))
-    with pytest.raises(GeReError, match=r"the sweep cells .* give the same config \(their values are equal once read\)"):
+    with pytest.raises(GeReError, match=r"the sweep cells .* give the same run \(their values are equal once read\)"):
         run_sweep(sweep_loader(setup / "run.yaml", []), cells, [0], tmp_path / "sweep", progress=False, run=never_run)
     assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize(
+    ("objective", "grid", "inert"),
+    [("ce", "gere.margin_weight=1,10,dy", "gere.margin_weight"), ("none", "gere.margin_weight=1,100", "gere.margin_weight"),
+     ("ce+kl", "gere.threshold_k=0.5,1", "gere.threshold_k")],
+)  # fmt: skip
+def test_grid_values_a_method_ignores_are_refused_as_one_run(setup, tmp_path, objective, grid, inert):
+    load = sweep_loader(setup / "run.yaml", [f"gere.objective={objective}"])
+    with pytest.raises(GeReError, match=rf"give the same run \({inert}.* change nothing for gere.objective '{re.escape(objective)}'"):
+        run_sweep(load, grid_cells(parse_grid([grid])), [0], tmp_path / "sweep", progress=False, run=never_run)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_grid_values_a_method_uses_are_kept_apart(setup, tmp_path):
+    """The same weights with the margin are different runs: the plan holds every cell."""
+    from gere.continual.sweep import plan_sweep
+
+    load = sweep_loader(setup / "run.yaml", ["gere.objective=ce+tm"])
+    plan = plan_sweep(load, grid_cells(parse_grid(["gere.margin_weight=1,10,dy"])), [0], tmp_path / "sweep")
+    assert [cfg.gere.margin_weight for *_, cfg in plan] == [1.0, 10.0, "dy"]
+
+
+def test_seed_in_a_grid_points_to_seeds():
+    with pytest.raises(GeReError, match="seeds are given with --seeds 1,2"):
+        parse_grid(["seed=1,2"])
 
 
 def test_the_cli_refuses_a_bad_grid_before_any_run(setup, tmp_path, capsys):
@@ -108,7 +135,7 @@ def test_the_cli_refuses_a_bad_grid_before_any_run(setup, tmp_path, capsys):
     assert not out.exists()
     argv = ["sweep", str(setup / "run.yaml"), "--grid", "training.learning_rate=0.01,1e-2", "--out", str(out)]
     assert main(argv) == 2
-    assert "give the same config" in capsys.readouterr().err and not out.exists()
+    assert "give the same run" in capsys.readouterr().err and not out.exists()
 
 
 @pytest.mark.parametrize("keys", [1, 4, 12])

@@ -9,6 +9,7 @@ and an interrupted one resumed, so the same command continues a sweep. The aggre
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import re
@@ -52,6 +53,9 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
         options = [v.strip() for v in values.split(",") if v.strip()]
         if not sep or not key or not options:
             raise GeReError(f"--grid {shown(item)}: write it as section.key=value1,value2,...")
+        if key == "seed":
+            raise GeReError(f"--grid {shown(item)}: seeds are given with --seeds {','.join(options)} (every cell runs "
+                            "once per seed); leave seed out of the grid")  # fmt: skip
         if key in grid:
             raise GeReError(f"--grid names {shown(key)} twice; give all its values in one --grid {key}=a,b,c")
         if len(set(options)) != len(options):
@@ -143,14 +147,33 @@ def plan_sweep(
                 check_run(cfg)
             except GeReError as err:
                 raise GeReError(f"sweep cell {shown(cell.label, 200)} (seed {seed}): {err}") from None
-            twin = seen.setdefault((seed, config_digest(cfg)), cell.label)
+            inert, raw = inert_settings(cfg), config_digest(cfg)
+            twin, twin_raw = seen.setdefault((seed, config_digest(_with_defaults(cfg, inert))), (cell.label, raw))
             if twin != cell.label:
+                what = ("gere.margin_weight weights tm, kl, l1 and l2 only" if "gere.margin_weight" in inert
+                        else "gere.threshold_k and gere.margin_reduction shape the margin (tm) only")  # fmt: skip
+                why = ("their values are equal once read" if raw == twin_raw else
+                       f"{', '.join(inert)} change nothing for gere.objective {cfg.gere.objective!r}: {what}")
                 raise GeReError(
-                    f"the sweep cells {shown(twin, 200)} and {shown(cell.label, 200)} give the same config (their "
-                    "values are equal once read); give each value once"
+                    f"the sweep cells {shown(twin, 200)} and {shown(cell.label, 200)} give the same run ({why}); "
+                    "give each value once, or sweep a setting only with objectives it acts on"
                 )
             plan.append((cell, seed, folder, cfg))
     return plan
+
+
+def inert_settings(cfg: RunConfig) -> list[str]:
+    """The replay settings that change nothing in ``cfg``'s training: the regularisers' weight without a
+    regulariser (``ce`` or ``none``), the margin's bands and reduction without the margin."""
+    parts = set(cfg.gere.parts)
+    inert = [] if parts - {"ce"} else ["gere.margin_weight"]
+    return inert + ([] if "tm" in parts else ["gere.threshold_k", "gere.margin_reduction"])
+
+
+def _with_defaults(cfg: RunConfig, names: list[str]) -> RunConfig:
+    """``cfg`` with the ``gere.<name>`` settings in ``names`` at their defaults (for comparing runs)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg.gere) if f"gere.{f.name}" in names}
+    return dataclasses.replace(cfg, gere=dataclasses.replace(cfg.gere, **defaults)) if defaults else cfg
 
 
 def _run_or_reuse(cfg: RunConfig, folder: Path, run, progress: bool, out_dir: Path) -> dict[str, Any]:
