@@ -76,17 +76,28 @@ class Evaluator:
                     "text(s) is two tokens or longer, so there is nothing to score; give longer texts or remove the set"
                 )
 
-    def __call__(self, model, tokenizer, stage: str, progress: bool) -> dict[str, Any]:
+    def __call__(self, model, tokenizer, stage: str, progress: bool, only: list[int] | None = None,
+                 general_part: bool = True) -> dict[str, Any]:  # fmt: skip
+        """Each task's accuracy (None for a task index not in ``only``, when given) and the general part (only
+        ``{"stage", "evaluated": False}`` without ``general_part``); `gere.continual.schedule` picks both."""
         ev = self.cfg.evaluation
-        accuracies = []
-        bar = tqdm(self.tasks, desc=f"evaluate {stage}", disable=not progress, leave=False)
-        for task in bar:
+        accuracies: list[float | None] = []
+        chosen = set(range(len(self.tasks)) if only is None else only)
+        bar = tqdm(total=len(chosen), desc=f"evaluate {stage}", disable=not progress, leave=False)
+        for index, task in enumerate(self.tasks):
+            if index not in chosen:
+                accuracies.append(None)
+                continue
+            bar.update()
             examples = task.test[: ev.test_limit] if ev.test_limit else task.test
             result = evaluate_task(
                 model, tokenizer, task.spec, examples, method=ev.method, batch_size=ev.batch_size, max_length=ev.max_length
             )
             accuracies.append(result["accuracy"])
             maybe_fail("evaluate_task")  # crash tests (gere.faults); a no-op unless GERE_FAULT is set
+        bar.close()
+        if not general_part:
+            return {"accuracies": accuracies, "general": {"stage": stage, "evaluated": False}}
         general: dict[str, Any] = {"stage": stage, "mc_accuracy": None, "mc_per_category": {}, "perplexity": {}}
         if self.mc:
             mc = evaluate_multiple_choice(

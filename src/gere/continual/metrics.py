@@ -6,6 +6,8 @@ The accuracy matrix ``R`` has shape (T+1) x T for a sequence of T tasks:
 * column j (0-based, in sequence order) is the accuracy on task j.
 
 So, with 0-based column j, row ``j + 1`` is "just after training task j" and row ``j`` is "just before".
+A cell may be None: not evaluated at that stage (``evaluation.schedule: needed``, `gere.continual.schedule`).
+A metric that needs a missing cell is None, never filled in; forgetting takes its max over the cells present.
 Accuracies are fractions in [0, 1]; every metric below is in the same units (differences of fractions),
 and so is the general score and F1 Avg. Multiply by 100 for the percentages papers print.
 
@@ -22,9 +24,10 @@ from typing import Any
 from gere.errors import GeReError
 
 
-def check_matrix(matrix: Sequence[Sequence[float]]) -> list[list[float]]:
-    """Validate a (T+1) x T accuracy matrix and return it as a list of float lists."""
-    rows = [[float(v) for v in row] for row in matrix]
+def check_matrix(matrix: Sequence[Sequence[float | None]]) -> list[list[float | None]]:
+    """Validate a (T+1) x T accuracy matrix and return it as a list of lists of floats (None where a cell
+    was not evaluated)."""
+    rows = [[None if v is None else float(v) for v in row] for row in matrix]
     if len(rows) < 2:
         raise GeReError(
             f"the accuracy matrix has {len(rows)} row(s); it needs T+1 rows (the base model, then one per task)"
@@ -36,21 +39,23 @@ def check_matrix(matrix: Sequence[Sequence[float]]) -> list[list[float]]:
                 f"accuracy matrix row {i} has {len(row)} values but there are {n_tasks} tasks; give each row one "
                 "accuracy per task (shape (T+1) x T)"
             )
-        if not all(math.isfinite(v) for v in row):
+        if not all(v is None or math.isfinite(v) for v in row):
             raise GeReError(
                 f"accuracy matrix row {i} holds a non-finite value {row}; evaluate every task per stage"
             )
     return rows
 
 
-def average_performance(matrix: Sequence[Sequence[float]], weights: Sequence[float] | None = None) -> float:
+def average_performance(matrix: Sequence[Sequence[float | None]], weights: Sequence[float] | None = None) -> float | None:
     """AP = mean_j R[T][j], the final accuracy averaged over tasks (the headline number).
 
     With `weights` (e.g. test sizes) it is ``sum_j w_j R[T][j] / sum_j w_j``, the accuracy over all test
-    samples pooled.
+    samples pooled. None when a final cell is missing.
     """
     rows = check_matrix(matrix)
     final = rows[-1]
+    if None in final:
+        return None  # a task not evaluated at the end: no mean over all tasks to give
     if weights is None:
         return sum(final) / len(final)
     if len(weights) != len(final) or any(w < 0 for w in weights) or sum(weights) <= 0:
@@ -60,36 +65,41 @@ def average_performance(matrix: Sequence[Sequence[float]], weights: Sequence[flo
     return sum(w * a for w, a in zip(weights, final, strict=True)) / sum(weights)
 
 
-def backward_transfer(matrix: Sequence[Sequence[float]]) -> float | None:
+def backward_transfer(matrix: Sequence[Sequence[float | None]]) -> float | None:
     """BWT = mean over j < T-1 of (R[T][j] - R[j+1][j]): final minus just-learned accuracy of each task
-    but the last. Negative means forgetting. None when T = 1."""
+    but the last. Negative means forgetting. None when T = 1 or a cell it needs is missing."""
     rows = check_matrix(matrix)
     t = len(rows) - 1
-    if t < 2:
-        return None
-    return sum(rows[t][j] - rows[j + 1][j] for j in range(t - 1)) / (t - 1)
+    return _mean_of_differences([(rows[t][j], rows[j + 1][j]) for j in range(t - 1)])
 
 
-def forward_transfer(matrix: Sequence[Sequence[float]]) -> float | None:
+def forward_transfer(matrix: Sequence[Sequence[float | None]]) -> float | None:
     """FWT = mean over j >= 1 of (R[j][j] - R[0][j]): accuracy on task j just before training it minus
-    the base model's. None when T = 1."""
+    the base model's. None when T = 1 or a cell it needs is missing."""
     rows = check_matrix(matrix)
     t = len(rows) - 1
-    if t < 2:
+    return _mean_of_differences([(rows[j][j], rows[0][j]) for j in range(1, t)])
+
+
+def _mean_of_differences(pairs: list[tuple[float | None, float | None]]) -> float | None:
+    """mean(a - b) over ``pairs``; None when there are none or a value is missing."""
+    if not pairs or any(a is None or b is None for a, b in pairs):
         return None
-    return sum(rows[j][j] - rows[0][j] for j in range(1, t)) / (t - 1)
+    return sum(a - b for a, b in pairs) / len(pairs)
 
 
-def forgetting(matrix: Sequence[Sequence[float]]) -> float | None:
+def forgetting(matrix: Sequence[Sequence[float | None]]) -> float | None:
     """Forgetting = mean over j < T-1 of (max_{i in j+1..T-1} R[i][j] - R[T][j]): how far each task but
     the last fell from its best accuracy after it was learned (rows of the base model and of the final
-    stage excluded from the max). None when T = 1."""
+    stage excluded from the max). None when T = 1.
+
+    The max runs over the stages evaluated (cells not None): under ``evaluation.schedule: needed`` only
+    R[j+1][j] is, so forgetting is -BWT there (`gere.continual.schedule`). None when a task has no such
+    cell or no final one."""
     rows = check_matrix(matrix)
     t = len(rows) - 1
-    if t < 2:
-        return None
-    drops = [max(rows[i][j] for i in range(j + 1, t)) - rows[t][j] for j in range(t - 1)]
-    return sum(drops) / len(drops)
+    best = [[rows[i][j] for i in range(j + 1, t) if rows[i][j] is not None] for j in range(t - 1)]
+    return _mean_of_differences([(max(b) if b else None, rows[t][j]) for j, b in enumerate(best)])
 
 
 def f1_average(general_score: float | None, ap: float | None) -> float | None:
@@ -108,10 +118,13 @@ def f1_average(general_score: float | None, ap: float | None) -> float | None:
 LEARNED_MARGIN = 0.05
 
 
-def not_learned(matrix: Sequence[Sequence[float]], margin: float = LEARNED_MARGIN) -> list[int]:
-    """Columns j whose accuracy after training task j, R[j+1][j], is less than ``margin`` above R[j][j]."""
+def not_learned(matrix: Sequence[Sequence[float | None]], margin: float = LEARNED_MARGIN) -> list[int]:
+    """Columns j whose accuracy after training task j, R[j+1][j], is less than ``margin`` above R[j][j]
+    (a column missing either cell is left out)."""
     rows = check_matrix(matrix)
-    return [j for j in range(len(rows) - 1) if rows[j + 1][j] - rows[j][j] < margin]
+    pairs = [(rows[j + 1][j], rows[j][j]) for j in range(len(rows) - 1)]
+    return [j for j, (after, before) in enumerate(pairs)
+            if after is not None and before is not None and after - before < margin]  # fmt: skip
 
 
 def general_score(entry: dict[str, Any]) -> float | None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from gere.continual.metrics import general_scores
 from gere.io_utils import atomic_path
 from gere.parts import GRAD_COS, GRAD_NORM, LOGGED, LOSS_PARTS
@@ -49,12 +51,17 @@ def plot_accuracy_matrix(results: dict[str, Any], path: Path) -> Path:
     stages = results.get("stages") or stage_names(tasks)
     fig = new_figure(max(5.0, 0.7 * len(tasks) + 2), max(4.0, 0.45 * len(stages) + 1.5))
     ax = fig.add_subplot()
-    image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    # A cell not evaluated (None) is masked: drawn in the axes' grey, with no number.
+    cells = np.ma.masked_invalid(np.array([[np.nan if v is None else v for v in row] for row in matrix], float))
+    ax.set_facecolor("0.85")
+    image = ax.imshow(cells, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
     fig.colorbar(image, ax=ax, label="accuracy")
     ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
     ax.set_yticks(range(len(stages)), stages)
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
+            if value is None:
+                continue
             ax.text(
                 j,
                 i,
@@ -74,7 +81,8 @@ def plot_task_accuracy(results: dict[str, Any], path: Path) -> Path:
     fig = new_figure(max(6.0, 0.5 * len(stages) + 3), 4.5)
     ax = fig.add_subplot()
     for j, task in enumerate(tasks):
-        ax.plot(range(len(stages)), [row[j] for row in matrix], marker="o", label=task)
+        points = [(i, row[j]) for i, row in enumerate(matrix) if row[j] is not None]  # the stages evaluated
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=task)
     ax.set_xticks(range(len(stages)), stages, rotation=45, ha="right")
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("accuracy")
@@ -92,9 +100,10 @@ def plot_general(results: dict[str, Any], path: Path) -> Path:
         return save_figure(fig, path)
     x = list(range(len(general)))
     scores = general_scores(general)
+    shown = [(i, s) for i, s in enumerate(scores) if s is not None]  # stages a schedule left out are skipped
     ax.plot(
-        x,
-        [float("nan") if s is None else s for s in scores],
+        [p[0] for p in shown],
+        [p[1] for p in shown],
         marker="o",
         color="tab:blue",
         label="general score",
@@ -106,8 +115,9 @@ def plot_general(results: dict[str, Any], path: Path) -> Path:
     if ppl_sets:
         ax2 = ax.twinx()
         for k, name in enumerate(ppl_sets):
-            values = [(e.get("perplexity") or {}).get(name, float("nan")) for e in general]
-            ax2.plot(x, values, marker="s", linestyle="--", color=f"C{k + 1}", label=f"ppl {name}")
+            values = [(i, (e.get("perplexity") or {}).get(name)) for i, e in enumerate(general)]
+            values = [v for v in values if v[1] is not None]
+            ax2.plot([v[0] for v in values], [v[1] for v in values], marker="s", linestyle="--", color=f"C{k + 1}", label=f"ppl {name}")
         ax2.set_ylabel("held-out perplexity")
         ax2.legend(loc="upper right", fontsize=7)
     ax.legend(loc="upper left", fontsize=7)

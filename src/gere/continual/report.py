@@ -22,8 +22,14 @@ The runner fills a *results* dict with raw data and calls `build_results` (which
         {"step": int, "task": str, "loss": float, "task_ce": float, "replay_ce": float | None,
          "replay_margin": float | None, "margin_weight": float | None, "replay_kl": ..., ...}
       ],
-      "timing": {"total_s": float, "per_task_s": [float], "eval_s": float}
+      "timing": {"total_s": float, "per_task_s": [float], "eval_s": float},
+      "evaluations": {"schedule": "full" | "needed", "task_evaluations": int, "task_cells": int,
+                      "general_evaluations": int, "stages": int}   # written by the runner
     }
+
+A cell of ``accuracy_matrix`` is None where the run's ``evaluation.schedule`` left it out
+(`gere.continual.schedule`), and so is a metric that needs it; such a stage's ``general`` entry is
+``{"stage": str, "evaluated": false}``.
 
 Every file is written atomically; the plots are `gere.continual.plots`, a comparison of runs is
 `gere.continual.compare`. The names of the logged loss parts come from `gere.parts`.
@@ -131,6 +137,18 @@ def learning_warnings(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _schedule_note(results: dict[str, Any]) -> list[str]:
+    """What a matrix with cells left out holds (``evaluation.schedule: needed``, `gere.continual.schedule`)."""
+    made = results.get("evaluations") or {}
+    if not any(v is None for row in results["accuracy_matrix"] for v in row):
+        return []
+    counted = (f" {made['task_evaluations']} of {made['task_cells']} cells and the general score at "
+               f"{made['general_evaluations']} of {made['stages']} stages were evaluated"
+               f" (evaluation.schedule: {made['schedule']})." if made else "")  # fmt: skip
+    return ["", "`-`: not evaluated at that stage." + counted + " Forgetting is taken over the stages evaluated; "
+            "with only the stage after each task's own training it equals -BWT."]  # fmt: skip
+
+
 def _general_section(results: dict[str, Any]) -> list[str]:
     """The report's table of general ability per stage (lm-eval tasks, multiple choice, perplexities)."""
     general = results.get("general") or []
@@ -193,6 +211,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     parts.append(
         table(["stage", *tasks], [[s, *map(pct, row)] for s, row in zip(stages, matrix, strict=True)])
     )
+    parts += _schedule_note(results)
     parts += ["", "## Metrics (%)", ""]
     metric_rows = [
         ("AP (mean final accuracy)", m.get("ap")),

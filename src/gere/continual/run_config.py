@@ -17,7 +17,8 @@ from gere.config import GeReConfig
 from gere.config_reading import coerce, from_dict, parse_override, read_yaml_mapping, set_dotted, to_plain
 from gere.continual.lm_eval_general import lm_eval_tasks
 from gere.continual.multiple_choice import MC_FORMATS
-from gere.continual.tasks import TaskSpec
+from gere.continual.schedule import SCHEDULES
+from gere.continual.tasks import PROMPTS, TaskSpec
 from gere.continual.training_settings import TrainingSettings
 from gere.distributed import global_batch_size
 from gere.errors import GeReError, check_settings
@@ -90,11 +91,21 @@ class EvalSettings:
     )
     perplexity_max_length: int = field(default=256, metadata={"help": "Perplexity texts are cut to this length."})
     perplexity_limit: int | None = field(default=None, metadata={"help": "At most this many texts per set."})
+    schedule: str = field(
+        default="full",
+        metadata={
+            "help": "Which evaluations a run makes (gere.continual.schedule): 'full' (every task and the general "
+            "score after every stage) or 'needed' (each task before and after its own training and at the end, "
+            "the general score at the base model, after the middle task and at the end; 4T-2 task evaluations "
+            "instead of T(T+1); forgetting is then over the stages evaluated, i.e. -BWT)."
+        },
+    )
 
     def __post_init__(self) -> None:
         check_settings([
             (self.method in EVAL_METHODS, "method", f"one of {EVAL_METHODS}"),
             (self.mc_format in MC_FORMATS, "mc_format", f"one of {MC_FORMATS}"),
+            (self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}"),
             (self.batch_size >= 1, "batch_size", "1 or more"),
             (self.max_length >= 2, "max_length", "2 or more"),
             (self.perplexity_max_length >= 2, "perplexity_max_length", "2 or more"),
@@ -131,8 +142,14 @@ class BenchmarkSettings:
         default=None,
         metadata={"help": "Only these of the benchmark's tasks (e.g. [sst2, boolq]), in the order's sequence."},
     )
+    prompts: str = field(
+        default="gere",
+        metadata={"help": "'gere' (the benchmark's own instructions) or 'olora' (O-LoRA's prompts, recorded with the "
+                  "data by gere data cl15 --from-olora with O-LoRA's instruction file; docs/benchmark_cl15.md)."},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
+        check_settings([(self.prompts in PROMPTS, "prompts", f"one of {list(PROMPTS)}")], self)
         if self.tasks is not None:
             from gere.continual.tasks import load_benchmark_definition
             from gere.data.olora import check_task_names
@@ -234,10 +251,8 @@ class RunConfig:
             from gere.continual.tasks import load_benchmark
 
             b = self.benchmark
-            specs = load_benchmark(
-                b.name, order=b.order, data_dir=b.data_dir, train_size=b.train_size, test_size=b.test_size, seed=self.seed
-            )
-            return [s for s in specs if b.tasks is None or s.name in b.tasks]
+            return load_benchmark(b.name, order=b.order, data_dir=b.data_dir, train_size=b.train_size,
+                                  test_size=b.test_size, seed=self.seed, tasks=b.tasks, prompts=b.prompts)  # fmt: skip
         if not self.tasks:
             raise GeReError("the run config has no tasks: add a 'tasks' list or a 'benchmark' section")
         return list(self.tasks)

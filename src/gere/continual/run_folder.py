@@ -34,7 +34,8 @@ RUN_FILES = (STATE_FILE, CONFIG_FILE, "results.json", "report.md", "checkpoints"
 #: (section, key) of settings added after runs were first written, left out of a run's identity when unset.
 #: Settings added after runs were recorded, with the value that means "not set": at that value they leave
 #: a run's identity as it was.
-LATER_SETTINGS = (("evaluation", "lm_eval_batch_size", None), ("benchmark", "tasks", None), ("gere", "grad_share_every", 0))
+LATER_SETTINGS = (("evaluation", "lm_eval_batch_size", None), ("benchmark", "tasks", None), ("gere", "grad_share_every", 0),
+                  ("evaluation", "schedule", "full"), ("benchmark", "prompts", "gere"))  # fmt: skip
 
 
 #: Settings that say where and how a run is kept, not what it computes: not part of its identity.
@@ -225,7 +226,9 @@ def claim(cfg: RunConfig, *, fresh: bool) -> Path:
 
 
 def base_eval_key(cfg: RunConfig, base_model: str) -> str:
-    data = {"model": base_model, "tasks": [s.to_dict() for s in cfg.task_specs()], "eval": cfg.to_dict()["evaluation"]}
+    """Every schedule evaluates the base model whole (`gere.continual.schedule`), so runs of either share it."""
+    evaluation = {k: v for k, v in cfg.to_dict()["evaluation"].items() if k != "schedule"}
+    data = {"model": base_model, "tasks": [s.to_dict() for s in cfg.task_specs()], "eval": evaluation}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

@@ -1,8 +1,10 @@
-"""Continual runs: train on tasks in order with GeRe replay, evaluate everything after every task.
+"""Continual runs: train on tasks in order with GeRe replay, evaluate after every task.
 
 After the base model and after each task, every task of the sequence (seen and not yet seen) is evaluated,
-plus general ability (multiple choice and held-out perplexity), filling a (T+1) x T accuracy matrix. The
-one fixed replay set and its activation store are computed once, from the base model, before task 1.
+plus general ability (multiple choice and held-out perplexity), filling a (T+1) x T accuracy matrix; with
+``evaluation.schedule: needed`` only the cells the metrics need are (`gere.continual.schedule`), the others
+are None. The one fixed replay set and its activation store are computed once, from the base model, before
+task 1.
 
 Files in the output folder:
 
@@ -55,6 +57,7 @@ from gere.continual.run_folder import (
     input_digests,
     store_base_eval,
 )
+from gere.continual.schedule import general_at, tasks_at
 from gere.continual.tasks import TaskData, load_task
 from gere.continual.tracking import SequenceTracker, check_report_to, stage_metrics
 from gere.continual.training_args import check_training_args, stage_training_args
@@ -270,8 +273,11 @@ def _run_stage(run: _Run, index: int) -> None:
     train_s = time.time() - t0
     t1 = time.time()
     # The checkpoint is written while the stage is evaluated (evaluation leaves the weights alone).
+    schedule, count = cfg.evaluation.schedule, len(run.tasks)
     with checkpoint_beside(run.out, index + 1, run.model, cfg, extra=list(run.baselines.values())):
-        evaluation = run.evaluator(run.model, run.tokenizer, f"after {name}", run.progress)
+        evaluation = run.evaluator(run.model, run.tokenizer, f"after {name}", run.progress,
+                                   only=tasks_at(schedule, index + 1, count),
+                                   general_part=general_at(schedule, index + 1, count))  # fmt: skip
         state["eval_s"] += time.time() - t1
     state["accuracy_matrix"].append(evaluation["accuracies"])
     state["general"].append(evaluation["general"])
@@ -381,6 +387,7 @@ def _finish(run: _Run) -> dict[str, Any]:
     )
     results["provenance"] = {**provenance(), "precision": run.precision.name, "precision_reason": run.precision.reason}
     results["input_warnings"] = run.evaluator.doubts
+    results["evaluations"] = evaluations_made(cfg.evaluation.schedule, state)
     if state.get("baselines"):
         results["baselines"] = state["baselines"]
     if run.replay_set is not None:
@@ -390,6 +397,14 @@ def _finish(run: _Run) -> dict[str, Any]:
     for line in learning_warnings(results):
         logger.warning("%s: %s", cfg.name, line)
     return results
+
+
+def evaluations_made(schedule: str, state: dict[str, Any]) -> dict[str, Any]:
+    """The run's schedule and the task and general evaluations it made (cells and stages not None)."""
+    matrix, general = state["accuracy_matrix"], state["general"]
+    return {"schedule": schedule, "task_evaluations": sum(v is not None for row in matrix for v in row),
+            "task_cells": sum(len(row) for row in matrix),
+            "general_evaluations": sum(e.get("evaluated", True) for e in general), "stages": len(general)}  # fmt: skip
 
 
 def _check_classes(tasks: list[TaskData]) -> None:

@@ -97,8 +97,8 @@ def mlflow_store_problem(uri: str) -> str | None:
 
 
 def stage_metrics(tasks: list[str], accuracies: list[float], general: dict[str, Any]) -> dict[str, float]:
-    """The metrics of one evaluated stage, by tracked name."""
-    metrics = {f"eval/{t}/acc": float(a) for t, a in zip(tasks, accuracies, strict=True)}
+    """The metrics of one evaluated stage, by tracked name (a cell not evaluated is not logged)."""
+    metrics = {f"eval/{t}/acc": float(a) for t, a in zip(tasks, accuracies, strict=True) if a is not None}
     if general_score(general) is not None:
         metrics["eval/general"] = float(general_score(general))
     metrics.update({f"eval/lm_eval/{t}": float(v) for t, v in (general.get("lm_eval") or {}).items()})
@@ -204,6 +204,10 @@ def _markdown_table(table: dict[str, list]) -> str:
     columns = list(table)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for i in range(len(table["stage"])):
-        lines.append("| " + " | ".join(str(table[c][i]) if c == "stage" else f"{100 * table[c][i]:.1f}"
+        lines.append("| " + " | ".join(str(table[c][i]) if c == "stage" else _cell(table[c][i])
                                        for c in columns) + " |")  # fmt: skip
     return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
