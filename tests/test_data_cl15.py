@@ -138,11 +138,11 @@ def test_a_bad_source_file_leaves_the_earlier_conversion_whole(tmp_path, capsys)
 @pytest.mark.parametrize(
     "task,content,words",
     [
-        ("mnli", ["a", "b"], "MNLI/train.json, item 1: expected a JSON object, got str"),
-        ("cb", [{"label": "neutral"}], "CB/train.json, item 1: expected O-LoRA's .*'sentence' is missing"),
+        ("mnli", ["a", "b"], "MNLI/train.json, items 1, 2: expected a JSON object .*, got str; fix or remove those rows"),
+        ("cb", [{"label": "neutral"}], "CB/train.json, item 1: 'sentence' is missing, not text; fix or remove that row"),
         ("rte", [{"sentence": "s", "label": "maybe"}], "RTE/train.json, item 1: label 'maybe' is not one of"),
         ("wic", {"Instances": []}, "WiC/train.json: expected a JSON list of objects"),
-        ("qqp", [], "QQP/train.json holds no rows"),
+        ("qqp", [], "QQP/train.json holds no labelled rows"),
     ],
 )
 def test_malformed_olora_rows_name_the_file_and_row(tmp_path, capsys, task, content, words):
@@ -159,7 +159,7 @@ def test_olora_folders_missing_or_of_another_task_are_named(tmp_path, capsys):
     source = tmp_path / "CL_Benchmark"
     shutil.copytree(OLORA, source)
     shutil.rmtree(source / "SC" / "SST-2")
-    with pytest.raises(GeReError, match="has no SC/SST-2/train.json .*leave sst2 out with --tasks"):
+    with pytest.raises(GeReError, match="SC/SST-2 does not exist \\(O-LoRA's folder of sst2\\).*leave sst2 out with --tasks"):
         from_olora(source, tmp_path / "out")
     (source / "NLI" / "RTE" / "labels.json").write_text(json.dumps(["True", "False"]))
     with pytest.raises(GeReError, match="RTE/labels.json lists the labels \\['True', 'False'\\]"):

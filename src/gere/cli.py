@@ -72,7 +72,11 @@ def _add_data(sub) -> None:
     p.add_argument("--amazon-csv", default=None, help="Amazon 5-class reviews as label,title,text (no Hub copy).")
     p.add_argument("--hub-mirror", default=None, help="Local copies: DIR/<dataset>/<config>/<split>.jsonl.")
     p.add_argument("--from-olora", default=None,
-                   help="Convert O-LoRA's CL_Benchmark folder (<group>/<Dataset>/{train,test}.json) as released.")  # fmt: skip
+                   help="Convert O-LoRA's CL_Benchmark folder (<group>/<Dataset>/{train,test}.json) as released, "
+                        "or O-LoRA's repository folder (then its configs/instruction_config.json is read too).")  # fmt: skip
+    p.add_argument("--olora-instructions", default=None, metavar="FILE",
+                   help="With --from-olora: O-LoRA's configs/instruction_config.json, to record each task's O-LoRA "
+                        "prompt (for benchmark.prompts: olora).")  # fmt: skip
     p.add_argument("--tasks", nargs="+", default=None, help="Only these tasks (gere's names, e.g. sst2 boolq).")
     p.add_argument("--per-class", type=int, default=None, help="Training examples per class (default 1000).")
     p.add_argument("--seed", type=int, default=None, help="Seed of the class-balanced sampling (default 0).")
@@ -208,15 +212,19 @@ def cmd_sweep(args) -> int:
 
 def cmd_data(args) -> int:
     from gere.data.cl15 import PER_CLASS, build_cl15
-    from gere.data.olora import from_olora
+    from gere.data.olora import conversion_summary, from_olora
 
+    if args.olora_instructions and not args.from_olora:
+        raise GeReError("--olora-instructions goes with --from-olora (O-LoRA's prompts need O-LoRA's files); add "
+                        "--from-olora DIR or leave --olora-instructions out")  # fmt: skip
     if args.from_olora:
         given = [flag for flag, value in (("--amazon-csv", args.amazon_csv), ("--hub-mirror", args.hub_mirror),
                                           ("--per-class", args.per_class), ("--seed", args.seed)) if value is not None]  # fmt: skip
         if given:
             raise GeReError(f"--from-olora converts O-LoRA's files as released, so {', '.join(given)} would be "
                             "ignored; leave them out (or drop --from-olora to build from the sources)")  # fmt: skip
-        out = from_olora(args.from_olora, args.out, tasks=args.tasks)
+        out = from_olora(args.from_olora, args.out, tasks=args.tasks, instructions=args.olora_instructions)
+        print(conversion_summary(out))
     else:
         per_class = PER_CLASS if args.per_class is None else args.per_class
         out = build_cl15(args.out, amazon_csv=args.amazon_csv, mirror=args.hub_mirror, per_class=per_class,

@@ -17,7 +17,10 @@ from gere.replay.replay_set import bounded_text
 
 
 def format_prompt(spec: TaskSpec, input: str) -> str:
-    """The benchmark prompt: ``f"{instruction} Option: {', '.join(labels)} \\n{input}\\nAnswer:"``."""
+    """The benchmark prompt: ``f"{instruction} Option: {', '.join(labels)} \\n{input}\\nAnswer:"``, or with
+    `TaskSpec.prompt_prefix` in place of the part before the input (O-LoRA's prompts, `gere.data.olora_prompts`)."""
+    if spec.prompt_prefix is not None:
+        return f"{spec.prompt_prefix}{input}\nAnswer:"
     return f"{spec.instruction} Option: {', '.join(spec.labels)} \n{input}\nAnswer:"
 
 

@@ -81,6 +81,8 @@ class TaskSpec:
         default=True,
         metadata={"help": "Subsample class-balanced (round robin over labels) instead of uniformly."},
     )
+    prompt_prefix: str | None = field(default=None, metadata={"help": "The prompt's text before the input, in place "
+        "of '{instruction} Option: {labels} \\n' (the input and '\\nAnswer:' follow); set by benchmark.prompts: olora."})  # fmt: skip
 
     def __post_init__(self) -> None:
         self._fill_from_task_file()
@@ -371,6 +373,9 @@ def load_benchmark_definition(name: str = "cl15") -> dict[str, Any]:
     return parse_yaml(read_text(path, what="benchmark definition", kind="config"), str(path))
 
 
+PROMPTS = ("gere", "olora")
+
+
 def load_benchmark(
     name: str = "cl15",
     order: int = 4,
@@ -378,24 +383,41 @@ def load_benchmark(
     train_size: int | None = None,
     test_size: int | None = None,
     seed: int = 0,
+    tasks: list[str] | None = None,
+    prompts: str = "gere",
     **overrides: Any,
 ) -> list[TaskSpec]:
     """TaskSpecs of benchmark `name` in the given `order`, reading ``<data_dir>/<task>/{train,test}.json``.
 
-    `train_size` defaults to the benchmark's per-task size (about 1,000 examples per class); `overrides`
-    (e.g. ``input_field="sentence"``) apply to every task. See docs/benchmark_cl15.md for the layout.
+    `train_size` defaults to the benchmark's per-task size (about 1,000 examples per class); `tasks`: only
+    these of the order's tasks, in its sequence; `prompts`: ``"gere"`` (the benchmark's own instructions) or
+    ``"olora"`` (O-LoRA's prompts, recorded with the data by ``gere data cl15 --from-olora``, see
+    `gere.data.olora_prompts`); `overrides` (e.g. ``input_field="sentence"``) apply to every task. Every task's
+    folder must be there; the error for a missing one names the tasks present. See docs/benchmark_cl15.md.
     """
     definition = load_benchmark_definition(name)
     orders = {int(k): v for k, v in definition["orders"].items()}
     if order not in orders:
         raise GeReError(f"benchmark {shown(name)} has orders {sorted(orders)}, not {order}; pick one of them")
+    if prompts not in PROMPTS:
+        raise GeReError(f"prompts {shown(prompts)} is not one of {list(PROMPTS)}; pick one of them")
+    unknown = [t for t in tasks or [] if t not in definition["tasks"]]
+    if unknown:
+        raise GeReError(f"benchmark {shown(name)} has no task {shown(unknown)}; choose from {list(definition['tasks'])}")
+    sequence = [t for t in orders[order] if tasks is None or t in tasks]
     data_dir = Path(data_dir)
+    _check_task_folders(name, order, data_dir, sequence)
+    prompt_settings = {}
+    if prompts == "olora":
+        from gere.data.olora_prompts import olora_benchmark_settings
+
+        prompt_settings = olora_benchmark_settings({t: definition["tasks"][t]["labels"] for t in sequence}, data_dir)
     specs = []
-    for task in orders[order]:
+    for task in sequence:
         entry = dict(definition["tasks"][task])
         per_class = entry.pop("train_per_class", None)
         default_train = per_class * len(entry["labels"]) if per_class else None
-        kwargs = {**entry, **overrides}
+        kwargs = {**entry, **prompt_settings.get(task, {}), **overrides}
         specs.append(
             TaskSpec(
                 name=task,
@@ -407,3 +429,17 @@ def load_benchmark(
             )
         )
     return specs
+
+
+def _check_task_folders(name: str, order: int, data_dir: Path, sequence: list[str]) -> None:
+    """Every task's folder is there, or one error names the missing ones and the ``tasks`` that are present."""
+    if not data_dir.is_dir():
+        raise GeReError(f"benchmark data_dir {data_dir} does not exist; build it with `gere data {name} --out "
+                        f"{data_dir}` (docs/benchmark_{name}.md), or set data_dir to the folder that holds it")  # fmt: skip
+    missing = [t for t in sequence if not os.path.lexists(data_dir / t)]
+    if missing:
+        present = [t for t in sequence if t not in missing]
+        then = f"train on the {len(present)} present with tasks: [{', '.join(present)}]" if present else "check data_dir"
+        raise GeReError(f"{data_dir} has no folder for {', '.join(missing)} ({len(missing)} of the {len(sequence)} "
+                        f"tasks of order {order}); add {'it' if len(missing) == 1 else 'them'} (gere data {name} --out "
+                        f"{data_dir} --tasks {' '.join(missing)}), or {then}")  # fmt: skip

@@ -42,15 +42,21 @@ class StagedConversion:
         if self.stage is not None:
             shutil.rmtree(self.stage, ignore_errors=True)
 
-    def write_task(self, task: str, splits: dict[str, list[dict[str, str]]], **info: Any) -> dict[str, Any]:
-        """Write ``splits`` (``{"train": rows, "test": rows}``) of ``task`` into the staging folder; ``info``
-        (its source, ...) goes into the task's manifest entry with each file's rows and sha256."""
+    def write_task(self, task: str, splits: dict[str, list[dict[str, str]]], documents: dict[str, Any] | None = None,
+                   **info: Any) -> dict[str, Any]:  # fmt: skip
+        """Write ``splits`` (``{"train": rows, "test": rows}``) of ``task`` into the staging folder, and each of
+        ``documents`` (``{file name: JSON value}``, e.g. the task's recorded prompt) beside them; ``info`` (its
+        source, ...) goes into the task's manifest entry with each file's sha256 (and a split's rows)."""
         assert self.stage is not None, "use StagedConversion as a context manager"
         files = {}
         for split, rows in splits.items():
             path = self.stage / task / f"{split}.json"
             atomic_write_json(path, rows)
             files[f"{task}/{split}.json"] = {"rows": len(rows), "sha256": sha256_file(path)}
+        for name, value in (documents or {}).items():
+            path = self.stage / task / name
+            atomic_write_json(path, value)
+            files[f"{task}/{name}"] = {"sha256": sha256_file(path)}
         self.entries[task] = {**info, "files": files}
         return self.entries[task]
 
