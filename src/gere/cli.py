@@ -211,12 +211,21 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from gere.data.cl15 import PER_CLASS, build_cl15
-    from gere.data.olora import conversion_summary, from_olora
+    from gere.locks import hold_lock
 
     if args.olora_instructions and not args.from_olora:
         raise GeReError("--olora-instructions goes with --from-olora (O-LoRA's prompts need O-LoRA's files); add "
                         "--from-olora DIR or leave --olora-instructions out")  # fmt: skip
+    with hold_lock(args.out, "gere data cl15: a conversion"):  # one writer: two at once mixed their manifests
+        out = _convert(args)
+    print(f"cl15 data in {out} (manifest.json lists every file with its sha256)")
+    return 0
+
+
+def _convert(args) -> Path:
+    from gere.data.cl15 import PER_CLASS, build_cl15
+    from gere.data.olora import conversion_summary, from_olora
+
     if args.from_olora:
         given = [flag for flag, value in (("--amazon-csv", args.amazon_csv), ("--hub-mirror", args.hub_mirror),
                                           ("--per-class", args.per_class), ("--seed", args.seed)) if value is not None]  # fmt: skip
@@ -229,8 +238,7 @@ def cmd_data(args) -> int:
         per_class = PER_CLASS if args.per_class is None else args.per_class
         out = build_cl15(args.out, amazon_csv=args.amazon_csv, mirror=args.hub_mirror, per_class=per_class,
                          seed=args.seed or 0, tasks=args.tasks)  # fmt: skip
-    print(f"cl15 data in {out} (manifest.json lists every file with its sha256)")
-    return 0
+    return out
 
 
 def cmd_compare(args) -> int:
