@@ -196,3 +196,20 @@ def test_a_run_trains_with_olora_s_prompts(tmp_path, capsys):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["tasks"] == ["copa", "sst2"] and results["test_sizes"] == [2, 2]
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["benchmark"]["prompts"] == "olora"
+
+
+def test_problems_past_the_message_s_length_are_each_logged(tmp_path, caplog):
+    repo = olora_repo(tmp_path, instructions=None)
+    for task in OLORA_FOLDERS:
+        split_file(repo / "CL_Benchmark", task, "test").unlink()
+    with caplog.at_level(logging.ERROR, logger="gere.data.olora"), pytest.raises(GeReError) as err:
+        from_olora(repo, tmp_path / "out")
+    message = str(err.value)
+    assert "characters left out" not in message, "within GeReError's length, so never cut in the middle"
+    assert "have 15 problems" in message and message.endswith("(every problem is logged above)\nNo task is complete.")
+    listed = message.count("\n  - ") - 1  # the last line says how many more
+    assert 1 <= listed < 15 and f"... and {15 - listed} more" in message
+    assert sorted(r.getMessage() for r in caplog.records) == sorted(
+        f"{'/'.join(OLORA_FOLDERS[t])} has no test.json; copy it from O-LoRA's CL_Benchmark, or leave {t} out with --tasks"
+        for t in OLORA_FOLDERS)  # fmt: skip
+    assert not (tmp_path / "out").exists()

@@ -49,7 +49,7 @@ SPLITS = ("train", "test")
 #: A label (stripped) that marks a row released without a gold label; JSON null counts too.
 NO_GOLD_LABEL = ("-", "")
 SHOWN_ROWS, SHOWN_KINDS = 5, 3  # per file: row numbers shown per kind of problem, kinds shown
-MESSAGE_BUDGET = 1000  # characters of problems in the error (GeReError keeps 1,200); the rest is logged
+MESSAGE_LIMIT = 1150  # characters of the error (GeReError keeps 1,200); problems past it are counted and logged
 
 
 @dataclass
@@ -258,21 +258,11 @@ def _shown_path(root: Path, path: Path) -> str:
 
 
 def refuse_problems(root: Path, general: list[str], read: dict[str, TaskFiles]) -> None:
-    """Raise one `GeReError` listing every problem (those past the message's budget logged), ending with the
-    ``--tasks`` that would convert the tasks that are complete."""
+    """Raise one `GeReError` listing every problem (when they do not all fit its length, the rest are named by
+    count and every problem is logged), ending with the ``--tasks`` that would convert the complete tasks."""
     problems = general + [p for files in read.values() for p in files.problems]
     if not problems:
         return
-    lines, used = [], 0
-    for problem in problems:
-        if used + len(problem) > MESSAGE_BUDGET and lines:
-            break
-        lines.append(f"  - {problem}")
-        used += len(problem)
-    if len(lines) < len(problems):
-        for problem in problems:
-            logger.error("%s", problem)
-        lines.append(f"  - ... and {len(problems) - len(lines)} more (every problem is logged above)")
     complete = [task for task, files in read.items() if not files.problems]
     if not complete:
         hint = "No task is complete."
@@ -280,8 +270,20 @@ def refuse_problems(root: Path, general: list[str], read: dict[str, TaskFiles]) 
         after = " once the instruction file is fixed" if general else ""
         some = f"The {len(complete)} complete tasks convert" if len(complete) > 1 else "The complete task converts"
         hint = f"{some}{after} with: --tasks {' '.join(complete)}"
-    raise GeReError(f"O-LoRA's files in {root} have {len(problems)} problem{'s' if len(problems) > 1 else ''}; "
-                    "nothing was written. Fix each as it says and run again:\n" + "\n".join(lines) + f"\n{hint}")  # fmt: skip
+    head = (f"O-LoRA's files in {root} have {len(problems)} problem{'s' if len(problems) > 1 else ''}; nothing was "
+            "written. Fix each as it says and run again:")  # fmt: skip
+    room = MESSAGE_LIMIT - len(head) - len(hint) - 80  # 80: the line that counts the problems left out
+    lines = []
+    for problem in problems:
+        if len(problem) + 5 > room and lines:
+            break
+        lines.append(f"  - {problem}")
+        room -= len(problem) + 5
+    if len(lines) < len(problems):
+        for problem in problems:
+            logger.error("%s", problem)
+        lines.append(f"  - ... and {len(problems) - len(lines)} more (every problem is logged above)")
+    raise GeReError("\n".join([head, *lines, hint]))
 
 
 def _log_task(root: Path, task: str, files: TaskFiles) -> None:
