@@ -206,13 +206,19 @@ def parse_override(item: str, flag: str, *, numbers: bool = False) -> tuple[str,
         # (`output_dir=runs/a #2` would name runs/a, another run's folder).
         raise GeReError(f"{flag} {shown(item, 80)}: YAML reads the value as {shown(value, 60)}, not as typed "
                         f"({'a comment starts at #' if '#' in text else 'a line break becomes a space'}); quote it: "
-                        f"{flag} {key.strip()}={literal(text)}")  # fmt: skip
+                        f"{_quoted_fix(flag, key.strip(), text)}")  # fmt: skip
     if numbers and isinstance(value, str):
         try:
             return key.strip(), float(value)
         except ValueError:
             pass
     return key.strip(), value
+
+
+def _quoted_fix(flag: str, key: str, text: str) -> str:
+    """The override written with its value quoted, when short enough to show whole."""
+    fix = f"{flag} {key}={literal(text)}"
+    return fix if len(fix) <= 200 else f"{flag} {shown(key, 60)}=\"...\" (the value in double quotes, \\n for a line break)"
 
 
 def literal(value: str) -> str:
