@@ -119,8 +119,22 @@ def continuation_logprobs(
     continuations: Sequence[Sequence[list[int]]],
     batch_size: int = 16,
 ) -> list[list[float]]:
-    """Sum of log p(continuation tokens | prompt) for each prompt's own continuations, running each prompt
-    once.
+    """Sum of log p(continuation tokens | prompt) for each prompt's own continuations (`continuation_scores`
+    without the greedy flags)."""
+    scored = continuation_scores(model, tokenizer, prompts, continuations, batch_size)
+    return [[value for value, _ in row] for row in scored]
+
+
+def continuation_scores(
+    model,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    continuations: Sequence[Sequence[list[int]]],
+    batch_size: int = 16,
+) -> list[list[tuple[float, bool]]]:
+    """``(sum of log p(continuation tokens | prompt), greedy)`` for each prompt's own continuations, running
+    each prompt once; ``greedy`` is True when every continuation token is the most likely token at its
+    position (lm-evaluation-harness's ``is_greedy``, LAMBADA's accuracy).
 
     The tokens every prompt starts with (a task's instruction and options: `shared_prefix_length`, when at
     least `MIN_SHARED_PREFIX`) run once, and their key/value cache is copied for every batch. The rest of
@@ -137,7 +151,7 @@ def continuation_logprobs(
     # allows it (a fifth of a small model's forward pass, and a batch x length x vocabulary tensor, saved).
     last_only = {"logits_to_keep": 1} if accepts_argument(model, "logits_to_keep") else {}
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    scores = [[0.0] * len(options) for options in continuations]
+    scores: list[list[tuple[float, bool]]] = [[(0.0, False)] * len(options) for options in continuations]
     with eval_mode(model):
         shared = shared_prefix_length(prompts) if len(prompts) > 1 and last_only else 0
         prefix = _prefix_cache(model, list(prompts[0][:shared]), cache_arg) if shared >= MIN_SHARED_PREFIX else None
@@ -162,11 +176,13 @@ def continuation_logprobs(
     return scores
 
 
-def _score_step(model, context, first, rows: dict[int, list[int]], pad_id: int) -> dict[int, float]:
-    """Scores of one continuation per batch row (``rows``: row -> token ids) after the cached prompts."""
+def _score_step(model, context, first, rows: dict[int, list[int]], pad_id: int) -> dict[int, tuple[float, bool]]:
+    """``(score, greedy)`` of one continuation per batch row (``rows``: row -> token ids) after the cached
+    prompts."""
     cache, mask, next_pos, cache_arg = context
     device = first.device
     scores = {b: first[b, target[0]].clone() for b, target in rows.items()}
+    greedy = {b: int(first[b].argmax()) == target[0] for b, target in rows.items()}
     width = max(len(target) - 1 for target in rows.values())
     if width > 0:
         rest = torch.full((mask.shape[0], width), pad_id, dtype=torch.long, device=device)
@@ -186,10 +202,12 @@ def _score_step(model, context, first, rows: dict[int, list[int]], pad_id: int) 
         ).logits.float()
         token_lp = torch.log_softmax(logits, dim=-1).gather(2, follow.unsqueeze(-1)).squeeze(-1)
         totals = (token_lp * real).sum(1)
+        misses = ((logits.argmax(-1) != follow) & real.bool()).any(1).tolist()
         for b in rows:
             scores[b] = scores[b] + totals[b]
+            greedy[b] = greedy[b] and not misses[b]
         cache.crop(-width)  # back to the prompts alone
-    return {b: float(v) for b, v in scores.items()}
+    return {b: (float(v), greedy[b]) for b, v in scores.items()}
 
 
 def score_labels(
