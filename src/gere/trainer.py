@@ -17,6 +17,8 @@ replay batches from `gere.replay`. Replay samples join training in one of three 
 - ``batch``: a separate replay batch (``replay_batch_size`` per device) drawn with every micro-batch; the
   default of `GeReConfig` without interpolation.
 
+Task batches: logits at the answer positions only (exact) and length-grouped batches, `gere.task_batches`.
+
 The loss is ``CE + w * (replay regularisers)`` (`gere.losses.combine_losses`; w: `gere.config.WeightRule`);
 each part and weight is logged, and with ``grad_share_every`` each part's gradient share (`gere.diagnostics`).
 
@@ -66,6 +68,7 @@ from gere.replay.sampler import BatchInterpolationSampler
 from gere.store.extract import store_for
 from gere.store.fingerprint import check_store_belongs
 from gere.store.format import ActivationStore, StoreSpec
+from gere.task_batches import answer_logits_inputs, length_grouped, projects_answer_logits, task_logits
 
 LOGGED_PARTS = (*LOSS_PARTS, *WEIGHTS, *GRAD_SHARE)
 
@@ -91,6 +94,7 @@ class GeReMixin:
         check_store_model: bool = True,
         penalties: Sequence[Callable] = (),
         train_sampler: Sampler | None = None,
+        answer_logits_only: bool = True,
         **kwargs,
     ):
         self.gere = resolved_config(gere_config, {
@@ -129,11 +133,11 @@ class GeReMixin:
                 "general replay set a separate batch (replay_mixing='batch', num_interpolate_per_batch=0)"
             )
         self._gere_ready, self._gere_own_logits = False, False
+        self._answer_logits_only, self._answer_logits_fit = answer_logits_only, None
         self._replay_tokens: list[list[int]] = []
         self._reference: StoreReference | OnlineReference | None = None
         self._separate_batches: SeparateReplayBatches | None = None
-        self._gere_sums: dict[str, float] = {}
-        self._gere_counts: dict[str, int] = {}
+        self._gere_sums, self._gere_counts = {}, {}  # loss part -> sum, count of micro-batches since the last log
         self._weight_rule = weight_rule(self.gere.margin_weight)
         self._grad_share = GradShareMeter(self.gere.grad_share_every)
 
@@ -254,9 +258,8 @@ class GeReMixin:
     # ------------------------------------------------------------------------------------------ data
 
     def _get_train_sampler(self, *args, **kwargs):
-        if self._train_sampler is not None:
-            return self._train_sampler
-        return super()._get_train_sampler(*args, **kwargs)
+        sampler = length_grouped(self._train_sampler, self.args, self.train_dataset, self._train_batch_size)
+        return sampler if sampler is not None else super()._get_train_sampler(*args, **kwargs)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -290,6 +293,7 @@ class GeReMixin:
                                                 placement=self.gere.interpolation_placement)  # fmt: skip
             if self.args.world_size > 1:
                 sampler = EvenLastBlock(sampler, self._train_batch_size * self.args.world_size)
+        sampler = length_grouped(sampler, self.args, task_dataset, self._train_batch_size, len(task_dataset))
         loader = DataLoader(
             InterpolatedDataset(task_dataset, len(self._replay_tokens)),
             batch_size=self._train_batch_size,
@@ -328,7 +332,7 @@ class GeReMixin:
             want_outputs = return_outputs or (bool(on_batch) and not self._gere_own_logits)
             parts["task_ce"], outputs = self._task_loss(model, inputs, want_outputs, num_items_in_batch)
             if on_batch:
-                logits, own_pass = _task_logits(model, inputs, outputs)
+                logits, own_pass = task_logits(model, inputs, outputs)
                 # A parent loss without logits that carry a gradient (TRL's fused LM head): own pass from now on.
                 self._gere_own_logits = self._gere_own_logits or own_pass
                 batch = {**inputs, **columns} if columns else inputs
@@ -373,6 +377,8 @@ class GeReMixin:
     def _task_loss(self, model, inputs, return_outputs: bool, num_items_in_batch):
         """The task loss as the parent trainer computes it (label smoothing, ``compute_loss_func``, TRL's
         SFT losses and metrics all apply), and the model outputs when asked for."""
+        if not return_outputs and self._answer_logits(model, inputs):
+            inputs = answer_logits_inputs(inputs)
         try:
             result = super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
@@ -384,6 +390,18 @@ class GeReMixin:
                 "the model returned no loss for the task batch: the collator must provide labels"
             ) from None
         return result if return_outputs else (result, None)
+
+    def _answer_logits(self, model, inputs) -> bool:
+        """Whether the task loss projects to the vocabulary at the answer positions only (exact: see
+        `gere.task_batches`): under transformers' own ``compute_loss`` (TRL's SFT metrics read every logit) with
+        no label smoothing or ``compute_loss_func``; outputs asked for (LwF's, evaluation's) keep them all."""
+        if not self._answer_logits_only or not torch.is_tensor(inputs.get("labels")) or inputs["labels"].ndim != 2:
+            return False
+        if self._answer_logits_fit is None:
+            plain = getattr(super().compute_loss, "__func__", None) is Trainer.compute_loss
+            self._answer_logits_fit = (plain and self.label_smoother is None and self.compute_loss_func is None
+                                       and projects_answer_logits(self._unwrapped(model)))  # fmt: skip
+        return self._answer_logits_fit
 
     def _replay_losses(self, model, indices: list[int]) -> dict[str, torch.Tensor]:
         """Gather one replay batch, its reference targets and the model's outputs; the losses compute."""
@@ -421,16 +439,6 @@ class GeReMixin:
                     logs[name] = round(value, 6)
             self._gere_sums, self._gere_counts = {}, {}
         super().log(logs, *args, **kwargs)
-
-
-def _task_logits(model, inputs: dict, outputs) -> tuple[torch.Tensor, bool]:
-    """The task batch's logits for loss parts on the batch, and whether they took a forward pass of their own:
-    the parent trainer's outputs' logits when they carry a gradient; otherwise (no outputs asked for, or TRL's
-    fused LM head, which recomputes them without one) the model's, from a pass with the gradient."""
-    logits = None if outputs is None else outputs["logits"] if isinstance(outputs, dict) else outputs.logits
-    if logits is not None and (logits.requires_grad or not torch.is_grad_enabled()):
-        return logits, False
-    return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits, True
 
 
 class GeReTrainer(GeReMixin, Trainer):

@@ -49,6 +49,8 @@ def stage_training_args(cfg: RunConfig, task: str, stage_dir: Path, progress: bo
         # transformers refuses bf16 without a bf16 GPU unless told the run is on the CPU (it autocasts there).
         use_cpu=bf16 and not torch.cuda.is_available(),
         **{_CHECKPOINTING: t.activation_checkpointing},
+        # gere's trainer reads this strategy and groups by length itself, over its own samplers too.
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         save_strategy="no",
         report_to=[],
         seed=cfg.seed,

@@ -40,6 +40,14 @@ class TrainingSettings:
         },
     )
     activation_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations to save memory."})
+    group_by_length: bool = field(
+        default=False,
+        metadata={
+            "help": "Put task rows of similar length in the same micro-batch (gere.task_batches.LengthGroupedSampler, "
+            "within windows of 50 micro-batches taken in random order), so little of a batch is padding: faster "
+            "on uneven inputs, but a change of which rows train together (benchmarks/RESULTS.md, padding)."
+        },
+    )
     trainer_args: dict[str, Any] = field(
         default_factory=dict,
         metadata={
