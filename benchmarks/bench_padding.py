@@ -194,7 +194,7 @@ def main(argv=None) -> int:
         "at the answer positions only (exact); `after` that and length-grouped batches (a change of batch "
         "composition). Real tokens are non-pad tokens; share of peak = 6 x parameters x real tokens/s / peak.",
         "",
-        "| task | way | padded share | real tokens / step | s / step | real tokens / s | share of bf16 peak |",
+        f"| task | way | padded share | real tokens / step | s / step | real tokens / s | share of {precision} peak |",
         "|---|---|---|---|---|---|---|",
         *steps,
         "",
