@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 
-from gere.continual.tracking import _mlflow_major, check_report_to, mlflow_store_problem
+from gere.continual.tracking import (
+    _mlflow_major,
+    check_report_to,
+    mlflow_name,
+    mlflow_store,
+    mlflow_store_problem,
+)
 from gere.errors import GeReError
 
 from tiny_runs import run
@@ -44,31 +51,71 @@ def test_tensorboard_holds_the_sequence_stage_metrics_losses_and_summary(setup, 
 
 
 @pytest.mark.skipif(not SQL_STORE, reason="MLflow's default SQLite store needs sqlalchemy and alembic (gere[track])")
-def test_mlflow_by_default_holds_one_run_with_history_summary_table_and_artifacts(setup, tmp_path, monkeypatch):
+def test_mlflow_by_default_holds_one_run_beside_the_run_folder_with_readmes_metric_names(setup, tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
-    # No tracking URI and no opt-in to anything: MLflow's own default, in the working directory.
+    if _mlflow_major() < 3:
+        pytest.skip("MLflow 2 keeps its file store mlruns/ there instead of mlflow.db")
+    # No tracking URI and no opt-in to anything: gere's default, in the folder that holds the run folder.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
-    monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(None)  # forget a URI an earlier test set in this process
-    results = run(setup, tmp_path / "r", "report_to=[mlflow]")
-    if _mlflow_major() >= 3:
-        assert (tmp_path / "mlflow.db").is_file(), "MLflow 3's default SQLite store, where the command ran"
-    client = mlflow.tracking.MlflowClient()
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    results = run(setup, tmp_path / "runs" / "r", "report_to=[mlflow]")
+    assert list((tmp_path / "elsewhere").iterdir()) == [], "nothing in the working directory"
+    assert (tmp_path / "runs" / "mlflow.db").is_file(), "the store in the run's output root"
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1 and runs[0].info.run_name == "tiny"
-    history = client.get_metric_history(runs[0].info.run_id, "eval.compass.acc")
+    assert client.get_experiment(runs[0].info.experiment_id).name == "gere"
+    assert runs[0].info.artifact_uri.startswith((tmp_path / "runs" / "mlruns").as_uri())
+    history = client.get_metric_history(runs[0].info.run_id, "eval/compass/acc")
     assert [m.step for m in history] == [0, 1, 2]
     assert [m.value for m in history] == pytest.approx([row[1] for row in results["accuracy_matrix"]])
-    assert runs[0].data.metrics["summary.F1 Avg"] == pytest.approx(results["metrics"]["f1_avg"] or 0.0)
+    assert runs[0].data.metrics["summary/F1 Avg"] == pytest.approx(results["metrics"]["f1_avg"] or 0.0)
+    assert not any("." in name.split("/")[0] for name in runs[0].data.metrics), "README's train/... names"
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     assert {"report.md", "results.json", "accuracy_matrix.png", "accuracy_matrix.json"} <= artifacts
-    lr = client.get_metric_history(runs[0].info.run_id, "train.learning_rate")
+    assert (tmp_path / "runs" / "mlruns").is_dir()
+    lr = client.get_metric_history(runs[0].info.run_id, "train/learning_rate")
     assert [m.step for m in lr] == [1, 2, 3, 4] and lr[0].value == pytest.approx(0.01)
-    assert len(client.get_metric_history(runs[0].info.run_id, "train.grad_norm")) == 4
-    at_step = client.get_metric_history(runs[0].info.run_id, "eval_at_step.compass.acc")
+    assert len(client.get_metric_history(runs[0].info.run_id, "train/grad_norm")) == 4
+    assert {"train/loss", "train/task_ce", "eval/ppl/heldout", "eval/general"} <= set(runs[0].data.metrics)
+    at_step = client.get_metric_history(runs[0].info.run_id, "eval_at_step/compass/acc")
     assert [m.step for m in at_step] == [0, 2, 4]
     assert [m.value for m in at_step] == pytest.approx([row[1] for row in results["accuracy_matrix"]])
+    assert runs[0].data.params["gere.objective"] == "ce+tm" and runs[0].info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("store", ["sqlite:////proc/gere-none/mlflow.db", "file:///proc/gere-none/mlruns"])
+def test_an_mlflow_store_that_cannot_be_written_is_named_before_anything_is_written(setup, tmp_path, monkeypatch,
+                                                                                    store, capsys):  # fmt: skip
+    pytest.importorskip("mlflow")
+    from gere.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    assert main(["run", str(setup / "run.yaml"), "--output-dir", str(tmp_path / "r"), "--set",
+                 "report_to=[mlflow]"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"the tracking store {store} cannot be written: /proc/gere-none" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists(), "no run folder, config.yaml or activation store left behind"
+    assert not os.path.exists("/proc/gere-none")
+
+
+def test_gere_default_mlflow_store_is_beside_the_run_and_checked(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri, artifacts, chosen = mlflow_store(tmp_path / "runs" / "r")
+    if _mlflow_major() >= 3:
+        assert uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}" and chosen
+        assert artifacts == (tmp_path / "runs" / "mlruns").as_uri()
+    assert mlflow_store_problem(uri, chosen) is None if SQL_STORE else "gere[track]" in mlflow_store_problem(uri)
+    assert not (tmp_path / "runs").exists(), "the check leaves no folder behind"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://localhost:5000")
+    assert mlflow_store(tmp_path / "r") == ("http://localhost:5000", None, False)
+    assert mlflow_store_problem("databricks") is None
+    assert mlflow_name("eval/a+b,c/acc") == "eval/a_b_c/acc" and mlflow_name("summary/F1 Avg") == "summary/F1 Avg"
 
 
 def test_an_mlflow_store_mlflow_would_refuse_is_refused_when_the_config_is_read(monkeypatch, tmp_path):

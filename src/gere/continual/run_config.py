@@ -202,7 +202,7 @@ class RunConfig:
             )
         from gere.continual.tracking import check_report_to
 
-        check_report_to(self.report_to)
+        check_report_to(self.report_to, self.output_dir)  # MLflow's default store is beside the run
         for task, overrides in self.per_task.items():
             self.per_task[task] = TrainingSettings.route_keys(dict(overrides), f"per_task.{task}")
         # Every setting is checked now, before any model is loaded or any file written.

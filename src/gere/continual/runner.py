@@ -142,7 +142,7 @@ def _run_locked(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, b
         model = with_lora(cfg, model)
     run = _Run(cfg, out, state or _new_state(cfg, model, store, precision), tasks, model, tokenizer, evaluator,
                replay_set, store, progress, started, precision=precision)  # fmt: skip
-    run.tracker = SequenceTracker(check_report_to(cfg.report_to), cfg.name, out, cfg.to_dict())
+    run.tracker = SequenceTracker(check_report_to(cfg.report_to, out), cfg.name, out, cfg.to_dict())
     run.baselines = run_baselines(cfg)
     if not fresh:
         _resume(run)

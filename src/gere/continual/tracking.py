@@ -12,22 +12,31 @@ matrix as a table, and report.md, results.json and the plots as artifacts.
 
 - TensorBoard: event files under ``<run>/tensorboard`` (``$TENSORBOARD_LOGGING_DIR`` to move them).
 - MLflow: ``$MLFLOW_TRACKING_URI`` (a server ``http://host:5000``, ``sqlite:///path/mlflow.db``,
-  ``databricks``) and ``$MLFLOW_EXPERIMENT_NAME``; unset, MLflow's own default: on MLflow 3 an SQLite store
-  ``mlflow.db`` with artifacts in ``mlruns/``, both in the working directory (``gere[track]`` installs the
-  SQLAlchemy and Alembic that store needs). A store MLflow would refuse (the file store, which MLflow 3
-  keeps only behind ``MLFLOW_ALLOW_FILE_STORE=true``; SQLite without SQLAlchemy) is refused when the config
-  is read, with the fix.
+  ``databricks``) and ``$MLFLOW_EXPERIMENT_NAME``; unset, an SQLite store ``mlflow.db`` with artifacts in
+  ``mlruns/`` (MLflow 2: the file store ``mlruns/``), both in the folder that holds the run folder (the output
+  root: ``runs/`` for ``runs/demo``, the sweep's folder for its cells), so that the runs kept there are one
+  store to compare (``mlflow ui --backend-store-uri sqlite:///runs/mlflow.db``), in the experiment ``gere``
+  (``gere[track]`` installs the SQLAlchemy and Alembic that store needs). Metric names are the same as in
+  TensorBoard and W&B (``train/loss``, ``eval/<task>/acc``, ``summary/F1 Avg``), a character MLflow refuses
+  replaced by ``_``. A store MLflow would refuse (the file store, which MLflow 3 keeps only behind
+  ``MLFLOW_ALLOW_FILE_STORE=true``; SQLite without SQLAlchemy) or a local store that cannot be written is
+  refused when the config is read, before anything is written, with the fix.
 - W&B: project from ``$WANDB_PROJECT`` (default ``gere``); ``WANDB_MODE=offline`` works without a network.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import logging
 import os
+import re
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from gere.continual.metrics import general_score
 from gere.errors import GeReError, shown
@@ -38,18 +47,21 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # name -> module it needs
 AT_STEP = "eval_at_step/"  # evaluation metrics at the sequence's step where their stage ended
+#: MLflow's store where ``$MLFLOW_TRACKING_URI`` is unset: these names in the folder that holds the run folder.
+MLFLOW_DB, MLFLOW_ARTIFACTS, MLFLOW_EXPERIMENT = "mlflow.db", "mlruns", "gere"
+_MLFLOW_REFUSED = re.compile(r"[^/\w.\- :]")  # what MLflow's metric and param names may not hold
 SUMMARY = {"ap": "AP", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting", "general_final": "general",
            "f1_avg": "F1 Avg"}  # fmt: skip
 
 
-def check_report_to(names: list[str]) -> list[str]:
+def check_report_to(names: list[str], out: str | Path = "runs/run") -> list[str]:
     """The backends asked for (``all``: those installed, and MLflow only where its store will work; ``none``
-    or empty: none), each importable."""
+    or empty: none), each importable; ``out``: the run folder (MLflow's default store is beside it)."""
     if not names or names == ["none"]:
         return []
     if names == ["all"]:
         found = [n for n, module in BACKENDS.items() if importlib.util.find_spec(module)]
-        problem = "mlflow" in found and mlflow_store_problem(os.environ.get("MLFLOW_TRACKING_URI", ""))
+        problem = "mlflow" in found and mlflow_store_problem(*mlflow_store(out)[::2])
         if problem:
             logger.warning("report_to: all leaves mlflow out: %s", problem)
         return [n for n in found if n != "mlflow" or not problem]
@@ -59,7 +71,7 @@ def check_report_to(names: list[str]) -> list[str]:
         if importlib.util.find_spec(BACKENDS[name]) is None:
             raise GeReError(f"report_to: {name} is not installed; pip install {BACKENDS[name]}, or leave it out")
     if "mlflow" in names:
-        problem = mlflow_store_problem(os.environ.get("MLFLOW_TRACKING_URI", ""))
+        problem = mlflow_store_problem(*mlflow_store(out)[::2])
         if problem:
             raise GeReError(f"report_to: mlflow: {problem}")
     return list(names)
@@ -74,17 +86,79 @@ def _mlflow_major() -> int:
     return 0
 
 
-def mlflow_store_problem(uri: str) -> str | None:
-    """Why MLflow would refuse the tracking store ``uri`` (``""``: MLflow's default), with the fix; None when
-    it will work. Checked when the config is read, so a run does not stop at its first logged value."""
+def mlflow_store(out: str | Path) -> tuple[str, str | None, bool]:
+    """``(tracking URI, artifact folder for the experiment gere creates or None, whether gere chose the store)``
+    of a run in ``out``: ``$MLFLOW_TRACKING_URI`` as set, else `MLFLOW_DB` (MLflow 2: the file store
+    `MLFLOW_ARTIFACTS`) with artifacts in `MLFLOW_ARTIFACTS`, in the folder that holds ``out``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri:
+        return uri, None, False
+    root = Path(out).expanduser().resolve().parent
+    if _mlflow_major() < 3:
+        return (root / MLFLOW_ARTIFACTS).as_uri(), None, True
+    return f"sqlite:///{root / MLFLOW_DB}", (root / MLFLOW_ARTIFACTS).as_uri(), True
+
+
+def mlflow_store_problem(uri: str, chosen: bool = False) -> str | None:
+    """Why MLflow would refuse the tracking store ``uri`` (``""``: MLflow's own default; ``chosen``: gere's
+    default, `mlflow_store`), or could not write it, with the fix; None when it will work. Checked when the
+    config is read, so a run does not stop at its first logged value, with its folder and store written."""
+    problem = _store_refused(uri, chosen)
+    folder = None if problem else _local_store_folder(uri)
+    if folder is not None and (unwritable := _write_problem(folder)):
+        how = f"gere's default store ({uri})" if chosen else f"the tracking store {uri}"
+        fix = ("put the run where it can be written, or set MLFLOW_TRACKING_URI" if chosen else
+               "set MLFLOW_TRACKING_URI to a store in a folder you can write (unset, gere keeps mlflow.db "
+               "in the folder that holds the run folder)")  # fmt: skip
+        return f"{how} cannot be written: {unwritable}; {fix}"
+    return problem
+
+
+def _local_store_folder(uri: str) -> Path | None:
+    """The folder a local store (SQLite file, file store) writes into; None for servers and in-memory SQLite."""
+    if uri.startswith("sqlite:"):
+        path = unquote(uri.removeprefix("sqlite:").removeprefix("///").split("?", 1)[0])
+        return Path(path).expanduser().parent if path and path != ":memory:" else None
+    if uri.startswith("file:"):
+        return Path(unquote(urlparse(uri).path))
+    return Path(uri).expanduser() if uri.startswith(("/", ".", "~")) else None  # a path: MLflow's file store
+
+
+def _write_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot hold a new file (None when it can): tried with a temporary file, in folders made
+    for the try and removed after it, so that nothing is left behind."""
+    made: list[Path] = []
+    try:
+        missing, at = [], folder.absolute()
+        while not at.exists():
+            missing.append(at)
+            at = at.parent
+        for path in reversed(missing):
+            path.mkdir()
+            made.append(path)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".gere-write-check-"):
+            pass
+    except OSError as err:
+        return f"{getattr(err, 'filename', None) or folder}: {err.strerror or err}"
+    finally:
+        for path in reversed(made):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+    return None
+
+
+def _store_refused(uri: str, chosen: bool) -> str | None:
     major = _mlflow_major()
     scheme = uri.split(":", 1)[0].lower() if "://" in uri or uri.startswith("sqlite:") else ("file" if uri else "")
+    if uri in ("databricks", "databricks-uc", "uc"):  # MLflow's names for Databricks' servers, not paths
+        return None
     if scheme == "" and major < 3:
         return None  # MLflow 2's default is the ./mlruns file store, which it still writes
     if scheme in ("", "sqlite", "postgresql", "mysql", "mssql") or "+" in scheme:
         missing = [m for m in ("sqlalchemy", "alembic") if importlib.util.find_spec(m) is None]
         if missing:
-            where = "MLflow's default store (sqlite:///mlflow.db)" if not uri else f"the store {uri}"
+            where = ("MLflow's default store (sqlite:///mlflow.db)" if not uri else
+                     f"gere's default store ({uri})" if chosen else f"the store {uri}")  # fmt: skip
             return (f"{where} needs {' and '.join(missing)}, which mlflow-skinny leaves out; pip install "
                     "'gere[track]' (or sqlalchemy alembic), or point MLFLOW_TRACKING_URI at a server (http://...)")  # fmt: skip
         return None
@@ -118,11 +192,7 @@ class SequenceTracker:
 
             self._tb = SummaryWriter(log_dir=os.environ.get("TENSORBOARD_LOGGING_DIR") or str(out / "tensorboard"))
         if "mlflow" in backends:
-            import mlflow
-
-            self._mlflow = mlflow
-            self._mlflow_run = mlflow.start_run(run_name=name)
-            mlflow.log_params({k: str(v)[:250] for k, v in _flat(config).items()})
+            self._mlflow = MlflowRun(name, out, config)
         if "wandb" in backends:
             import wandb
 
@@ -156,7 +226,7 @@ class SequenceTracker:
             if self._tb is not None:
                 self._tb.add_scalar(key, value, step)
         if self._mlflow is not None:
-            self._mlflow.log_metrics({k.replace("/", "."): v for k, v in values.items()}, step=step)
+            self._mlflow.log(values, step)
         if self._wandb is not None:
             self._wandb.log({**values, axis: step})
 
@@ -175,11 +245,7 @@ class SequenceTracker:
                     self._tb.add_text(path.stem, read_text(path, what="report", kind="state"))
             self._tb.close()
         if self._mlflow is not None:
-            self._mlflow.log_metrics({k.replace("/", "."): v for k, v in summary.items()})
-            self._mlflow.log_table(table, "accuracy_matrix.json")
-            for path in files:
-                self._mlflow.log_artifact(str(path))
-            self._mlflow.end_run()
+            self._mlflow.finish(summary, table, files)
         if self._wandb is not None:
             self._wandb.summary.update(summary)
             columns = list(table)
@@ -188,6 +254,66 @@ class SequenceTracker:
             for path in files:
                 self._wandb.save(str(path), base_path=str(path.parent), policy="now")
             self._wandb.finish()
+
+
+class MlflowRun:
+    """One MLflow run in the store `mlflow_store` names, through MLflow's client (no process-wide state)."""
+
+    def __init__(self, name: str, out: Path, config: dict[str, Any]):
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        uri, artifacts, _ = mlflow_store(out)
+        self.client = MlflowClient(tracking_uri=uri)
+        try:  # the tags MLflow's own start_run sets (user, source, git commit)
+            from mlflow.tracking.context.registry import resolve_tags
+
+            tags = resolve_tags()
+        except ImportError:
+            tags = {}
+        run = self.client.create_run(self._experiment(artifacts), run_name=name, tags=tags)
+        self.run_id = run.info.run_id
+        params = {mlflow_name(k): str(v)[:250] for k, v in _flat(config).items()}
+        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
+
+    def _experiment(self, artifacts: str | None) -> str:
+        """``$MLFLOW_EXPERIMENT_ID``, or the experiment ``$MLFLOW_EXPERIMENT_NAME`` (default: `MLFLOW_EXPERIMENT`
+        in gere's store, MLflow's ``Default`` in one the user set), created when missing."""
+        if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+            return os.environ["MLFLOW_EXPERIMENT_ID"]
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or (MLFLOW_EXPERIMENT if artifacts else "Default")
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.create_experiment(name, artifact_location=artifacts)
+        except MlflowException:  # another run created it meanwhile
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(mlflow_name(k), float(v), now, step) for k, v in values.items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def finish(self, summary: dict[str, float], table: dict[str, list], files: list[Path]) -> None:
+        self.log(summary, 0)
+        self.client.log_table(self.run_id, table, "accuracy_matrix.json")
+        for path in files:
+            self.client.log_artifact(self.run_id, str(path))
+        self.client.set_terminated(self.run_id)
+
+
+def mlflow_name(key: str) -> str:
+    """``key`` as MLflow takes a metric or param name: the same as TensorBoard's and W&B's (``train/loss``), a
+    character MLflow refuses (outside letters, digits, ``_-. :/``) replaced by ``_``."""
+    return _MLFLOW_REFUSED.sub("_", key)
 
 
 def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
