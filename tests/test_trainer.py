@@ -328,3 +328,32 @@ def test_a_store_of_another_model_is_refused(tmp_path):
     own = extract_store(tiny_llama(), tok, config.load_replay_set(), tmp_path / "own", StoreSpec(max_length=16),
                         progress=False)  # fmt: skip
     make_trainer(tmp_path, tiny_llama(), tok, config, steps=1, activation_store=own).train()
+
+
+def test_a_later_task_reuses_the_store_in_store_dir_when_check_store_model_is_off(tmp_path, caplog):
+    """gere-lf's sequence recipe: the second task's model is the first task's trained model, reusing the first
+    task's store through store_dir / reuse_store; refused by default, reused (and logged) with the check off."""
+    tok = tiny_tokenizer()
+    config = GeReConfig(replay_source=str(replay_file(tmp_path)), num_replay_samples=8, replay_max_length=16,
+                        store_dir=str(tmp_path / "store"), reuse_store=True)  # fmt: skip
+    first = make_trainer(tmp_path, tiny_llama(), tok, config, steps=2)
+    first.train()
+    manifest = (tmp_path / "store" / "manifest.json").read_text()
+    trained = first.model  # the second task starts from the first task's weights
+    with pytest.raises(GeReError, match="different model"):
+        make_trainer(tmp_path, trained, tok, config, steps=1).train()
+    with caplog.at_level("WARNING", logger="gere.store.extract"):
+        second = make_trainer(tmp_path, trained, tok, config, steps=2, check_store_model=False)
+        second.train()
+    assert "made with another model" in caplog.text and "check_store_model is off" in caplog.text
+    assert (tmp_path / "store" / "manifest.json").read_text() == manifest, "the first task's store, not rebuilt"
+    from gere.store.fingerprint import model_fingerprint
+
+    assert json.loads(manifest)["model"] != model_fingerprint(trained), "the store is the base model's"
+    assert any(h.get("replay_margin", 0) > 0 for h in second.state.log_history), "margins against the base model"
+    # The check stays for what must match: a store of other settings is still refused.
+    import dataclasses
+
+    other_k = dataclasses.replace(config, threshold_k=2.0)
+    with pytest.raises(GeReError, match="threshold k"):
+        make_trainer(tmp_path, trained, tok, other_k, steps=1, check_store_model=False).train()

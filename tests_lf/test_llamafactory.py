@@ -80,6 +80,7 @@ def test_full_fine_tuning_trains_with_the_margin_loss(files, tmp_path):
     assert [line["current_steps"] for line in lines] == [1, 2]
     for line, step in zip(lines, steps, strict=True):
         assert list(line)[:6] == ["current_steps", "total_steps", "loss", "task_ce", "replay_ce", "replay_margin"]
+        assert line["grad_norm"] == pytest.approx(step["grad_norm"]) and line["grad_norm"] > 0
         assert {k: line[k] for k in ("task_ce", "replay_ce", "replay_margin", "margin_weight")} == pytest.approx(
             {k: step[k] for k in ("task_ce", "replay_ce", "replay_margin", "margin_weight")})
     assert (tmp_path / "store" / "manifest.json").exists(), "the activation store was built where gere: said"
@@ -122,3 +123,25 @@ def test_bad_configs_are_refused_before_training(files, tmp_path):
     assert done.returncode == 2 and "gere-lf: error" in done.stderr and "objective" in done.stderr
     done = gere_lf(config(files, tmp_path / "dpo", stage="dpo"))
     assert done.returncode == 2 and "stage: sft" in done.stderr
+
+
+def test_a_second_task_reuses_the_first_tasks_store(files, tmp_path):
+    """docs/llamafactory.md's sequence: task 2 trains from task 1's output and reuses task 1's store (the base
+    model's) through store_dir with reuse_store and check_store_model: false."""
+    first = gere_lf(config(files, tmp_path / "task1"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    store = tmp_path / "task1" / "store"
+    manifest = (store / "manifest.json").read_text()
+    later = {"model_name_or_path": str(tmp_path / "task1" / "model"), "gere_store_dir": str(store),
+             "gere_reuse_store": True}  # fmt: skip
+    refused = gere_lf(config(files, tmp_path / "task2", **later))
+    assert refused.returncode == 2 and "was made with a different model" in refused.stderr
+    done = gere_lf(config(files, tmp_path / "task2", **later), "gere.check_store_model=false")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "made with another model" in done.stderr and "check_store_model is off" in done.stderr
+    assert (store / "manifest.json").read_text() == manifest, "task 1's store reused, not rebuilt"
+    assert not (tmp_path / "task2" / "store").exists()
+    steps = [e for e in logged(tmp_path / "task2") if "loss" in e]
+    assert len(steps) == 2 and steps[0]["replay_margin"] > 0, "task 2 starts off the base model's bands"
+    done = gere_lf(config(files, tmp_path / "task2", gere_check_store_model=False, **later))  # in the YAML
+    assert done.returncode == 0, done.stderr[-3000:]

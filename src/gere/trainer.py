@@ -115,8 +115,8 @@ class GeReMixin:
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         self._gere_store = activation_store
-        # A store handed in must describe this model; a continual run that trains a model further from the
-        # store's base model (checked there) turns this off.
+        # A store handed in (or reused from store_dir) must describe this model; a continual run that trains a
+        # model further from the store's base model (checked there), or gere-lf's later task, turns this off.
         self._check_store_model = check_store_model
         self._gere_replay_set = replay_set
         # Baselines' loss parts (`gere.baselines.base`), added to the loss as they are: called on the unwrapped
@@ -207,8 +207,10 @@ class GeReMixin:
         replay_set = self._gere_replay_set or cfg.load_replay_set()
         # Every process takes part: the forward pass is split across them (see gere.store.extract). Under
         # DeepSpeed or FSDP the Trainer has not placed the model yet; device= runs the pass there.
+        # check_store_model=False also lets a store reused from store_dir come from another model (a later task).
         return store_for(cfg, model, tokenizer, replay_set, self.args.output_dir,
-                         progress=self.is_world_process_zero(), device=self.args.device)  # fmt: skip
+                         progress=self.is_world_process_zero(), device=self.args.device,
+                         check_model=self._check_store_model)  # fmt: skip
 
     def _online_reference(self, model, tokenizer, layers) -> OnlineReference:
         cfg = self.gere

@@ -2,7 +2,8 @@
 
 The YAML is an ordinary LLaMA-Factory training config plus a ``gere:`` block (any `GeReConfig` setting,
 e.g. ``replay_source``, ``objective``, ``margin_weight``; and ``check_store_model: false`` when a later
-task of a sequence starts from an earlier task's weights but keeps the base model's activation store).
+task of a sequence starts from an earlier task's weights but reuses the base model's activation store
+through ``store_dir`` and ``reuse_store: true``).
 ``gere-lf`` takes the block out, puts GeRe's mixin in front of LLaMA-Factory's SFT trainer class (its SFT
 workflow looks the class up when it runs) and calls LLaMA-Factory's own training entry with the rest.
 
@@ -18,7 +19,7 @@ checkpointing under DDP refuses.
 
 The loss parts (``task_ce``, ``replay_ce``, ``replay_margin``, ``margin_weight``, ...) reach LLaMA-Factory's
 ``trainer_state.json`` through the Trainer's log, and its ``trainer_log.jsonl`` (what LlamaBoard reads)
-through a subclass of its ``LogCallback`` that adds them to each line. When LLaMA-Factory is installed but
+through a subclass of its ``LogCallback`` that adds them, and the Trainer's ``grad_norm``, to each line. When LLaMA-Factory is installed but
 does not import (a module it needs is missing, e.g. torchaudio on a CPU machine), the error names the
 missing module and the fix rather than saying LLaMA-Factory is missing.
 
@@ -119,7 +120,7 @@ def import_failure(err: ImportError) -> str:
 
 def log_callback_with_loss_parts(base: type) -> type:
     """``base`` (LLaMA-Factory's ``LogCallback``), whose ``trainer_log.jsonl`` lines (LlamaBoard's source) also
-    carry GeRe's loss parts of their step, right after ``loss``."""
+    carry GeRe's loss parts of their step, and the Trainer's ``grad_norm``, right after ``loss``."""
     from gere.parts import LOSS_PARTS, WEIGHTS
 
     class GeReLogCallback(base):
@@ -129,7 +130,8 @@ def log_callback_with_loss_parts(base: type) -> type:
 
         def on_log(self, args, state, control, **kwargs):
             entry = kwargs.get("logs") or (state.log_history[-1] if state.log_history else {})
-            parts = {k: entry[k] for k in (*LOSS_PARTS, *WEIGHTS) if entry.get(k) is not None}
+            # The Trainer's gradient norm too: LLaMA-Factory's line leaves it out, and LlamaBoard reads only this file.
+            parts = {k: entry[k] for k in (*LOSS_PARTS, *WEIGHTS, "grad_norm") if entry.get(k) is not None}
             if parts:
                 self._gere_parts[state.global_step] = parts
             return super().on_log(args, state, control, **kwargs)

@@ -134,14 +134,16 @@ def store_dir(config: GeReConfig, output_dir: str | Path) -> Path:
 
 def store_for(config: GeReConfig, model, tokenizer, replay_set: ReplaySet, output_dir: str | Path, *,
               progress: bool = True, device: torch.device | str | None = None,
-              rebuild_own: bool = False) -> ActivationStore:  # fmt: skip
+              rebuild_own: bool = False, check_model: bool = True) -> ActivationStore:  # fmt: skip
     """The activation store ``config`` asks for, built from ``model`` over ``replay_set`` in `store_dir`, or
     reused when ``config.reuse_store`` and it matches. With ``rebuild_own``, the own store (no ``store_dir``
-    set) is rebuilt when it belongs to another model or texts (a continual run's, left by the run it replaces)."""
+    set) is rebuilt when it belongs to another model or texts (a continual run's, left by the run it replaces).
+    ``check_model=False``: a store reused from ``store_dir`` may come from another model (a later task trained
+    from the store's model); everything else about it must still match."""
     folder, spec = store_dir(config, output_dir), StoreSpec.for_config(config)
     try:
         return extract_store(model, tokenizer, replay_set, folder, spec, regenerate=not config.reuse_store,
-                             progress=progress, device=device)  # fmt: skip
+                             progress=progress, device=device, check_model=check_model)  # fmt: skip
     except GeReError as err:
         if not (rebuild_own and not config.store_dir and err.setting == "reuse_store"):
             raise
@@ -161,6 +163,7 @@ def extract_store(
     progress: bool = True,
     stop_after_batches: int | None = None,
     device: torch.device | str | None = None,
+    check_model: bool = True,
 ) -> ActivationStore:
     """Build (or reuse) the store for ``model`` over ``replay_set`` in ``store_dir``.
 
@@ -168,6 +171,8 @@ def extract_store(
     ``regenerate``. ``stop_after_batches`` ends the forward pass early (as an interruption would), for tests;
     with several processes it counts each process's batches. ``device``: where to run the forward pass
     (default: where the model is); the model is moved there for the pass only, and only when a store is built.
+    ``check_model=False`` reuses a finished store made by another model (logged), as a later task of a
+    sequence does with the base model's store; the tokenizer, texts and settings must still match.
 
     Under ``torch.distributed`` every process must call this with the same arguments and a ``store_dir`` on
     a file system they all share; the forward pass is split across them and the files are byte-identical
@@ -180,16 +185,29 @@ def extract_store(
     check_context_length(model, spec.max_length)
     expected = shared_manifest(model, tokenizer, replay_set, spec)
     if distributed.broadcast_object((store_dir / MANIFEST).exists()) and not regenerate:
-        return open_store(store_dir, expected=expected)
+        return _open_finished(store_dir, expected, check_model)
     lock = contextlib.ExitStack()  # process 0 holds the store's lock while it is built
     distributed.run_on_main(lambda: lock.enter_context(hold_lock(store_dir, "extracting an activation store")),
                             f"locking {store_dir}")  # fmt: skip
     with lock:
         if distributed.broadcast_object((store_dir / MANIFEST).exists()):
             if not regenerate:  # another process finished it while this one waited for the lock
-                return open_store(store_dir, expected=expected)
+                return _open_finished(store_dir, expected, check_model)
             _clear_store(model, store_dir)
         return _build(model, tokenizer, replay_set, store_dir, spec, expected, progress, stop_after_batches, device)
+
+
+def _open_finished(store_dir: Path, expected: dict, check_model: bool) -> ActivationStore:
+    """The finished store in ``store_dir``, refused unless its identity is ``expected`` (its model aside
+    without ``check_model``: then a store of another model is reused, and the log says so)."""
+    if not check_model:
+        found = read_manifest(store_dir).get("model")
+        if found != expected["model"]:
+            logger.warning("reusing the activation store %s, made with another model (%.16s..., this model is "
+                           "%.16s...): check_store_model is off, so the replay targets stay the store's model's",
+                           store_dir, found, expected["model"])  # fmt: skip
+        expected = {**expected, "model": found}
+    return open_store(store_dir, expected=expected)
 
 
 def _build(model, tokenizer, replay_set, store_dir, spec, expected, progress, stop_after_batches, device):
