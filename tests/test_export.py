@@ -35,7 +35,7 @@ def base_model(setup):
 @pytest.fixture(scope="module")
 def full_run(setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "run"
-    run(setup, out, "gere.objective=none", "keep_checkpoints=0")
+    run(setup, out, "gere.objective=none")  # the default keeps every stage
     return out
 
 
@@ -186,3 +186,23 @@ def test_lm_eval_scores_the_exported_folder_as_the_run_s_model(setup, full_run, 
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
     ours = LmEvalGeneral(["tiny_probe"], include_path=str(tasks), batch_size=4)(model, tokenizer)
     assert out["results"]["tiny_probe"]["acc,none"] == pytest.approx(ours["lm_eval"]["tiny_probe"])
+
+
+def test_a_run_says_before_training_which_stages_it_keeps_and_export_names_the_setting(setup, tmp_path, capsys):
+    run(setup, tmp_path / "all", "gere.objective=none")
+    out = capsys.readouterr().out
+    # The tiny Llama's weights in fp32: 92,744 bytes of safetensors a stage, measured on its checkpoint.
+    line = next(line for line in out.splitlines() if line.startswith("checkpoints:"))
+    size = (tmp_path / "all" / "checkpoints" / "stage-1" / "weights.safetensors").stat().st_size
+    assert line.startswith("checkpoints: every stage kept for gere export --stage 1..2 (about ")
+    assert "keep_checkpoints: 1 keeps only the newest" in line
+    estimate = float(line.split("about ")[1].split(" ")[0]) * 1e3  # kB
+    assert abs(estimate - size) / size < 0.05, (line, size)
+    assert out.index("checkpoints:") < out.index("after mood"), "said before the first task trains"
+    run(setup, tmp_path / "newest", "gere.objective=none", "keep_checkpoints=1")
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("checkpoints:"))
+    assert "only the newest 1 of 2 stages kept (keep_checkpoints: 1)" in line and "stage(s) 2..2" in line
+    assert main(["export", str(tmp_path / "newest"), "--out", str(tmp_path / "o"), "--stage", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "not of stage 1: it ran with keep_checkpoints: 1" in err and "keep_checkpoints: 0 (the default)" in err
+    assert not (tmp_path / "o").exists()

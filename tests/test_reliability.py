@@ -116,7 +116,7 @@ def test_disk_full_after_stage_two_keeps_stage_one_and_resumes(config, tmp_path,
     results = run_continual(load_run_config(config, [f"output_dir={out}"]), resume=True, progress=False)
     assert results["stages"] == ["base", "after mood", "after compass"]
     assert json.loads((out / "run_state.json").read_text())["stages_done"] == 2
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["stage-2"]  # keep_checkpoints = 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["stage-1", "stage-2"]  # every stage kept
 
 
 def test_checkpoint_is_written_while_the_body_runs_and_a_failing_body_leaves_none(config, tmp_path):

@@ -30,7 +30,7 @@ def test_two_task_run_writes_full_report(setup, tmp_path, objective, bi):
     else:
         assert all(h["replay_margin"] is None for h in losses)
     assert (tmp_path / "r" / "checkpoints" / "stage-2" / "weights.safetensors").exists()
-    assert not (tmp_path / "r" / "checkpoints" / "stage-1").exists()  # keep_checkpoints = 1
+    assert (tmp_path / "r" / "checkpoints" / "stage-1" / "checkpoint.json").exists()  # every stage kept by default
 
 
 def test_resume_after_interruption_gives_same_metrics(setup, tmp_path, monkeypatch):

@@ -207,10 +207,8 @@ class GeReMixin:
         replay_set = self._gere_replay_set or cfg.load_replay_set()
         # Every process takes part: the forward pass is split across them (see gere.store.extract). Under
         # DeepSpeed or FSDP the Trainer has not placed the model yet; device= runs the pass there.
-        # check_store_model=False also lets a store reused from store_dir come from another model (a later task).
-        return store_for(cfg, model, tokenizer, replay_set, self.args.output_dir,
-                         progress=self.is_world_process_zero(), device=self.args.device,
-                         check_model=self._check_store_model)  # fmt: skip
+        return store_for(cfg, model, tokenizer, replay_set, self.args.output_dir, device=self.args.device,
+                         progress=self.is_world_process_zero(), check_model=self._check_store_model)
 
     def _online_reference(self, model, tokenizer, layers) -> OnlineReference:
         cfg = self.gere

@@ -6,6 +6,11 @@ O-LoRA every task's adapter as ``<adapter>/<name>``), ``rng.safetensors``, the b
 a temporary folder and renamed, so a crash or a full disk never leaves a half checkpoint under the final
 name; older ones are pruned only after the run state names the newest. The runner writes the weights while
 it evaluates the stage (`checkpoint_beside`), which leaves them alone.
+
+Every stage is kept by default (``keep_checkpoints: 0``), as the Trainer keeps every checkpoint unless
+``save_total_limit`` says otherwise: a stage's weights are what ``gere export --stage N`` hands on, and a
+pruned stage cannot be trained again without the whole run. The run says before it trains which stages it
+keeps and about what they cost on disk (`checkpoint_plan`); ``keep_checkpoints: N`` keeps the newest N.
 """
 
 from __future__ import annotations
@@ -38,6 +43,37 @@ def with_lora(cfg: RunConfig, model):
     if cfg.finetuning == "olora":
         return get_peft_model(model, lora_config(cfg), adapter_name=adapter_name(0))
     return get_peft_model(model, lora_config(cfg))
+
+
+def checkpoint_plan(cfg: RunConfig, model, stages: int) -> str:
+    """The line a run prints before training: which of its ``stages`` checkpoints it keeps for ``gere export
+    --stage``, about what each costs on disk (the tensors `_write_weights` writes, from ``model`` as it will
+    train) and the setting that trades it."""
+    if cfg.finetuning == "full":
+        seen, size = set(), 0
+        for tensor in model.state_dict().values():  # tied weights once, as the checkpoint stores them
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                size += tensor.numel() * tensor.element_size()
+    else:
+        size = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    # O-LoRA: stage i holds the adapters of tasks 1..i.
+    total = size * stages * (stages + 1) // 2 if cfg.finetuning == "olora" else size * stages
+    each = f"about {_size(size)} a stage" if cfg.finetuning != "olora" else f"about {_size(size)} per adapter"
+    keep = cfg.keep_checkpoints
+    if not keep or keep >= stages:
+        return (f"checkpoints: every stage kept for gere export --stage 1..{stages} ({each}, {_size(total)} in all); "
+                f"keep_checkpoints: 1 keeps only the newest")  # fmt: skip
+    return (f"checkpoints: only the newest {keep} of {stages} stages kept (keep_checkpoints: {keep}): gere export "
+            f"--stage can export stage(s) {max(stages - keep + 1, 1)}..{stages} once trained, not earlier ones "
+            f"({each}); keep_checkpoints: 0 keeps every stage ({_size(total)} in all)")  # fmt: skip
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes} B"
 
 
 def checkpoint_dir(out: Path, stage: int) -> Path:

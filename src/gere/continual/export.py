@@ -54,7 +54,7 @@ def export_model(run_dir: str | Path, out: str | Path, *, stage: int | None = No
         raise GeReError(f"{run_dir} holds no {CONFIG_FILE}; pass the output folder of a `gere run`")
     # The run's own config, without its trackers: exporting logs nothing.
     cfg = load_run_config(run_dir / CONFIG_FILE, ["report_to=[]"])
-    stage = _chosen_stage(run_dir, stage)
+    stage = _chosen_stage(run_dir, stage, cfg.keep_checkpoints)
     if cfg.finetuning == "full" and merge_lora:
         raise GeReError(f"{run_dir} fine-tuned every weight (finetuning: full): there is no LoRA to merge; "
                         "leave --merge-lora out")  # fmt: skip
@@ -76,7 +76,7 @@ def export_model(run_dir: str | Path, out: str | Path, *, stage: int | None = No
     return _write(out, overwrite, model, tokenizer, info, run_dir / CONFIG_FILE)
 
 
-def _chosen_stage(run_dir: Path, stage: int | None) -> int:
+def _chosen_stage(run_dir: Path, stage: int | None, keep: int) -> int:
     stages = finished_stages(run_dir)
     if not stages:
         raise GeReError(f"{run_dir} has no finished checkpoint yet (checkpoints/stage-<i>/checkpoint.json); "
@@ -86,8 +86,10 @@ def _chosen_stage(run_dir: Path, stage: int | None) -> int:
     if stage == 0:
         raise GeReError("stage 0 is the base model itself; export a trained stage (1 or more)")
     if stage not in stages:
-        raise GeReError(f"{run_dir} keeps the checkpoints of stage(s) {stages}, not of stage {stage} "
-                        "(a run keeps keep_checkpoints of them; keep_checkpoints: 0 keeps all)")  # fmt: skip
+        why = (f"it ran with keep_checkpoints: {keep}, which keeps only the newest {keep}; run it again with "
+               "keep_checkpoints: 0 (the default) to keep every stage" if keep and stage < stages[-1] else
+               "that stage has not finished")  # fmt: skip
+        raise GeReError(f"{run_dir} keeps the checkpoints of stage(s) {stages}, not of stage {stage}: {why}")
     return stage
 
 

@@ -184,7 +184,10 @@ class RunConfig:
     task_replay: TaskReplaySettings = field(default_factory=TaskReplaySettings)
     lwf: LwfSettings = field(default_factory=LwfSettings)
     olora: OLoraSettings = field(default_factory=OLoraSettings)
-    keep_checkpoints: int = field(default=1, metadata={"help": "Checkpoints kept (the newest); 0 keeps all."})
+    keep_checkpoints: int = field(
+        default=0,
+        metadata={"help": "Stage checkpoints kept, the newest (gere export --stage needs its stage's); 0 keeps all."},
+    )
     report_to: list[str] = field(
         default_factory=list,
         metadata={"help": "Experiment trackers: tensorboard, mlflow, wandb, 'all' (installed ones) or none."},

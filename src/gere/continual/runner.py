@@ -38,6 +38,7 @@ from gere.batching import IGNORE_INDEX
 from gere.continual.checkpoint import (
     checkpoint_beside,
     checkpoint_dir,
+    checkpoint_plan,
     load_checkpoint,
     prune_checkpoints,
     with_lora,
@@ -144,6 +145,8 @@ def _run_locked(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, b
                replay_set, store, progress, started, precision=precision)  # fmt: skip
     run.tracker = SequenceTracker(check_report_to(cfg.report_to, out), cfg.name, out, cfg.to_dict())
     run.baselines = run_baselines(cfg)
+    # Before any training: which stages gere export --stage will find, what they cost, the setting that trades it.
+    print(checkpoint_plan(cfg, model, len(tasks)), flush=True)
     if not fresh:
         _resume(run)
         _track_history(run)  # a resumed run's tracked run holds the whole sequence too
