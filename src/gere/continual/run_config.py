@@ -275,21 +275,19 @@ class RunConfig:
         return to_plain(self)
 
 
-def _relative_to_config(data: dict, path: Path) -> None:
-    """A relative ``evaluation.lm_eval_include_path`` in a config file names a folder beside that file (as
-    lm-eval task folders are kept with the config that uses them), wherever the command runs from."""
-    section = data.get("evaluation")
-    include = section.get("lm_eval_include_path") if isinstance(section, dict) else None
-    if isinstance(include, str) and include and not Path(include).expanduser().is_absolute():
-        section["lm_eval_include_path"] = str((path.parent / include).resolve())
-
-
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
-    """Read a YAML run config (or start from ``base``), apply ``key.path=value`` overrides, validate."""
+    """Read a YAML run config (or start from ``base``), apply ``key.path=value`` overrides, validate. Relative
+    paths of files the run reads are read from the config file's folder (`gere.continual.config_paths`);
+    overrides are taken as typed."""
+    from gere.continual.config_paths import resolve_config_paths
+
     data: dict = dict(base or {})
+    written: dict = {}
     if path is not None:
         data.update(read_yaml_mapping(path))
-        _relative_to_config(data, Path(path))
+        written = resolve_config_paths(data, path)
     for item in overrides or []:
         set_dotted(data, *parse_override(item, "--set"))
-    return from_dict(RunConfig, data)
+    cfg = from_dict(RunConfig, data)
+    cfg.paths_as_written = written  # a run started when these were read from the working directory resumes
+    return cfg

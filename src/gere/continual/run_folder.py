@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -61,11 +62,23 @@ def _canonical(value):
     return value
 
 
-def config_digest(cfg: RunConfig) -> str:
+def config_digest(cfg: RunConfig, data: dict | None = None) -> str:
     """Identity of a run: everything but where it is written, how many checkpoints are kept and where it is
-    tracked, with numbers compared by value (so a run resumes from its own config.yaml)."""
-    data = _canonical(_without_later_settings(_identity(cfg)))
+    tracked, with numbers compared by value (so a run resumes from its own config.yaml). ``data``: ``cfg``'s
+    identity mapping, when changed (`_as_written_digest`)."""
+    data = _canonical(_without_later_settings(_identity(cfg) if data is None else data))
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _as_written_digest(cfg: RunConfig) -> str | None:
+    """The digest of ``cfg`` with its relative paths as its file wrote them: what a run started before they
+    were read from the config file's folder recorded (`gere.continual.config_paths`)."""
+    written = getattr(cfg, "paths_as_written", None)
+    if not written:
+        return None
+    from gere.continual.config_paths import as_written
+
+    return config_digest(cfg, as_written(_identity(cfg), written))
 
 
 def _without_later_settings(data: dict) -> dict:
@@ -84,7 +97,7 @@ def _legacy_digest(cfg: RunConfig) -> str:
 
 def same_config(state: dict, cfg: RunConfig) -> bool:
     """Whether the run recorded in ``state`` was started with ``cfg``."""
-    return state.get("config_digest") in (config_digest(cfg), _legacy_digest(cfg))
+    return state.get("config_digest") in (config_digest(cfg), _legacy_digest(cfg), _as_written_digest(cfg))
 
 
 def _flat(value, prefix: str = "") -> dict[str, object]:
@@ -200,6 +213,9 @@ def _check_inputs(state: dict, now: dict[str, str], out: Path) -> None:
     before = state.get("inputs")
     if before is None:  # a state written before inputs were recorded
         return
+    # Files by their absolute path: a run started when relative paths were read from the working directory
+    # recorded them relative to it (`gere.continual.config_paths`).
+    before, now = _absolute_keys(before), _absolute_keys(now)
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if changed:
         raise GeReError(
@@ -207,6 +223,10 @@ def _check_inputs(state: dict, now: dict[str, str], out: Path) -> None:
             f"{' ...' if len(changed) > 5 else ''}; resuming would mix old and new data in one result. Restore "
             "them to resume it, or run with the new files in another --output-dir"
         )
+
+
+def _absolute_keys(digests: dict[str, str]) -> dict[str, str]:
+    return {k if k.startswith(HF_PREFIX) else os.path.abspath(os.path.expanduser(k)): v for k, v in digests.items()}
 
 
 def claim(cfg: RunConfig, *, fresh: bool) -> Path:

@@ -88,6 +88,10 @@ class TaskSpec:
         self._fill_from_task_file()
         where = f"task {shown(self.name)}" if self.name else f"task with source {shown(self.source)}"
         if not self.name:
+            if self.source and not self.source.startswith(HF_PREFIX) and not os.path.lexists(self.source):
+                raise GeReError(  # a misread path is named as one, not as a task without a name
+                    f"task source {shown(self.source)} is not a file or folder (no such path); a relative source in "
+                    "a run config is read from the config file's folder: fix the path, or make the data there")  # fmt: skip
             raise GeReError(f"{where} has no name; set `name` (or give one in the folder's {TASK_FILE})")
         if not self.instruction:
             raise GeReError(f"{where} has no instruction; set `instruction` (or give one in {TASK_FILE})")
