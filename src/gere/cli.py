@@ -66,9 +66,11 @@ def _add_sweep(sub) -> None:
 
 
 def _add_data(sub) -> None:
-    p = sub.add_parser("data", help="Build benchmark data from public sources (cl15: the paper's 15 tasks).")
-    p.add_argument("benchmark", choices=["cl15"])
-    p.add_argument("--out", default="data/cl15", help="Folder to write <task>/{train,test}.json into.")
+    p = sub.add_parser("data", help="Build benchmark data from public sources (cl15: the paper's 15 tasks; demo: the "
+                                    "demo's three tasks, texts and model, for configs/demo_tasks.yaml).")  # fmt: skip
+    p.add_argument("benchmark", choices=["cl15", "demo"])
+    p.add_argument("--out", default=None, help="Folder to write <task>/{train,test}.json into (default data/cl15, "
+                                               "data/demo).")  # fmt: skip
     p.add_argument("--amazon-csv", default=None, help="Amazon 5-class reviews as label,title,text (no Hub copy).")
     p.add_argument("--hub-mirror", default=None, help="Local copies: DIR/<dataset>/<config>/<split>.jsonl.")
     p.add_argument("--from-olora", default=None,
@@ -213,12 +215,28 @@ def cmd_sweep(args) -> int:
 def cmd_data(args) -> int:
     from gere.locks import hold_lock
 
+    args.out = args.out or f"data/{args.benchmark}"
+    if args.benchmark == "demo":
+        return _demo_data(args)
     if args.olora_instructions and not args.from_olora:
         raise GeReError("--olora-instructions goes with --from-olora (O-LoRA's prompts need O-LoRA's files); add "
                         "--from-olora DIR or leave --olora-instructions out")  # fmt: skip
     with hold_lock(args.out, "gere data cl15: a conversion"):  # one writer: two at once mixed their manifests
         out = _convert(args)
     print(f"cl15 data in {out} (manifest.json lists every file with its sha256)")
+    return 0
+
+
+def _demo_data(args) -> int:
+    from gere.demo.assets import write_demo_data
+
+    given = [f"--{k.replace('_', '-')}" for k in ("amazon_csv", "hub_mirror", "from_olora", "olora_instructions",
+                                                  "tasks", "per_class", "seed") if getattr(args, k) is not None]  # fmt: skip
+    if given:
+        raise GeReError(f"{', '.join(given)} build cl15 data; gere data demo takes only --out")
+    out = write_demo_data(args.out)  # built beside --out and renamed into place
+    print(f"demo data in {out}: tasks/ (grammar, sentiment, category), replay.jsonl, heldout_wiki.jsonl, "
+          f"heldout_news.jsonl, probe.jsonl, model/; run it with gere run configs/demo_tasks.yaml")  # fmt: skip
     return 0
 
 

@@ -335,3 +335,36 @@ def _ensure_model(
         "files": files,
     }
     return folder
+
+
+#: Written last into a folder `write_demo_data` made; a later call replaces only such a folder.
+DATA_MARKER = "gere_demo_data.json"
+
+
+def write_demo_data(out: str | os.PathLike, *, build_model: bool = True, **build) -> Path:
+    """The demo's data (its three tasks as task folders, replay, held-out and probe files) and, with
+    ``build_model``, its converted model, copied out of the cache into ``out`` (``gere data demo``), for a run
+    config of your own (configs/demo_tasks.yaml); ``build``: `build_demo_assets`'s other arguments. Built
+    beside ``out`` and renamed into place; a folder ``out`` that this did not write is refused."""
+    out = Path(out).expanduser()
+    if out.exists() and not (out / DATA_MARKER).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise GeReError(f"{out} already holds files that gere data demo did not write; give --out an empty or "
+                        "new folder (nothing in it was changed)")  # fmt: skip
+    assets = build_demo_assets(build_model=build_model, **build)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.demo-data-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        shutil.copytree(assets.root / "tasks", staging / "tasks")
+        for path in (assets.replay, assets.heldout_wiki, assets.heldout_news, assets.probe):
+            shutil.copy2(path, staging / path.name)
+        if assets.model_dir is not None:
+            shutil.copytree(assets.model_dir, staging / "model")
+        files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+        atomic_write_json(staging / DATA_MARKER, {"from": str(assets.root), "files": files})
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
