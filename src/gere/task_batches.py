@@ -12,6 +12,7 @@ in benchmarks/bench_padding.py.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -117,10 +118,14 @@ def groups_by_length(args) -> bool:
 
 def projects_answer_logits(model) -> bool:
     """Whether `answer_logits_inputs` fits ``model`` (or the base of a peft model): a causal LM of
-    transformers whose ``forward`` takes ``logits_to_keep`` and whose loss is transformers' causal-LM loss,
-    which takes ``shift_labels``."""
+    transformers whose ``forward`` takes ``logits_to_keep`` as a boolean mask and whose loss is transformers'
+    causal-LM loss, which takes ``shift_labels``. Elsewhere the task loss projects every position, as before."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base, "loss_type", None) == "ForCausalLM" and accepts_argument(base, "logits_to_keep")
+    if getattr(base, "loss_type", None) != "ForCausalLM" or not accepts_argument(base, "logits_to_keep"):
+        return False
+    # A boolean [batch, length] mask is read by transformers' slice_logits_to_keep (5.x from about 5.2 on);
+    # a model whose module slices by hand (transformers 5.0, remote code) takes only an int or 1-D positions.
+    return getattr(sys.modules.get(type(base).__module__), "slice_logits_to_keep", None) is not None
 
 
 def answer_logits_inputs(inputs: Mapping) -> dict:

@@ -23,6 +23,15 @@ _CHECKPOINTING = next(
     (f.name for f in dataclasses.fields(TrainingArguments) if f.name == "activation_checkpointing"),
     "gradient_checkpointing",
 )
+_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
+def _length_grouping(on: bool) -> dict:
+    """TrainingArguments' way to ask for length-grouped batches: ``train_sampling_strategy`` (transformers 5.x
+    from about 5.2 on) or ``group_by_length`` (5.0, 5.1); gere's trainer reads either (`groups_by_length`)."""
+    if "train_sampling_strategy" in _FIELDS:
+        return {"train_sampling_strategy": "group_by_length" if on else "random"}
+    return {"group_by_length": on}
 
 
 def stage_training_args(cfg: RunConfig, task: str, stage_dir: Path, progress: bool, bf16: bool) -> TrainingArguments:
@@ -50,7 +59,7 @@ def stage_training_args(cfg: RunConfig, task: str, stage_dir: Path, progress: bo
         use_cpu=bf16 and not torch.cuda.is_available(),
         **{_CHECKPOINTING: t.activation_checkpointing},
         # gere's trainer reads this strategy and groups by length itself, over its own samplers too.
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        **_length_grouping(t.group_by_length),
         save_strategy="no",
         report_to=[],
         seed=cfg.seed,
