@@ -299,3 +299,104 @@ def test_a_refused_resume_names_the_settings_that_differ_and_never_advises_disca
     assert "holds a run of another config (these settings differ: " in message and named in message, message
     assert "--overwrite" not in message and f"gere run {out / 'config.yaml'} --resume" in message
     assert existing_state(started, resume=True, overwrite=False)["stages_done"] == 1  # its own config resumes
+
+
+# ------------------------------------------------------------------------------------------ label words
+
+
+def label_task(root: Path, labels: list[str], name: str = "words") -> Path:
+    """A task folder whose rows use ``labels`` in turn."""
+    folder = root / name
+    folder.mkdir()
+    for split, n in (("train", 8), ("test", 4)):
+        rows = [{"input": f"the river {i} is", "label": labels[i % len(labels)]} for i in range(n)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "task.json").write_text(json.dumps({"name": name, "instruction": "pick one", "labels": labels}))
+    return folder
+
+
+def test_a_label_whose_tokens_begin_another_is_never_predicted_so_it_is_refused(setup, tmp_path):
+    """The reason, by hand: the scorer sums log-likelihoods, so 'good!' scores 'good''s score plus log p('!')."""
+    from gere.continual.evaluation import score_labels, sequence_logprobs
+    from gere.modeling import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(str(setup / "model"))
+    prompts = [f"pick one Option: good, good! \nthe river {i} is\nAnswer:" for i in range(6)]
+    assert score_labels(model, tok, prompts, ["good!", "good"]) == [1] * 6  # the longer one never wins
+    for prompt in prompts:
+        ids = tok(prompt)["input_ids"]
+        short, long = sequence_logprobs(model, tok, [(ids, [tok.convert_tokens_to_ids("good")]),
+                                                     (ids, tok.convert_tokens_to_ids(["good", "!"]))])  # fmt: skip
+        bang = sequence_logprobs(model, tok, [(ids + [tok.convert_tokens_to_ids("good")], [tok.convert_tokens_to_ids("!")])])[0]
+        assert long == pytest.approx(short + bang, abs=1e-5) and bang < 0
+    out = tmp_path / "run"
+    cfg = load_run_config(setup / "run.yaml", [f"output_dir={out}", "gere.objective=ce+tm",
+                                               f"gere.replay_source={setup / 'replay.jsonl'}",
+                                               f"tasks=[{{source: {label_task(tmp_path, ['good', 'good!'])}}}]"])  # fmt: skip
+    with pytest.raises(GeReError) as err:
+        run_continual(cfg, progress=False)
+    message = str(err.value)
+    assert message.startswith("task 'words': the label words 'good' and 'good!' give the tokens ['good'] (ids")
+    assert "['good', '!']" in message and "never predicted" in message and "evaluation.method: generate" in message
+    assert not out.exists()  # no store extracted, no base evaluation, not even the folder
+
+
+def test_labels_that_tokenize_alike_are_refused_before_any_work(setup, tmp_path):
+    out = tmp_path / "run"
+    task = label_task(tmp_path, ["café", "naïve"])  # neither is a word of the tiny tokenizer: both <unk>
+    cfg = load_run_config(setup / "run.yaml", [f"output_dir={out}", f"tasks=[{{source: {task}}}]"])
+    with pytest.raises(GeReError, match=r"task 'words': the label words 'café' and 'naïve' give the tokens "
+                       r"\['<unk>'\] \(ids \[2\]\) and \['<unk>'\] \(ids \[2\]\), the same, so the scorer cannot tell "
+                       r"them apart \('café' always wins\); rename one"):  # fmt: skip
+        run_continual(cfg, progress=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_generated_label_sets_are_refused_exactly_when_two_cannot_be_told_apart(setup, seed):
+    """Sets of 2-4 labels from known words, punctuation and unknown words; the reference tokenizes each label
+    on its own and compares the token lists pair by pair."""
+    import random
+
+    from gere.continual.preflight import check_label_words
+    from gere.continual.tasks import TaskSpec
+    from gere.modeling import load_model_and_tokenizer
+
+    _, tok = load_model_and_tokenizer(str(setup / "model"))
+    rng = random.Random(seed)
+    pieces = ["good", "bad", "north", "good!", "good !", "bad.", "zebra", "quokka", "river city", "river"]
+    labels = rng.sample(pieces, rng.randint(2, 4))
+    ids = [tok(" " + w, add_special_tokens=False)["input_ids"] for w in labels]
+    same = any(a == b for i, a in enumerate(ids) for b in ids[i + 1 :])
+    prefix = any(a[: len(b)] == b or b[: len(a)] == a for i, a in enumerate(ids) for b in ids[i + 1 :])
+    spec = TaskSpec(name="words", source="inline", instruction="pick one", labels=labels)
+    for method, refused in (("label", prefix), ("generate", same)):
+        cfg = load_run_config(setup / "run.yaml", [f"evaluation.method={method}"])
+        if refused:
+            with pytest.raises(GeReError, match="task 'words': the label words"):
+                check_label_words(cfg, [spec], tok)
+        else:
+            check_label_words(cfg, [spec], tok)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [(["training.max_length=3"], r"needs 4, more than training.max_length = 3; raise max_length in the training "
+                                 r"section to 4 or more"),
+     (["per_task={words: {max_length: 3}}"], r"needs 4, more than per_task.words.max_length = 3; raise max_length in "
+                                             r"the per_task.words section to 4"),
+     (["evaluation.max_length=2"], r"needs 3 with a prompt token, more than evaluation.max_length = 2; raise "
+                                   r"max_length in the evaluation section to 3"),
+     (["evaluation.method=generate", "evaluation.max_length=4"], r"needs 5 with a prompt token, more than "
+                                                                 r"evaluation.max_length = 4")],
+)  # fmt: skip
+def test_a_label_longer_than_max_length_is_refused_before_extraction_naming_the_section(setup, tmp_path, overrides,
+                                                                                      message):  # fmt: skip
+    out = tmp_path / "run"
+    task = label_task(tmp_path, ["river city", "north"])  # 2 tokens and 1
+    cfg = load_run_config(setup / "run.yaml", [f"output_dir={out}", "gere.objective=ce+tm", *overrides,
+                                               f"gere.replay_source={setup / 'replay.jsonl'}",
+                                               f"tasks=[{{source: {task}}}]"])  # fmt: skip
+    with pytest.raises(GeReError, match=rf"task 'words': the label 'river city' is 2 tokens.*{message}"):
+        run_continual(cfg, progress=False)
+    assert not out.exists()

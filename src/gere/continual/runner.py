@@ -45,7 +45,7 @@ from gere.continual.checkpoint import (
 )
 from gere.continual.console import TRAIN_LOG, quiet_trainer, stage_line
 from gere.continual.evaluator import Evaluator
-from gere.continual.preflight import check_run
+from gere.continual.preflight import check_label_words, check_run
 from gere.continual.prompts import build_train_features
 from gere.continual.report import build_results, learning_warnings, write_report
 from gere.continual.run_config import RunConfig
@@ -136,6 +136,7 @@ def _run_locked(cfg: RunConfig, resume: bool, overwrite: bool, progress: bool, b
     evaluator = Evaluator(cfg, tasks)  # reads the probe and held-out texts (and logs doubts about the inputs)
     replay_set = cfg.gere.load_replay_set() if cfg.gere.parts else None  # read before the model loads
     model, tokenizer = _load_model(cfg)
+    check_label_words(cfg, [t.spec for t in tasks], tokenizer)  # trainable and told apart by the scorer
     evaluator.check(tokenizer)  # every held-out set has something to score, before the store is extracted
     replay_set, store = _prepare_replay(cfg, replay_set, model, tokenizer, out, state, progress)
     claim(cfg, fresh=fresh)
