@@ -4,6 +4,7 @@ TrainingArguments itself; values TrainingArguments refuses stop a run before any
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import pytest
 import torch
@@ -89,3 +90,38 @@ def test_values_trainingarguments_refuses_stop_the_run_before_any_work(setup, tm
     err = capsys.readouterr().err
     assert "training: transformers.TrainingArguments refuses these settings: cosin is not a valid" in err
     assert not (tmp_path / "out" / "gere_store").exists() and not (tmp_path / "out" / "config.yaml").exists()
+
+
+def test_fsdp_on_one_process_is_refused_before_any_work(setup, tmp_path, capsys):
+    """One process cannot shard: the Trainer refused it ("Using fsdp only works in distributed training") only
+    after the store was extracted and the base model evaluated."""
+    assert tiny_run(setup, tmp_path, "gere.objective=ce+tm", "training.fsdp=full_shard") == 2
+    err = capsys.readouterr().err
+    assert "training.fsdp shards the model across processes, and this run is one process: start it with several " \
+           "(torchrun --nproc_per_node N" in err and "Traceback" not in err  # fmt: skip
+    assert not (tmp_path / "out").exists()
+    assert tiny_run(setup, tmp_path, "per_task={mood: {fsdp: full_shard}}") == 2
+    assert "per_task.mood.fsdp shards the model across processes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["training.deepspeed", "per_task={mood: {deepspeed: DS}}"])
+def test_a_missing_deepspeed_file_is_named_as_a_file_before_any_work(setup, tmp_path, capsys, where):
+    missing = tmp_path / "ds_zero2.json"
+    setting = f"{where}={missing}" if "=" not in where else where.replace("DS", str(missing))
+    assert tiny_run(setup, tmp_path, "gere.objective=ce+tm", setting) == 2
+    err = capsys.readouterr().err
+    section = "training" if where.startswith("training") else "per_task.mood"
+    assert f"{section}.deepspeed: the DeepSpeed config '{missing}' ({missing}) is not a file; give the path of a " \
+           "DeepSpeed JSON config" in err and "package metadata" not in err  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="deepspeed is installed here")
+def test_deepspeed_without_its_package_says_which_package(setup, tmp_path, capsys):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}')
+    assert tiny_run(setup, tmp_path, f"training.deepspeed={ds}") == 2
+    err = capsys.readouterr().err
+    assert "training.deepspeed needs the deepspeed package, which is not installed here: pip install " \
+           "'gere[deepspeed]'" in err and "package metadata" not in err  # fmt: skip
+    assert not (tmp_path / "out").exists()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from transformers import TrainingArguments
+from transformers.training_args import ParallelMode
 
 from gere.continual.run_config import RunConfig
 from gere.errors import GeReError
@@ -76,9 +77,32 @@ def check_training_args(cfg: RunConfig, out: Path, precision: Precision) -> None
     refuses (``fp16`` without a GPU, ``lr_scheduler_type: cosine_typo``, ...) stop the run now, not after the
     store is extracted and earlier tasks have trained."""
     for task in [None, *cfg.per_task]:
+        where = f"per_task.{task}" if task else "training"
+        _check_deepspeed_file(cfg.training_for(task).trainer_args.get("deepspeed"), where)
         try:
-            stage_training_args(cfg, task, out / "stages" / "check", False, precision.bf16)
+            args = stage_training_args(cfg, task, out / "stages" / "check", False, precision.bf16)
         except (ValueError, TypeError, ImportError) as err:
-            where = f"per_task.{task}" if task else "training"
+            if "deepspeed" in str(err) and isinstance(err, ImportError):  # accelerate's package-metadata lookup
+                raise GeReError(f"{where}.deepspeed needs the deepspeed package, which is not installed here: "
+                                "pip install 'gere[deepspeed]', or leave deepspeed out") from None  # fmt: skip
             raise GeReError(f"{where}: transformers.TrainingArguments refuses these settings: {str(err)[:400]}; "
                             f"fix them in the {where} section") from None  # fmt: skip
+        _check_processes(args, where)
+
+
+def _check_deepspeed_file(value, where: str) -> None:
+    """A ``deepspeed`` setting naming a file (not a dict, not inline JSON) names one that exists."""
+    if isinstance(value, str) and not value.lstrip().startswith("{") and not Path(value).is_file():
+        what = "a folder, not a file" if Path(value).is_dir() else "not a file"
+        raise GeReError(f"{where}.deepspeed: the DeepSpeed config {value!r} ({Path(value).absolute()}) is {what}; "
+                        "give the path of a DeepSpeed JSON config, or leave deepspeed out")  # fmt: skip
+
+
+def _check_processes(args: TrainingArguments, where: str) -> None:
+    """FSDP shards the model across processes: one process cannot run it (the Trainer refuses it, "Using fsdp
+    only works in distributed training", after the store is extracted and the base model evaluated)."""
+    xla = isinstance(args.fsdp_config, dict) and args.fsdp_config.get("xla", False)
+    if args.fsdp and not xla and args.parallel_mode != ParallelMode.DISTRIBUTED:
+        raise GeReError(f"{where}.fsdp shards the model across processes, and this run is one process: start it "
+                        "with several (torchrun --nproc_per_node N $(which gere) run ...; docs/distributed.md), "
+                        f"or leave fsdp out of the {where} section")  # fmt: skip
