@@ -79,3 +79,37 @@ def test_cli_sweep_and_compare_of_seeds(setup, tmp_path, capsys):
     assert "| none | 2 |" in seeds and "| ce | 2 |" in seeds
     assert main(["sweep", str(setup / "run.yaml"), "--grid", "gere.objective=ce", "--baseline", "x",
                  "--out", str(out)]) == 2  # fmt: skip
+
+
+class Started(Exception):
+    """Raised by a run function: the sweep got past its checks to the first run."""
+
+
+def test_a_huge_sweep_says_its_size_and_is_refused_unless_yes(setup, tmp_path, capsys):
+    """75 runs (5 x 5 x 3 cells, one seed): the count is printed first, and nothing runs or is written without
+    --yes (a 3,125-cell grid used to start with no count)."""
+    grid = ["training.learning_rate=1e-3,2e-3,3e-3,4e-3,5e-3", "training.warmup_steps=0,1,2,3,4",
+            "training.max_steps=1,2,3"]  # fmt: skip
+    out = tmp_path / "big"
+    argv = ["sweep", str(setup / "run.yaml"), *[x for g in grid for x in ("--grid", g)], "--out", str(out)]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "sweep: 75 cell(s) x 1 seed(s) = 75 runs" in captured.out
+    assert "this sweep is 75 cell(s) x 1 seed(s) = 75 runs, more than the 50 gere sweep starts unasked" in captured.err
+    assert "--yes to run them all" in captured.err and not out.exists()
+    # With --yes the cells are built and checked: a bad value among them is the refusal now, not the size.
+    bad = [*argv[:-2], "--grid", "training.num_train_epochs=1,0", "--out", str(out), "--yes"]
+    assert main(bad) == 2
+    err = capsys.readouterr().err
+    assert "training.num_train_epochs = 0" in err and "more than the 50" not in err and not out.exists()
+
+    def first_run(cfg, **kwargs):
+        raise Started(cfg.output_dir)
+
+    cells, load = grid_cells(parse_grid(grid)), sweep_loader(setup / "run.yaml", [])
+    with pytest.raises(GeReError, match=r"2 seed\(s\) = 150 runs, more than the 50"):
+        run_sweep(load, cells, [0, 1], out, progress=False, run=first_run, max_runs=50)
+    with pytest.raises(Started):  # --yes: every cell is checked, then the first runs
+        run_sweep(load, cells, [0], out, progress=False, run=first_run, max_runs=None)
+    with pytest.raises(Started):  # 50 runs are not asked about
+        run_sweep(load, cells[:25], [0, 1], out, progress=False, run=first_run, max_runs=50)

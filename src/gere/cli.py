@@ -62,6 +62,8 @@ def _add_sweep(sub) -> None:
     p.add_argument("--out", default="runs/sweep", help="Folder of the cells' runs and of sweep.md/.json/.png.")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="Override a value of every cell's config (repeatable).")  # fmt: skip
+    p.add_argument("--yes", action="store_true",
+                   help="Run a sweep of more than 50 runs (cells x seeds); without it such a sweep is refused.")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -201,12 +203,21 @@ def cmd_run(args) -> int:
 
 def cmd_sweep(args) -> int:
     from gere.continual.aggregate import render_aggregate
-    from gere.continual.sweep import grid_cells, parse_grid, parse_seeds, run_sweep, sweep_loader
+    from gere.continual.sweep import (
+        MAX_RUNS_UNASKED,
+        grid_cells,
+        parse_grid,
+        parse_seeds,
+        run_sweep,
+        sweep_loader,
+    )
 
     cells = grid_cells(parse_grid(args.grid))
     seeds = parse_seeds(args.seeds)
+    print(f"sweep: {len(cells):,} cell(s) x {len(seeds)} seed(s) = {len(cells) * len(seeds):,} runs", flush=True)
     load = sweep_loader(args.config, args.overrides)
-    result = run_sweep(load, cells, seeds, args.out, baseline=args.baseline, progress=not args.no_progress)
+    result = run_sweep(load, cells, seeds, args.out, baseline=args.baseline, progress=not args.no_progress,
+                       max_runs=None if args.yes else MAX_RUNS_UNASKED)  # fmt: skip
     print(render_aggregate(result, "Sweep"))
     print(f"sweep: {Path(args.out) / 'sweep.md'}")
     return 0

@@ -25,6 +25,8 @@ from gere.errors import GeReError, shown
 
 #: Longest cell folder name (ASCII), well under the 255 bytes of common file systems.
 FOLDER_MAX = 200
+#: Runs (cells x seeds) ``gere sweep`` starts without ``--yes``: a few keys of five values each are thousands.
+MAX_RUNS_UNASKED = 50
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ def run_sweep(
     progress: bool = True,
     run: Callable[..., dict[str, Any]] | None = None,
     fresh: bool = False,
+    max_runs: int | None = None,
 ) -> dict[str, Any]:
     """Run every cell with every seed (skipping finished runs), then aggregate; returns the aggregate.
 
@@ -104,8 +107,10 @@ def run_sweep(
     ``seed`` and ``output_dir``). ``baseline``: the label of the cell the others are compared with
     (default: the first). ``run`` replaces `gere.continual.runner.run_continual` (called with ``resume``, ``overwrite`` and
     ``progress``).
-    ``fresh``: run every cell anew, replacing runs already in ``out_dir``.
+    ``fresh``: run every cell anew, replacing runs already in ``out_dir``. ``max_runs``: refuse, before any
+    cell is built, a sweep of more runs than this (``gere sweep`` passes `MAX_RUNS_UNASKED` unless ``--yes``).
     """
+    check_sweep_size(len(cells), len(seeds), max_runs)
     if run is None:
         from gere.continual.runner import run_continual as run
     out_dir = Path(out_dir)
@@ -122,6 +127,15 @@ def run_sweep(
     result = aggregate_runs(groups, baseline=baseline or labels[0])
     write_aggregate(result, out_dir, title="Sweep")
     return result
+
+
+def check_sweep_size(cells: int, seeds: int, max_runs: int | None) -> None:
+    """Refuse more than ``max_runs`` runs (None: any number), saying how many the grid makes and the flag."""
+    runs = cells * seeds
+    if max_runs is not None and runs > max_runs:
+        raise GeReError(f"this sweep is {cells:,} cell(s) x {seeds} seed(s) = {runs:,} runs, more than the "
+                        f"{max_runs} gere sweep starts unasked (each is a whole continual run); give fewer --grid "
+                        "values, or --yes to run them all")  # fmt: skip
 
 
 def plan_sweep(
