@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gere.continual.compare import compare_runs
 from gere.continual.general_benchmarks import BENCHMARKS
 from gere.continual.general_suite import (
     Doc,
@@ -21,8 +22,10 @@ from gere.continual.general_suite import (
     score_benchmark,
     subsample,
 )
+from gere.continual.run_config import load_run_config
 from gere.errors import GeReError
 from tests.tiny import tiny_llama, tiny_tokenizer
+from tests.tiny_runs import run
 
 ALL = list(BENCHMARKS)
 
@@ -194,3 +197,49 @@ def test_suite_score_is_the_mean_of_the_benchmarks_scores(tmp_path):
     assert out["suite"]["mmlu"]["score"] == out["suite"]["mmlu"]["acc"]
     ses = [out["suite"][name]["score_stderr"] for name in ALL]
     assert out["suite_stderr"] == pytest.approx(math.sqrt(sum(s * s for s in ses)) / len(ALL))
+
+
+def test_a_run_with_the_suite_scores_it_every_stage_and_takes_its_mean_as_the_general_score(setup, tmp_path):
+    data = write_fixtures(tmp_path / "general")
+    results = run(setup, tmp_path / "r", "evaluation.general=suite", f"evaluation.general_suite_dir={data}",
+                  "evaluation.general_suite=[arc_easy, mmlu, lambada]", "evaluation.general_suite_limits={mmlu: 6}")
+    entries = results["general"]
+    assert len(entries) == 3 and all(list(e["suite"]) == ["arc_easy", "mmlu", "lambada"] for e in entries)
+    assert [e["suite"]["mmlu"]["n"] for e in entries] == [6, 6, 6]  # 2 of each of the 3 subjects, every stage
+    assert entries[0]["suite"]["arc_easy"]["n"] == 4
+    assert results["metrics"]["general_scores"] == [e["suite_score"] for e in entries]
+    assert results["metrics"]["general_final"] == entries[-1]["suite_score"]
+    assert entries[-1]["mc_accuracy"] is not None  # the probe is still measured beside it, not scored
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "suite mean (%)" in report and "mmlu acc on 6" in report
+    digests = json.loads((tmp_path / "r" / "run_state.json").read_text())["inputs"]
+    assert str(data / "mmlu" / "test" / "virology_test.csv") in digests  # a resume sees a changed suite file
+    assert not any("piqa" in k for k in digests)  # only the benchmarks the run reads
+    mc_run = run(setup, tmp_path / "mc")
+    compare_runs([tmp_path / "r", tmp_path / "mc"], tmp_path / "cmp")
+    note = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "general scores come from different sources" in note and "suite: arc_easy (4), lambada (4), mmlu (6)" in note
+    assert mc_run["metrics"]["general_final"] == mc_run["general"][-1]["mc_accuracy"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["evaluation.general_suite=[arc_easy]"], "read only with general: suite"),
+    (["evaluation.general=suite", "evaluation.general_suite=[arc]"], "'arc' is not a benchmark of the suite"),
+    (["evaluation.general=suite", "evaluation.general_suite=[piqa, piqa]"], "each benchmark once"),
+    (["evaluation.general=suite", "evaluation.general_suite=[piqa]", "evaluation.general_suite_limits={mmlu: 5}"],
+     "general_suite_limits.mmlu"),
+])  # fmt: skip
+def test_suite_settings_that_cannot_work_are_refused_when_the_config_is_read(setup, overrides, message):
+    with pytest.raises(GeReError, match=message):
+        load_run_config(setup / "run.yaml", overrides)
+
+
+def test_a_missing_suite_file_stops_the_run_before_any_work(setup, tmp_path):
+    with pytest.raises(GeReError, match="general_suite_dir .*none is not a folder"):
+        run(setup, tmp_path / "r", "evaluation.general=suite", f"evaluation.general_suite_dir={tmp_path / 'none'}",
+            "evaluation.general_suite=[piqa]")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(GeReError, match="piqa"):
+        run(setup, tmp_path / "r", "evaluation.general=suite", f"evaluation.general_suite_dir={tmp_path / 'empty'}",
+            "evaluation.general_suite=[piqa]")
+    assert not (tmp_path / "r" / "gere_store").exists()

@@ -79,7 +79,7 @@ def test_lm_eval_scores_a_model_that_knows_the_answers(tmp_path):
 
 def test_settings_errors_name_the_fix(task_dir):
     assert lm_eval_tasks("mc") is None and lm_eval_tasks("lm_eval:a, b") == ["a", "b"]
-    with pytest.raises(GeReError, match="'mc' or 'lm_eval:<task,...>'"):
+    with pytest.raises(GeReError, match="'mc', 'suite' or 'lm_eval:<task,...>'"):
         lm_eval_tasks("mmlu")
     with pytest.raises(GeReError, match="names no task"):
         lm_eval_tasks("lm_eval:")

@@ -55,6 +55,8 @@ def run_values(results: dict[str, Any]) -> dict[str, float | None]:
     final = general[-1] if general else {}
     if final.get("mc_accuracy_sum") is not None:
         values["general (sum) %"] = points(final["mc_accuracy_sum"])
+    for name, scores in (final.get("suite") or {}).items():  # the general suite's benchmarks, each
+        values[f"{name} %"] = points(scores["score"])
     for name, value in sorted((final.get("perplexity") or {}).items()):
         values[f"ppl {name}"] = value
     timing = results.get("timing") or {}

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gere.continual.aggregate import aggregate_runs, render_aggregate, write_aggregate
-from gere.continual.metrics import check_matrix, compute_metrics
+from gere.continual.metrics import check_matrix, compute_metrics, general_source
 from gere.continual.plots import new_figure, save_figure
 from gere.continual.report import num, pct, table
 from gere.errors import GeReError
@@ -42,7 +42,7 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Pa
     check_output_dir(out_dir, inside=64, what="--out")
     out_dir = Path(out_dir)
     md_path, png_path = out_dir / "comparison.md", out_dir / "comparison.png"
-    note = task_list_note(runs)
+    note = task_list_note(runs) + general_source_note(runs)
     text = "# Comparison of runs\n\n" + note + "All metrics in %, except perplexity (final stage) and wall time.\n\n"
     groups = group_by_method(runs)
     if any(len(g) > 1 for g in groups.values()) and all(_distinct_seeds(g) for g in groups.values()):
@@ -93,6 +93,17 @@ def task_list_note(runs: Sequence[dict[str, Any]]) -> str:
     return (f"**Note: the runs' task lists differ** ({each}). Their AP, BWT, FWT and forgetting average over "
             "different tasks and do not compare directly; compare runs of one task list, or read each run's "
             "report.\n\n")  # fmt: skip
+
+
+def general_source_note(runs: Sequence[dict[str, Any]]) -> str:
+    """A paragraph for the top of a comparison when the runs' general scores come from different sources
+    (lm-eval tasks, the general suite or its sample sizes, the built-in multiple choice): ``""`` when they agree."""
+    sources = {r["folder"]: general_source(r.get("general")) or "none" for r in runs}
+    if len(set(sources.values())) <= 1:
+        return ""
+    each = "; ".join(f"`{folder}`: {source}" for folder, source in sources.items())
+    return (f"**Note: the runs' general scores come from different sources** ({each}). Their general score and "
+            "F1 Avg do not compare directly; compare runs evaluated alike.\n\n")  # fmt: skip
 
 
 def _folder_names(run_dirs: Sequence[str | Path]) -> list[str]:

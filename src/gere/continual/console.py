@@ -109,5 +109,7 @@ def stage_line(stage: str, tasks: list[str], accuracies: list[float], general: d
         parts.append(f"probe {100 * general['mc_accuracy']:.1f}")
     for name, value in (general.get("lm_eval") or {}).items():
         parts.append(f"{name} {100 * value:.1f}")
+    if general.get("suite_score") is not None:
+        parts.append(f"suite {100 * general['suite_score']:.1f}")
     parts += [f"ppl {k} {v:.1f}" for k, v in (general.get("perplexity") or {}).items()]
     return f"{stage}: " + " | ".join(parts)

@@ -1,5 +1,5 @@
 """Evaluation of a continual run after every stage: every task's accuracy and general ability (multiple
-choice, lm-evaluation-harness tasks, held-out perplexity), with the sets read once per run."""
+choice, the general suite, lm-evaluation-harness tasks, held-out perplexity), with the sets read once per run."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from gere.continual.doubts import input_doubts
 from gere.continual.evaluation import evaluate_task, perplexity
+from gere.continual.general_suite import evaluate_suite, load_suite
 from gere.continual.lm_eval_general import LmEvalGeneral
 from gere.continual.multiple_choice import evaluate_multiple_choice, load_multiple_choice
 from gere.continual.run_config import RunConfig
@@ -57,6 +58,9 @@ class Evaluator:
         if ev.mc_shots and self.mc is not None and not self.mc_dev:
             raise GeReError(f"evaluation.mc_shots = {ev.mc_shots} needs solved examples: set evaluation.mc_dev to a "
                             "file holding some (or mc_shots: 0)")  # fmt: skip
+        # The suite's questions, read and sampled once (the same at every stage); a missing file stops now.
+        self.suite = (load_suite(ev.general_suite_names, ev.suite_dir(), ev.suite_limits(), ev.general_suite_seed)
+                      if ev.general_suite_names else None)  # fmt: skip
         self.ppl_sets = {name: _perplexity_texts(name, path, ev.perplexity_limit)
                          for name, path in ev.perplexity_sets.items()}  # fmt: skip
         # Inputs that work but are probably not meant: logged when the run starts, listed in report.md.
@@ -109,6 +113,9 @@ class Evaluator:
                 general["mc_accuracy_sum"] = mc["accuracy_sum"]
         if self.lm_eval:
             general.update(self.lm_eval(model, tokenizer))
+        if self.suite:
+            general.update(evaluate_suite(model, tokenizer, self.suite, batch_size=ev.batch_size,
+                                          max_length=ev.general_suite_max_length))  # fmt: skip
         for name, texts in self.ppl_sets.items():
             general["perplexity"][name] = perplexity(
                 model, tokenizer, texts, max_length=ev.perplexity_max_length, batch_size=ev.batch_size

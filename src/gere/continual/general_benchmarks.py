@@ -22,6 +22,10 @@ from gere.errors import GeReError, shown
 from gere.reading import check_regular_file, jsonl_values, read_text
 
 #: Between a context and each continuation: lm-eval's default ``target_delimiter``.
+#: The ``evaluation.general`` value that makes the suite the run's general score.
+SUITE = "suite"
+#: Where a run reads the suite's files when ``evaluation.general_suite_dir`` is not set.
+DEFAULT_SUITE_DIR = "data/general"
 TARGET_DELIMITER = " "
 SCORINGS = ("multiple_choice", "last_word")
 LETTERS = "ABCDEFGHIJ"
@@ -207,6 +211,12 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
               prompt=_lambada_context, choices=lambda r: [_lambada_word(r)], gold=lambda r: 0,
               scoring="last_word", metric="acc", lm_eval_task="lambada_openai"),
 ]}  # fmt: skip
+
+
+def suite_folders(names: list[str]) -> list[str]:
+    """The folders (relative to the suite's folder) that hold the named benchmarks' files: what a resumed run
+    checks for changes."""
+    return [str(Path(BENCHMARKS[n].files.split(" + ")[0]).parent) for n in names]
 
 
 def benchmark(name: str) -> Benchmark:

@@ -22,13 +22,15 @@ PREFIX = "lm_eval:"
 
 
 def lm_eval_tasks(general: str) -> list[str] | None:
-    """The lm-eval task names of an ``evaluation.general`` value, or None for the built-in ``mc``."""
-    if general == "mc":
+    """The lm-eval task names of an ``evaluation.general`` value, or None for the built-in ``mc`` and the
+    general ``suite``."""
+    if general in ("mc", "suite"):
         return None
     if not general.startswith(PREFIX):
         raise GeReError(
-            f"evaluation.general={shown(general)} is not 'mc' or 'lm_eval:<task,...>'; for example "
-            "general: lm_eval:mmlu, or general: mc for the built-in multiple-choice set (general_mc)"
+            f"evaluation.general={shown(general)} is not 'mc', 'suite' or 'lm_eval:<task,...>'; for example "
+            "general: lm_eval:mmlu, general: suite for the benchmarks of evaluation.general_suite, or general: mc "
+            "for the built-in multiple-choice set (general_mc)"
         )
     tasks = [t.strip() for t in general[len(PREFIX) :].split(",") if t.strip()]
     if not tasks:

@@ -129,8 +129,29 @@ def not_learned(matrix: Sequence[Sequence[float | None]], margin: float = LEARNE
 
 def general_score(entry: dict[str, Any]) -> float | None:
     """One stage's general score (0-1, or None): the lm-eval score (`lm_eval_score`) when the run evaluates
-    general ability with lm-evaluation-harness, otherwise the multiple-choice accuracy (`mc_accuracy`)."""
-    return entry["lm_eval_score"] if "lm_eval_score" in entry else entry.get("mc_accuracy")
+    general ability with lm-evaluation-harness, the general suite's mean (`suite_score`) when it evaluates the
+    suite, otherwise the multiple-choice accuracy (`mc_accuracy`)."""
+    for key in GENERAL_SOURCES:
+        if key in entry:
+            return entry[key]
+    return entry.get("mc_accuracy")
+
+
+#: Where a stage's general score comes from, by the key its entry holds, first found first taken.
+GENERAL_SOURCES = ("lm_eval_score", "suite_score", "mc_accuracy")
+
+
+def general_source(general: Sequence[dict[str, Any]] | None) -> str | None:
+    """What a run's general score is, in words (``"suite: arc_easy, mmlu"``, ``"lm-eval: mmlu"``, ``"multiple
+    choice"``), from the entries of its evaluated stages; None when it has none."""
+    for entry in general or []:
+        if "lm_eval_score" in entry:
+            return "lm-eval: " + ", ".join(entry.get("lm_eval") or {})
+        if "suite_score" in entry:
+            return "suite: " + ", ".join(f"{n} ({s['n']})" for n, s in (entry.get("suite") or {}).items())
+        if entry.get("mc_accuracy") is not None:
+            return "multiple choice"
+    return None
 
 
 def general_scores(general: Sequence[dict[str, Any]] | None) -> list[float | None]:

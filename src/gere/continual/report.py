@@ -14,7 +14,9 @@ The runner fills a *results* dict with raw data and calls `build_results` (which
       "general": [                      # T+1 entries, one per stage
         {"stage": str, "mc_accuracy": float | None, "mc_per_category": {str: float},
          "perplexity": {"<held-out set name>": float},
-         "lm_eval": {"<task>": float}, "lm_eval_score": float}   # with evaluation.general: lm_eval:...
+         "lm_eval": {"<task>": float}, "lm_eval_score": float,   # with evaluation.general: lm_eval:...
+         "suite": {"<benchmark>": {"n", "metric", "score", "score_stderr", "acc", ...}},
+         "suite_score": float, "suite_stderr": float}             # with evaluation.general: suite
       ],
       "input_warnings": [str],          # doubts about the inputs (gere.continual.doubts), in report.md
       "metrics": {...},                 # gere.metrics.compute_metrics output
@@ -157,14 +159,41 @@ def _general_section(results: dict[str, Any]) -> list[str]:
     ppl_sets = perplexity_sets(results)
     categories = sorted({c for e in general for c in (e.get("mc_per_category") or {})})
     lm_tasks = list(dict.fromkeys(t for e in general for t in (e.get("lm_eval") or {})))
-    header = ["stage", *[f"lm-eval {t} (%)" for t in lm_tasks], "MC accuracy (%)", *[f"{c} (%)" for c in categories],
+    suite = list(dict.fromkeys(b for e in general for b in (e.get("suite") or {})))
+    with_mc = any(e.get("mc_accuracy") is not None for e in general) or not suite
+    header = ["stage", *[f"lm-eval {t} (%)" for t in lm_tasks],
+              *(["suite mean (%)", *[f"{b} (%)" for b in suite]] if suite else []),
+              *(["MC accuracy (%)", *[f"{c} (%)" for c in categories]] if with_mc else []),
               *[f"ppl {p}" for p in ppl_sets]]  # fmt: skip
     rows = []
     for entry in general:
         per_cat, ppl, lm = entry.get("mc_per_category") or {}, entry.get("perplexity") or {}, entry.get("lm_eval") or {}
-        rows.append([entry.get("stage", ""), *[pct(lm.get(t)) for t in lm_tasks], pct(entry.get("mc_accuracy")),
-                     *[pct(per_cat.get(c)) for c in categories], *[num(ppl.get(p)) for p in ppl_sets]])  # fmt: skip
-    return ["", "## General ability per stage", "", table(header, rows)]
+        rows.append([entry.get("stage", ""), *[pct(lm.get(t)) for t in lm_tasks], *_suite_cells(entry, suite),
+                     *([pct(entry.get("mc_accuracy")), *[pct(per_cat.get(c)) for c in categories]] if with_mc else []),
+                     *[num(ppl.get(p)) for p in ppl_sets]])  # fmt: skip
+    return ["", "## General ability per stage", "", table(header, rows), *_suite_note(general, suite)]
+
+
+def _suite_cells(entry: dict[str, Any], suite: list[str]) -> list[str]:
+    """A stage's suite cells: the mean and each benchmark's score, in % with its standard error."""
+    if not suite:
+        return []
+    scores = entry.get("suite") or {}
+    if "suite_score" not in entry:
+        return ["-"] * (len(suite) + 1)
+    mean = f"{pct(entry['suite_score'])} ± {100 * entry['suite_stderr']:.1f}"
+    return [mean, *[f"{pct(scores[b]['score'])} ± {100 * scores[b]['score_stderr']:.1f}" if b in scores else "-"
+                    for b in suite]]  # fmt: skip
+
+
+def _suite_note(general: list[dict[str, Any]], suite: list[str]) -> list[str]:
+    """What the suite's numbers are: each benchmark's metric and question count (docs/general_suite.md)."""
+    if not suite:
+        return []
+    last = next(e["suite"] for e in reversed(general) if e.get("suite"))
+    each = ", ".join(f"{b} {last[b]['metric']} on {last[b]['n']}" for b in suite if b in last)
+    return ["", f"Suite: {each} questions, scored as lm-eval 0.4.13 scores them; ± one standard error (binomial); "
+            "the mean weighs benchmarks equally. LAMBADA's perplexity per stage is in results.json."]  # fmt: skip
 
 
 def _grad_share_section(results: dict[str, Any]) -> list[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from gere.baselines.settings import EwcSettings, LwfSettings, OLoraSettings, TaskReplaySettings
 from gere.config import GeReConfig
 from gere.config_reading import coerce, from_dict, parse_override, read_yaml_mapping, set_dotted, to_plain
+from gere.continual.general_benchmarks import BENCHMARKS, DEFAULT_SUITE_DIR, SUITE, benchmark
 from gere.continual.lm_eval_general import lm_eval_tasks
 from gere.continual.multiple_choice import MC_FORMATS
 from gere.continual.schedule import SCHEDULES
@@ -68,9 +69,32 @@ class EvalSettings:
     general: str = field(
         default="mc",
         metadata={
-            "help": "General score of the run (and F1 Avg): 'mc' (the general_mc set) or 'lm_eval:<task,...>' "
+            "help": "General score of the run (and F1 Avg): 'mc' (the general_mc set), 'suite' (the mean of the "
+            "general_suite benchmarks, read from general_suite_dir) or 'lm_eval:<task,...>' "
             "(lm-evaluation-harness tasks on the in-memory model; pip install 'gere[eval]')."
         },
+    )
+    general_suite: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "With general: suite, the benchmarks scored (null: all of arc_easy, piqa, openbookqa, "
+            "commonsenseqa, mmlu, lambada), each as lm-eval 0.4.13 scores it (docs/general_suite.md)."
+        },
+    )
+    general_suite_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder of the benchmarks' released files (docs/general_suite.md names them); a relative "
+                  "path is read from the config's folder; null: data/general in the working directory."},
+    )
+    general_suite_limit: int | None = field(
+        default=None, metadata={"help": "At most this many questions per benchmark, a seeded sample (null: all)."}
+    )
+    general_suite_limits: dict[str, int] = field(
+        default_factory=dict, metadata={"help": "Per-benchmark question counts that replace general_suite_limit."}
+    )
+    general_suite_seed: int = field(default=0, metadata={"help": "Seed of the suite's sample (the same every stage)."})
+    general_suite_max_length: int = field(
+        default=2048, metadata={"help": "Suite prompts with their answer are cut to this many tokens, from the left."}
     )
     lm_eval_include_path: str | None = field(
         default=None,
@@ -116,9 +140,44 @@ class EvalSettings:
              "0 or more, or null for the task's own"),
             (_lm_eval_batch_size_ok(self.lm_eval_batch_size), "lm_eval_batch_size",
              "a number of 1 or more, 'auto', 'auto:N' (N of 1 or more) or null"),
+            (self.general_suite_limit is None or self.general_suite_limit >= 1, "general_suite_limit",
+             "1 or more, or null for all"),
+            (self.general_suite_max_length >= 2, "general_suite_max_length", "2 or more"),
         ], self)  # fmt: skip
+        self._check_suite()
         # 'mc' or 'lm_eval:<task,...>' (an error says so), parsed once: None for the built-in set.
         self.lm_eval_task_names: list[str] | None = lm_eval_tasks(self.general)
+
+
+    def _check_suite(self) -> None:
+        """The suite's names and counts, refused before any work: an unknown benchmark, a count for a benchmark
+        not in the suite, or suite settings given while the general score comes from elsewhere."""
+        self.general_suite_names: list[str] = []
+        if self.general != SUITE:
+            if self.general_suite is not None or self.general_suite_limits:
+                raise GeReError(f"evaluation.general_suite{'' if self.general_suite is not None else '_limits'} "
+                                f"is read only with general: suite (general is {self.general!r}); set "
+                                "evaluation.general: suite, or remove it")  # fmt: skip
+            return
+        names = list(BENCHMARKS) if self.general_suite is None else list(self.general_suite)
+        for name in names:
+            benchmark(name)  # an unknown name: an error listing the suite
+        if not names or len(set(names)) != len(names):
+            raise GeReError(f"evaluation.general_suite: {names} must name each benchmark once (some of "
+                            f"{list(BENCHMARKS)}, or null for all)")  # fmt: skip
+        for name, count in self.general_suite_limits.items():
+            if name not in names or not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise GeReError(f"evaluation.general_suite_limits.{name}: {count!r} must be a count of 1 or more "
+                                f"for a benchmark of the suite ({names})")  # fmt: skip
+        self.general_suite_names = names
+
+    def suite_dir(self) -> str:
+        """Where the suite's files are read: general_suite_dir, or data/general in the working directory."""
+        return self.general_suite_dir or DEFAULT_SUITE_DIR
+
+    def suite_limits(self) -> dict[str, int | None]:
+        """Each suite benchmark's question count: its general_suite_limits entry, else general_suite_limit."""
+        return {n: self.general_suite_limits.get(n, self.general_suite_limit) for n in self.general_suite_names}
 
 
 def _lm_eval_batch_size_ok(value: int | str | None) -> bool:

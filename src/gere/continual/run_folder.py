@@ -20,6 +20,7 @@ import yaml
 
 from gere.config_reading import read_yaml_mapping
 from gere.continual.console import TRAIN_LOG
+from gere.continual.general_benchmarks import suite_folders
 from gere.continual.report import REPORT_FILES
 from gere.continual.run_config import RunConfig
 from gere.errors import GeReError, shown
@@ -36,7 +37,10 @@ RUN_FILES = (STATE_FILE, CONFIG_FILE, "results.json", "report.md", "checkpoints"
 #: Settings added after runs were recorded, with the value that means "not set": at that value they leave
 #: a run's identity as it was.
 LATER_SETTINGS = (("evaluation", "lm_eval_batch_size", None), ("benchmark", "tasks", None), ("gere", "grad_share_every", 0),
-                  ("evaluation", "schedule", "full"), ("benchmark", "prompts", "gere"))  # fmt: skip
+                  ("evaluation", "schedule", "full"), ("benchmark", "prompts", "gere"),
+                  ("evaluation", "general_suite", None), ("evaluation", "general_suite_dir", None),
+                  ("evaluation", "general_suite_limit", None), ("evaluation", "general_suite_limits", {}),
+                  ("evaluation", "general_suite_seed", 0), ("evaluation", "general_suite_max_length", 2048))  # fmt: skip
 
 
 #: Settings that say where and how a run is kept, not what it computes: not part of its identity.
@@ -176,6 +180,7 @@ def input_digests(cfg: RunConfig) -> dict[str, str]:
     ev = cfg.evaluation
     sources = [s.source for s in cfg.task_specs()] + [cfg.gere.replay_source, ev.general_mc, ev.mc_dev]
     sources += list(ev.perplexity_sets.values())
+    sources += [str(Path(ev.suite_dir()) / folder) for folder in suite_folders(ev.general_suite_names)]
     digests = {}
     for source in sources:
         if source and str(source).startswith(HF_PREFIX):

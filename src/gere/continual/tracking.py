@@ -176,6 +176,7 @@ def stage_metrics(tasks: list[str], accuracies: list[float], general: dict[str, 
     if general_score(general) is not None:
         metrics["eval/general"] = float(general_score(general))
     metrics.update({f"eval/lm_eval/{t}": float(v) for t, v in (general.get("lm_eval") or {}).items()})
+    metrics.update({f"eval/suite/{b}": float(v["score"]) for b, v in (general.get("suite") or {}).items()})
     for name, value in (general.get("perplexity") or {}).items():
         metrics[f"eval/ppl/{name}"] = float(value)
     return metrics
