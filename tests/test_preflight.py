@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -400,3 +403,48 @@ def test_a_label_longer_than_max_length_is_refused_before_extraction_naming_the_
     with pytest.raises(GeReError, match=rf"task 'words': the label 'river city' is 2 tokens.*{message}"):
         run_continual(cfg, progress=False)
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------ a read-only store
+
+
+def read_only_prefix(folder: Path) -> list[str] | None:
+    """A command prefix that runs a command with ``folder`` read-only to it: a read-only bind mount in a private
+    mount namespace for root (to whom file modes do not apply), the folder's write bits taken away for anyone
+    else; None where neither can be made here."""
+    if os.geteuid() != 0:
+        for path in [folder, *folder.rglob("*")]:
+            path.chmod(path.stat().st_mode & ~0o222)
+        return []
+    script = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" && exec "$@"'
+    prefix = ["unshare", "-m", "sh", "-c", script, str(folder)]
+    if not shutil.which("unshare") or subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
+        return None
+    return prefix
+
+
+def test_a_finished_store_on_a_read_only_file_system_is_reused(setup, tmp_path):
+    """Reuse only reads a finished store, so it may lie on a read-only file system (it was refused as an
+    output folder that cannot be written); building one there is still refused before any work."""
+    store = tmp_path / "store"
+    sets = ["gere.objective=ce+tm", f"gere.replay_source={setup / 'replay.jsonl'}", "gere.num_replay_samples=8",
+            "gere.replay_max_length=32", f"gere.store_dir={store}"]  # fmt: skip
+    run_continual(load_run_config(setup / "run.yaml", [*sets, f"output_dir={tmp_path / 'first'}"]), progress=False)
+    before = {p.name: p.read_bytes() for p in store.iterdir()}
+    prefix = read_only_prefix(store)
+    if prefix is None:
+        pytest.skip("no read-only file system can be made here (root without unshare and mount)")
+    gere = str(Path(sys.executable).with_name("gere"))
+
+    def run(out: str, *more: str) -> subprocess.CompletedProcess:
+        argv = [gere, "run", str(setup / "run.yaml"), "--no-progress", "--output-dir", str(tmp_path / out)]
+        return subprocess.run([*prefix, *argv, *[x for s in [*sets, *more] for x in ("--set", s)]],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+
+    reused = run("second")
+    assert reused.returncode == 0, reused.stderr[-2000:]
+    assert json.loads((tmp_path / "second" / "results.json").read_text())["tasks"] == ["mood", "compass"]
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == before
+    rebuilt = run("third", "gere.reuse_store=false")  # a rebuild writes there: refused by name, nothing written
+    assert rebuilt.returncode == 2 and f"gere.store_dir '{store}' cannot be created: {store} is" in rebuilt.stderr
+    assert "choose a writable folder" in rebuilt.stderr and not (tmp_path / "third").exists()

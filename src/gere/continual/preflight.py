@@ -11,6 +11,8 @@ tokenizer, before the activation store is extracted or the base model evaluated.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from gere.continual.prompts import encode_prompt_and_target, format_prompt, format_target
 from gere.continual.run_config import RunConfig
 from gere.continual.tasks import TaskSpec
@@ -33,8 +35,17 @@ def check_run(cfg: RunConfig) -> None:
     check_task_names_readable([s.name for s in specs])
     deepest = max((len(s.name.encode()) for s in specs), default=0) + len(str(len(specs)))
     check_output_dir(cfg.output_dir, inside=RUN_DEPTH + deepest, what="output_dir")
-    if cfg.gere.store_dir:
+    if cfg.gere.store_dir and not reuses_finished_store(cfg):
         check_output_dir(cfg.gere.store_dir, inside=STORE_DEPTH, what="gere.store_dir")
+
+
+def reuses_finished_store(cfg: RunConfig) -> bool:
+    """Whether the run only reads ``gere.store_dir``: a finished store (its manifest written) with
+    ``reuse_store`` on is opened and checked against the run, never written, so it may lie on a read-only
+    file system (a store of another identity is still refused, when it is opened)."""
+    from gere.store.format import MANIFEST
+
+    return cfg.gere.reuse_store and (Path(cfg.gere.store_dir).expanduser() / MANIFEST).is_file()
 
 
 def check_task_names_readable(names: list[str]) -> None:
