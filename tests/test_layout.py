@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "gere"
 MAX_MODULE_LINES = 450
@@ -25,6 +26,31 @@ def test_reading_settings_does_not_import_torch():
         "cfg = GeReConfig(objective='ce+kl+tm', margin_weight='100')\n"
         "spec = StoreSpec.for_config(cfg)\n"
         "assert cfg.margin_weight == 100.0 and spec.topk == cfg.kl_topk\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_reading_a_run_config_does_not_import_torch(tmp_path):
+    """`gere run` reads its config with `load_run_config` before anything loads a model: every section,
+    the shipped benchmark's task names and the general probe's format are checked without torch."""
+    config = {
+        "model": "some/model",
+        "tasks": [{"name": "mood", "source": str(tmp_path), "labels": ["good", "bad"], "instruction": "pick one"}],
+        "benchmark": {"name": "cl15", "tasks": ["sst2", "boolq"]},
+        "gere": {"objective": "ce+tm", "margin_weight": "dy", "num_interpolate_per_batch": 1},
+        "training": {"per_device_train_batch_size": 4, "bf16": "auto"},
+        "evaluation": {"mc_format": "cloze"},
+        "ewc": {"strength": 1}, "lwf": {"weight": 0}, "task_replay": {"per_task": 2, "mixing": "batch"},
+    }  # fmt: skip
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    code = (
+        "import sys\n"
+        "from gere.continual.run_config import load_run_config\n"
+        f"cfg = load_run_config({str(tmp_path / 'run.yaml')!r}, ['gere.replay_batch_size=2'])\n"
+        "assert cfg.benchmark.tasks == ['sst2', 'boolq'] and cfg.evaluation.mc_format == 'cloze'\n"
+        "assert cfg.gere.replay_batch_size == 2 and cfg.method_name() == 'ce+tm+ewc+task-replay'\n"
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -9,11 +9,13 @@ parsed and checked once, in `GeReConfig.__post_init__`; the rest of the package 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
 from gere.errors import GeReError, shown
 from gere.parts import REDUCTIONS, REPLAY_PARTS
+from gere.replay import PLACEMENTS
 from gere.replay.replay_set import PAPER_MAX_LENGTH, SELECTIONS
 from gere.store import FEATURE_DTYPES
 
@@ -23,7 +25,6 @@ if TYPE_CHECKING:
 REFERENCE_MODES = ("store", "online")
 #: How replay samples join training (see `GeReConfig.replay_mixing`).
 MIXINGS = ("auto", "concat", "interpolate", "batch")
-PLACEMENTS = ("even", "random")
 DYNAMIC = "dy"
 BALANCED = "gb"
 
@@ -334,3 +335,22 @@ def resolved_config(config: GeReConfig | None, reference_names: dict) -> GeReCon
             overrides["replay_mixing"] = "interpolate"
     config = config or GeReConfig()
     return replace(config, **overrides) if overrides else config
+
+
+# The global batch is the unit that batch interpolation's k and task replay's per_batch count in; it lives
+# here, torch-free, so that reading a run config checks those counts without importing torch.
+
+
+def launched_world_size() -> int:
+    """The number of processes the launcher started (``WORLD_SIZE``), whether or not a group exists yet."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def global_batch_size(per_device: int, accumulation: int, world_size: int | None = None) -> int:
+    """Rows in one optimisation step across every process: the per-device batch x gradient accumulation steps
+    x processes (``world_size``; by default those the launcher started). Batch interpolation counts its k
+    replay rows, and task replay its ``per_batch`` rows, per such global batch."""
+    return per_device * accumulation * (launched_world_size() if world_size is None else world_size)

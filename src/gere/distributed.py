@@ -20,6 +20,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from gere.config import launched_world_size
 from gere.errors import GeReError
 from gere.stats import RunningStats
 
@@ -109,21 +110,6 @@ def run_on_main(fn: Callable[[], T], what: str) -> T:
     if failure is not None:
         raise GeReError(f"process 0 failed while {what}: {failure}")
     return result
-
-
-def launched_world_size() -> int:
-    """The number of processes the launcher started (``WORLD_SIZE``), whether or not a group exists yet."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
-
-
-def global_batch_size(per_device: int, accumulation: int, world_size: int | None = None) -> int:
-    """Rows in one optimisation step across every process: the per-device batch x gradient accumulation steps
-    x processes (``world_size``; by default those the launcher started). Batch interpolation counts its k
-    replay rows, and task replay its ``per_batch`` rows, per such global batch."""
-    return per_device * accumulation * (launched_world_size() if world_size is None else world_size)
 
 
 def init_from_env(backend: str | None = None) -> bool:

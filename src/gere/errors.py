@@ -37,6 +37,21 @@ def nearest(name: str, choices: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def check_task_names(tasks: list[str] | None, known: list[str], benchmark: str = "cl15", flag: str = "--tasks") -> list[str]:
+    """``tasks`` chosen from a benchmark's ``known`` task names (or every known task when none is chosen),
+    refusing unknown and repeated names with the nearest known one (``flag``: the option or setting named)."""
+    if not tasks:
+        return list(known)
+    for task in tasks:
+        if task not in known:
+            raise GeReError(f"{flag}: {benchmark} has no task {task!r}{nearest(task, known)}; choose from "
+                            f"{', '.join(known)}")  # fmt: skip
+    repeated = sorted({t for t in tasks if tasks.count(t) > 1})
+    if repeated:
+        raise GeReError(f"{flag} names {', '.join(repeated)} more than once; name each task once")
+    return list(tasks)
+
+
 def check_settings(checks: list[tuple[bool, str, str]], obj: Any) -> None:
     """Raise for the first failed check of ``(ok, setting name, what it must be)``, naming the setting, its
     value and what it must be (`gere.continual.run_config.from_dict` puts the section in front)."""

@@ -48,9 +48,9 @@ from gere.batching import (
     pad_token_id,
     resolve_layers,
 )
-from gere.config import BALANCED, GeReConfig, resolved_config, weight_rule
+from gere.config import BALANCED, GeReConfig, global_batch_size, resolved_config, weight_rule
 from gere.diagnostics import GradShareMeter
-from gere.distributed import check_interpolation_across_processes, global_batch_size
+from gere.distributed import check_interpolation_across_processes
 from gere.errors import GeReError
 from gere.losses import combine_losses, loss_contributions, replay_losses
 from gere.parts import GRAD_SHARE, LOSS_PARTS, WEIGHTS, checked_loss_parts

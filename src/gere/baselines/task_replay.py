@@ -27,7 +27,7 @@ import torch
 from gere.baselines.base import Baseline, Stage
 from gere.baselines.settings import TaskReplaySettings
 from gere.batching import model_device
-from gere.distributed import global_batch_size
+from gere.config import global_batch_size
 from gere.errors import GeReError
 from gere.io_utils import atomic_write_json
 from gere.reading import read_json
@@ -90,7 +90,7 @@ def interpolating_sampler(num_task: int, num_buffered: int, per_batch: int, per_
                           seed: int, world_size: int | None = None):  # fmt: skip
     """Indices of ``[task rows..., buffered rows...]`` with exactly ``per_batch`` buffered rows in every global
     batch (at random positions), for a dataset that lists the task's rows, then the buffer's. The global
-    batch counts every process (`gere.distributed.global_batch_size`; ``world_size`` defaults to the
+    batch counts every process (`gere.config.global_batch_size`; ``world_size`` defaults to the
     launched processes), as the Trainer's data loader hands each process its share of it."""
     global_batch = global_batch_size(per_device, accumulation, world_size)
     return BatchInterpolationSampler(num_task, num_buffered, per_batch, global_batch, seed=seed, placement="random")

@@ -17,12 +17,11 @@ import torch
 from gere.batching import batches, eval_mode, model_device, pad_batch, pad_token_id
 from gere.continual.evaluation import continuation_logprobs
 from gere.continual.prompts import encode_prompt_and_target
+from gere.continual.tasks import MC_FORMATS
 from gere.errors import GeReError, shown
 from gere.io_utils import HF_PREFIX, iter_rows, load_hub_dataset
 
 CHOICE_LETTERS = "ABCDEFGHIJ"
-MC_FORMATS = ("letter", "cloze")
-
 # MMLU's 57 subjects in the four reporting categories (the grouping of Hendrycks et al. 2021).
 _CATEGORY_SUBJECTS = {
     "STEM": """abstract_algebra astronomy college_biology college_chemistry college_computer_science

@@ -13,16 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gere.baselines.settings import EwcSettings, LwfSettings, OLoraSettings, TaskReplaySettings
-from gere.config import GeReConfig
+from gere.config import GeReConfig, global_batch_size
 from gere.config_reading import coerce, from_dict, parse_override, read_yaml_mapping, set_dotted, to_plain
 from gere.continual.general_benchmarks import BENCHMARKS, DEFAULT_SUITE_DIR, SUITE, benchmark
 from gere.continual.lm_eval_general import lm_eval_tasks
-from gere.continual.multiple_choice import MC_FORMATS
 from gere.continual.schedule import SCHEDULES
-from gere.continual.tasks import PROMPTS, TaskSpec
+from gere.continual.tasks import MC_FORMATS, PROMPTS, TaskSpec
 from gere.continual.training_settings import TrainingSettings
-from gere.distributed import global_batch_size
-from gere.errors import GeReError, check_settings
+from gere.errors import GeReError, check_settings, check_task_names
 
 FINETUNING = ("full", "lora", "olora")
 EVAL_METHODS = ("label", "generate")
@@ -211,7 +209,6 @@ class BenchmarkSettings:
         check_settings([(self.prompts in PROMPTS, "prompts", f"one of {list(PROMPTS)}")], self)
         if self.tasks is not None:
             from gere.continual.tasks import load_benchmark_definition
-            from gere.data.olora import check_task_names
 
             known = list(load_benchmark_definition(self.name)["tasks"])
             if not self.tasks:

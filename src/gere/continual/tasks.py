@@ -378,6 +378,7 @@ def load_benchmark_definition(name: str = "cl15") -> dict[str, Any]:
 
 
 PROMPTS = ("gere", "olora")
+MC_FORMATS = ("letter", "cloze")  # how the general multiple-choice probe is put (continual/multiple_choice.py)
 
 
 def load_benchmark(

@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from gere.continual.tasks import load_benchmark_definition
-from gere.data.olora import check_task_names
 from gere.data.staging import StagedConversion
-from gere.errors import GeReError
+from gere.errors import GeReError, check_task_names
 from gere.io_utils import read_rows
 
 logger = logging.getLogger(__name__)

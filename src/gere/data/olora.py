@@ -31,7 +31,7 @@ from typing import Any
 from gere.continual.tasks import load_benchmark_definition
 from gere.data.olora_prompts import INSTRUCTION_FILE, RECORD, prompt_record, read_instructions
 from gere.data.staging import MANIFEST, StagedConversion
-from gere.errors import GeReError, nearest, shown
+from gere.errors import GeReError, check_task_names, shown
 from gere.io_utils import read_utf8
 from gere.reading import parse_json, read_json
 
@@ -92,20 +92,6 @@ def from_olora(benchmark_dir: str | Path, out: str | Path, tasks: list[str] | No
                               origin="O-LoRA CL_Benchmark", without_gold_label=files.without_gold_label)  # fmt: skip
             _log_task(root, task, files)
         return staged.commit(benchmark="cl15")
-
-
-def check_task_names(tasks: list[str] | None, known: list[str], benchmark: str = "cl15", flag: str = "--tasks") -> list[str]:
-    """``tasks`` (or every known task), refusing unknown and repeated names with the nearest known one."""
-    if not tasks:
-        return list(known)
-    for task in tasks:
-        if task not in known:
-            raise GeReError(f"{flag}: {benchmark} has no task {task!r}{nearest(task, known)}; choose from "
-                            f"{', '.join(known)}")  # fmt: skip
-    repeated = sorted({t for t in tasks if tasks.count(t) > 1})
-    if repeated:
-        raise GeReError(f"{flag} names {', '.join(repeated)} more than once; name each task once")
-    return list(tasks)
 
 
 def _benchmark_root(path: Path) -> Path:

@@ -5,5 +5,10 @@
 - `gere.replay.sampler`: the one seeded order in which replay samples are drawn, and batch interpolation;
 - `gere.replay.batches`: datasets, collators and padded replay batches for the Trainer.
 
-Nothing is imported here, so that ``gere.replay.replay_set`` stays torch-free.
+Nothing is imported here, so that ``gere.replay.replay_set`` stays torch-free. `PLACEMENTS` is defined here,
+not in `gere.replay.sampler`, so that `gere.config` checks ``interpolation_placement`` against the sampler's
+own list without importing torch.
 """
+
+#: Where batch interpolation puts the replay samples in each global batch (`gere.replay.sampler`).
+PLACEMENTS = ("even", "random")

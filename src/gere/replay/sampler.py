@@ -27,8 +27,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-from gere.config import PLACEMENTS
 from gere.errors import GeReError
+from gere.replay import PLACEMENTS
 
 # Rounds of the replay order are seeded with seed * _ROUND_STRIDE + round, so that nearby seeds do not
 # share rounds (a large prime keeps seed s round r and seed s' round r' apart for any realistic r).
