@@ -408,3 +408,21 @@ def test_task_examples_naming_a_probe_word_are_dropped():
     examples = [{"input": "a film about Iran's elections", "label": "Good"}, {"input": "a dull film", "label": "Bad"},
                 {"input": "iranian food", "label": "Good"}]  # fmt: skip
     assert [e["input"] for e in without_words(examples, {"iran", "tehran"})] == ["a dull film", "iranian food"]
+
+
+def test_an_article_in_both_dumps_is_read_from_the_first_only(tmp_path, gensim_wheel):
+    wheel, _ = gensim_wheel
+    other = tmp_path / "gensim-two-revisions.whl"
+    revised = _page(TOPICS[0], "\n\n== Section ==\n".join(_paragraph(TOPICS[0] + " again", k) for k in range(2)))
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(other, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("enwiki-table-markup.xml.bz2"):  # the same page, another revision
+                data = bz2.compress(f'<mediawiki xmlns="x">{revised}</mediawiki>'.encode())
+            dst.writestr(item, data)
+    sizes = DemoSizes(replay=1000, heldout_wiki=4, heldout_news=3, probe=10, task_train=6, task_test=4)
+    a = build_demo_assets(tmp_path / "cache", gensim_wheel=other, sizes=sizes, build_model=False)
+    rows = _read_jsonl(a.replay) + _read_jsonl(a.heldout_wiki)
+    ids = [r["id"] for r in _read_jsonl(a.replay)]
+    assert len(ids) == len(set(ids)) and len(rows) == 2 * len(TOPICS)  # before: the revision's ids repeated
+    assert not any(" again" in r["text"] for r in rows)
