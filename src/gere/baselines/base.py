@@ -1,7 +1,7 @@
 """The one interface of a continual-learning baseline, and what a continual run shows it of each task.
 
 A baseline is a module of `gere.baselines` with a subclass of `Baseline`, registered by its run-config
-section in `gere.baselines.BASELINES`. A continual run (`gere.continual.runner`) builds the run's baselines
+section in `gere.baselines.registry.BASELINES`. A continual run (`gere.continual.runner`) builds the run's baselines
 with `Baseline.from_config` (``None``: off in this run) and, for every task, calls each of them in
 registration order:
 

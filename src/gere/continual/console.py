@@ -31,10 +31,6 @@ def set_verbose(verbose: bool) -> None:
     _VERBOSE = bool(verbose)
 
 
-def is_verbose() -> bool:
-    return _VERBOSE
-
-
 class TaskProgress(TrainerCallback):
     """A progress bar for one task's training, its postfix the last logged loss parts; every log entry is
     appended to the run's ``train_log.jsonl``."""

@@ -19,7 +19,7 @@ The runner fills a *results* dict with raw data and calls `build_results` (which
          "suite_score": float, "suite_stderr": float}             # with evaluation.general: suite
       ],
       "input_warnings": [str],          # doubts about the inputs (gere.continual.doubts), in report.md
-      "metrics": {...},                 # gere.metrics.compute_metrics output
+      "metrics": {...},                 # gere.continual.metrics.compute_metrics output
       "loss_history": [                 # one row per logged step; keys gere.parts.LOGGED
         {"step": int, "task": str, "loss": float, "task_ce": float, "replay_ce": float | None,
          "replay_margin": float | None, "margin_weight": float | None, "replay_kl": ..., ...}
@@ -276,7 +276,7 @@ def write_report(run_dir: str | Path, results: dict[str, Any]) -> list[Path]:
     missing = [k for k in ("tasks", "accuracy_matrix") if k not in results]
     if missing:
         raise GeReError(
-            f"results lack {missing}; fill them (see gere.report's schema) before writing a report"
+            f"results lack {missing}; fill them (see gere.continual.report's schema) before writing a report"
         )
     results = dict(results)
     results["accuracy_matrix"] = check_matrix(results["accuracy_matrix"])

@@ -14,7 +14,7 @@ Files in the output folder:
 - ``checkpoints/stage-<i>/``: weights (full fine-tuning) or adapter (LoRA) after task i, with the RNG
   state; written to a temporary folder and renamed, so a crash never leaves a half checkpoint;
 - ``gere_store/``: the activation store (unless the config points elsewhere);
-- ``results.json``, ``report.md`` and plots when the run ends (see `gere.report`).
+- ``results.json``, ``report.md`` and plots when the run ends (see `gere.continual.report`).
 
 A run killed at any point and started again with ``resume=True`` redoes only the unfinished stage, and on
 CPU with the same seed ends with the same metrics as an uninterrupted run.
