@@ -15,7 +15,7 @@ from gere.cli import main
 from gere.continual.export import export_model
 from gere.errors import GeReError
 
-from tiny_runs import run
+from tiny_runs import run, tmpfs
 
 pytest.importorskip("peft")
 
@@ -206,3 +206,69 @@ def test_a_run_says_before_training_which_stages_it_keeps_and_export_names_the_s
     err = capsys.readouterr().err
     assert "not of stage 1: it ran with keep_checkpoints: 1" in err and "keep_checkpoints: 0 (the default)" in err
     assert not (tmp_path / "o").exists()
+
+
+def tree(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_full_disk_during_an_export_is_one_line_and_keeps_the_run_and_an_earlier_export(full_run, tmp_path, capsys):
+    """A real 160 KiB tmpfs holds one export (92,744 bytes of weights with the tokenizer and config) but not a
+    second beside it. Before: a SafetensorError traceback."""
+    before = tree(full_run)
+    with tmpfs(tmp_path / "disk", "160k") as disk:
+        assert main(["export", str(full_run), "--out", str(disk / "hf")]) == 0
+        first = tree(disk / "hf")
+        capsys.readouterr()
+        assert main(["export", str(full_run), "--out", str(disk / "hf"), "--stage", "1", "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        (line,) = [x for x in err.splitlines() if x.startswith("gere: error:")]
+        assert line.startswith(f"gere: error: the disk is full: the export did not fit in {disk}/.hf.export-"), line
+        assert f"(beside --out {disk / 'hf'}; the model's tensors are about " in line
+        assert f"nothing was lost: the run is untouched, the earlier export in {disk / 'hf'} is kept, nothing is " \
+               "left half-written: free space on that disk, then run the same gere export again" in line  # fmt: skip
+        assert "Traceback" not in err and sorted(p.name for p in disk.iterdir()) == ["hf"]
+        assert tree(disk / "hf") == first
+    assert tree(full_run) == before
+
+
+def test_an_export_racing_the_run_s_checkpoints_never_advises_overwrite(full_run, tmp_path):
+    """The run prunes (keep_checkpoints) or rewrites (a resumed stage) a checkpoint while an export reads it:
+    here a thread takes stage 2 away and puts it back every 50 ms, as those do. The export says the checkpoint
+    changed and that the run is not touched; it used to say "start over with --overwrite", which would throw
+    the run away."""
+    import threading
+    import time
+
+    moved = tmp_path / "run"
+    shutil.copytree(full_run, moved)
+    stage, away = moved / "checkpoints" / "stage-2", moved / "checkpoints" / "gone"
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            stage.rename(away)
+            time.sleep(0.05)
+            away.rename(stage)
+            time.sleep(0.05)
+
+    messages = []
+    writer = threading.Thread(target=churn)
+    writer.start()
+    try:
+        for attempt in range(40):
+            try:
+                export_model(moved, tmp_path / f"hf{attempt}", stage=2)
+            except GeReError as err:
+                messages.append(str(err))
+                if "changed while it was read" in str(err):
+                    break
+    finally:
+        stop.set()
+        writer.join()
+    assert messages and not any("--overwrite" in m for m in messages), messages
+    assert messages[-1] == (f"the checkpoint of stage 2 ({stage}) changed while it was read: the run is writing or "
+                            "pruning its checkpoints (keep_checkpoints, or a resumed stage); the run itself is not "
+                            f"touched: export again when the run has written it, or pick a stage it keeps (gere "
+                            f"export {moved} --stage N)")  # fmt: skip
+    assert tree(moved / "checkpoints") == tree(full_run / "checkpoints")

@@ -72,3 +72,20 @@ def whole_and_resumed(setup, tmp_path, monkeypatch, *args):
     with crash_in_second_task(monkeypatch):
         run(setup, tmp_path / "resumed", *args)
     return whole, run(setup, tmp_path / "resumed", *args, resume=True)
+
+
+@contextlib.contextmanager
+def tmpfs(mount_point: Path, size: str):
+    """A real tmpfs of ``size`` (``160k``) mounted at ``mount_point`` for the block: a disk that fills up.
+    The test is skipped where mounting is not allowed."""
+    import subprocess
+
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)

@@ -11,9 +11,11 @@ texts, task rows, multiple-choice questions, held-out texts) reads them through 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -62,6 +64,38 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether ``err`` says the disk (or the user's quota) is full: an OSError ENOSPC or EDQUOT, or
+    safetensors' SafetensorError, which carries the OS error only as text ("... (os error 28)")."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(err)
+    return type(err).__name__ == "SafetensorError" and any(
+        mark in text for mark in ("No space left", "os error 28", "Disk quota exceeded", "os error 122")
+    )
+
+
+def free_bytes(folder: str | os.PathLike) -> int | None:
+    """Bytes free to this user on the file system of ``folder`` (or of its nearest existing parent)."""
+    path = Path(os.path.abspath(folder))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def byte_size(nbytes: int | None) -> str:
+    """``94.2 kB``, ``8.1 GB``: a size for a message (decimal units, as disks are sold)."""
+    if nbytes is None:
+        return "unknown"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes} B"
 
 
 def _json_default(obj: Any) -> Any:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from gere.continual.run_config import RunConfig
 from gere.errors import GeReError
-from gere.io_utils import atomic_write_json
+from gere.io_utils import atomic_write_json, byte_size, disk_full, free_bytes
 from gere.modeling import lora_config as peft_lora_config
 
 
@@ -49,31 +49,30 @@ def checkpoint_plan(cfg: RunConfig, model, stages: int) -> str:
     """The line a run prints before training: which of its ``stages`` checkpoints it keeps for ``gere export
     --stage``, about what each costs on disk (the tensors `_write_weights` writes, from ``model`` as it will
     train) and the setting that trades it."""
-    if cfg.finetuning == "full":
-        seen, size = set(), 0
-        for tensor in model.state_dict().values():  # tied weights once, as the checkpoint stores them
-            if tensor.data_ptr() not in seen:
-                seen.add(tensor.data_ptr())
-                size += tensor.numel() * tensor.element_size()
-    else:
-        size = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    size = stage_bytes(cfg, model)
     # O-LoRA: stage i holds the adapters of tasks 1..i.
     total = size * stages * (stages + 1) // 2 if cfg.finetuning == "olora" else size * stages
-    each = f"about {_size(size)} a stage" if cfg.finetuning != "olora" else f"about {_size(size)} per adapter"
+    each = f"about {byte_size(size)} a stage" if cfg.finetuning != "olora" else f"about {byte_size(size)} per adapter"
     keep = cfg.keep_checkpoints
     if not keep or keep >= stages:
-        return (f"checkpoints: every stage kept for gere export --stage 1..{stages} ({each}, {_size(total)} in all); "
+        return (f"checkpoints: every stage kept for gere export --stage 1..{stages} ({each}, {byte_size(total)} in all); "
                 f"keep_checkpoints: 1 keeps only the newest")  # fmt: skip
     return (f"checkpoints: only the newest {keep} of {stages} stages kept (keep_checkpoints: {keep}): gere export "
             f"--stage can export stage(s) {max(stages - keep + 1, 1)}..{stages} once trained, not earlier ones "
-            f"({each}); keep_checkpoints: 0 keeps every stage ({_size(total)} in all)")  # fmt: skip
+            f"({each}); keep_checkpoints: 0 keeps every stage ({byte_size(total)} in all)")  # fmt: skip
 
 
-def _size(nbytes: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.3g} {unit}"
-    return f"{nbytes} B"
+def stage_bytes(cfg: RunConfig, model) -> int:
+    """Bytes of the tensors a stage's ``weights.safetensors`` holds (under O-LoRA, one adapter's)."""
+    if cfg.finetuning != "full":
+        return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    seen, size = set(), 0
+    for tensor in model.state_dict().values():  # tied weights once, as the checkpoint stores them
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            size += tensor.numel() * tensor.element_size()
+    return size
+
 
 
 def checkpoint_dir(out: Path, stage: int) -> Path:
@@ -116,12 +115,25 @@ def checkpoint_beside(out: Path, stage: int, model, cfg: RunConfig, extra=()):
             raise failed[0]
         save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
         atomic_write_json(tmp / "checkpoint.json", {"stage": stage, "finetuning": cfg.finetuning, "tensors": written[0]})
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed (e.g. disk-full) write leaves nothing behind
+        if disk_full(err):
+            raise _full_disk(out, stage, model, cfg, err) from None
         raise
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+
+
+def _full_disk(out: Path, stage: int, model, cfg: RunConfig, err: BaseException) -> GeReError:
+    """The one-line error for a checkpoint the disk had no room for: where, how much, what is kept, the fix."""
+    where = getattr(err, "filename", None) or out / "checkpoints" / f".stage-{stage}.tmp"
+    need = byte_size(stage_bytes(cfg, model) * (stage if cfg.finetuning == "olora" else 1))
+    kept = "every finished stage's checkpoint" if stage > 1 else "the base model's evaluation"
+    return GeReError(f"the disk is full: the checkpoint of stage {stage} did not fit in {where} (its weights are "
+                     f"about {need}; {byte_size(free_bytes(out))} is free now, the half-written one removed); nothing "
+                     f"finished was lost ({kept} and run_state.json are as they were): free space on that disk, "
+                     f"then continue with: gere run {out / 'config.yaml'} --resume")  # fmt: skip
 
 
 def prune_checkpoints(out: Path, cfg: RunConfig) -> None:

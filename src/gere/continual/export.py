@@ -31,7 +31,7 @@ from gere.continual.checkpoint import checkpoint_dir, load_checkpoint, lora_conf
 from gere.continual.run_config import load_run_config
 from gere.continual.run_folder import CONFIG_FILE, STATE_FILE
 from gere.errors import GeReError
-from gere.io_utils import atomic_write_json
+from gere.io_utils import atomic_write_json, byte_size, disk_full, free_bytes
 
 EXPORT_MARKER = "gere_export.json"
 
@@ -139,10 +139,26 @@ def _stage_model(cfg, run_dir: Path, stage: int):
         OLoRA(cfg.olora.orthogonal, cfg.olora.l2, lora_config(cfg)).add_adapters(model, stage - 1)
         model.base_model.set_adapter([adapter_name(t) for t in range(stage)])
     rng = torch.get_rng_state()
-    load_checkpoint(checkpoint_dir(run_dir, stage), model, cfg)
+    _load_stage(run_dir, stage, model, cfg)
     torch.set_rng_state(rng)  # the checkpoint's RNG state is the run's, not the caller's
     model.eval()
     return model, tokenizer
+
+
+def _load_stage(run_dir: Path, stage: int, model, cfg) -> None:
+    """The stage's checkpoint into ``model``. A checkpoint that goes while it is read (the run prunes it under
+    ``keep_checkpoints``, or writes that stage again on a resume) is named as such: the advice to start the run
+    over (``--overwrite``), right for a run's own broken checkpoint, would throw the run away."""
+    folder = checkpoint_dir(run_dir, stage)
+    try:
+        load_checkpoint(folder, model, cfg)
+    except Exception:
+        if all((folder / name).is_file() for name in ("checkpoint.json", "weights.safetensors", "rng.safetensors")):
+            raise  # the checkpoint is whole: what went wrong is said as it is
+        raise GeReError(f"the checkpoint of stage {stage} ({folder}) changed while it was read: the run is writing "
+                        "or pruning its checkpoints (keep_checkpoints, or a resumed stage); the run itself is not "
+                        f"touched: export again when the run has written it, or pick a stage it keeps (gere export "
+                        f"{run_dir} --stage N)") from None  # fmt: skip
 
 
 def _read_state(run_dir: Path) -> dict[str, Any]:
@@ -179,7 +195,29 @@ def _write(out: Path, overwrite: bool, model, tokenizer, info: dict[str, Any], c
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        if disk_full(err):
+            kept = f"the earlier export in {out} is kept, " if out.exists() else ""
+            raise GeReError(f"the disk is full: the export did not fit in {staging} (beside --out {out}; the model's "
+                            f"tensors are about {byte_size(_tensor_bytes(model))}, {byte_size(free_bytes(out.parent))} "
+                            f"is free now, the half-written folder removed); nothing was lost: the run is untouched, "
+                            f"{kept}nothing is left half-written: free space on that disk, then run the same gere "
+                            "export again") from None  # fmt: skip
         raise
     return out
+
+
+def _tensor_bytes(model) -> int:
+    """Bytes of the tensors ``save_pretrained`` writes: a peft model's adapter, any other model's weights (tied
+    weights once)."""
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict
+
+        return sum(t.numel() * t.element_size() for t in get_peft_model_state_dict(model).values())
+    seen, size = set(), 0
+    for tensor in model.state_dict().values():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            size += tensor.numel() * tensor.element_size()
+    return size
