@@ -263,3 +263,49 @@ def test_loss_contributions_sum_to_the_combined_loss():
         assert set(contributions) == set(parts)
         assert_close(sum(contributions.values()), loss)
         assert_close(contributions["task_ce"], torch.tensor(1.0))
+
+
+def test_each_objective_reads_and_keeps_what_its_table_row_says():
+    from gere.config import GeReConfig
+    from gere.losses import PART_LOSSES
+    from gere.parts import REPLAY_PARTS, reads_hidden_states, reference_targets
+    from gere.store.format import StoreSpec
+
+    assert list(PART_LOSSES) == list(REPLAY_PARTS)  # every part has its loss, in the table's order
+    # objective -> (reads hidden states, store keeps label codes, hidden states, top-k logits)
+    expected = {"ce": (False, False, False, 0), "tm": (True, True, False, 0), "kl": (False, False, False, 3),
+                "l1": (True, False, True, 0), "ce+l2": (True, False, True, 0), "ce+kl+l1+l2+tm": (True, True, True, 3)}  # fmt: skip
+    for objective, (hidden, tm, features, topk) in expected.items():
+        cfg = GeReConfig(objective=objective, kl_topk=3)
+        spec = StoreSpec.for_config(cfg)
+        assert reads_hidden_states(cfg.parts) == hidden, objective
+        assert (spec.tm, spec.features, spec.topk) == (tm, features, topk), objective
+        assert cfg.needs_reference == bool(reference_targets(cfg.parts)) == (objective != "ce"), objective
+
+
+def test_replay_losses_are_each_parts_own_loss_averaged_over_layers():
+    from gere.losses import ReplayTargets, replay_losses
+
+    g = torch.Generator().manual_seed(3)
+    logits, ref_logits = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    labels = torch.tensor([[3, 1, 4, 2, -100], [5, 6, 0, -100, -100]])
+    mask = (labels != -100).long()
+    hidden = {-1: torch.randn(2, 5, 6, generator=g), 1: torch.randn(2, 5, 6, generator=g)}
+    reference = {layer: torch.randn(2, 5, 6, generator=g) for layer in hidden}
+    low, high = -0.5 * torch.ones(6), 0.5 * torch.ones(6)
+    targets = ReplayTargets(
+        bands={layer: (low, high) for layer in hidden},
+        codes={layer: threshold_codes(r, low, high) for layer, r in reference.items()},
+        features=reference,
+        topk=ref_logits.topk(4, dim=-1),
+    )
+    got = replay_losses(("ce", "tm", "kl", "l1", "l2"), logits, hidden, labels, mask, targets, reduction="mean")
+    assert list(got) == ["replay_ce", "replay_margin", "replay_kl", "replay_l1", "replay_l2"]
+    assert_close(got["replay_ce"], causal_lm_ce(logits, labels))
+    zero, half = torch.zeros(6), 0.5 * torch.ones(6)  # the bands above: mean 0, std 0.5, k 1
+    margins = [slow_margin(hidden[n], reference[n], zero, half, mask, reduction="mean") for n in hidden]
+    assert got["replay_margin"].item() == pytest.approx(sum(margins) / 2, rel=1e-5)
+    assert_close(got["replay_kl"], topk_kl_loss(logits, *targets.topk, mask, 2.0))
+    for norm in ("l1", "l2"):
+        assert_close(got[f"replay_{norm}"], sum(feature_loss(hidden[n], reference[n], mask, norm) for n in hidden) / 2)
+    assert list(replay_losses(("tm",), logits, hidden, labels, mask, targets)) == ["replay_margin"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
 from gere.errors import GeReError, shown
-from gere.parts import REDUCTIONS, REPLAY_PARTS
+from gere.parts import REDUCTIONS, REPLAY_PARTS, reference_targets
 from gere.replay import PLACEMENTS
 from gere.replay.replay_set import PAPER_MAX_LENGTH, SELECTIONS
 from gere.store import FEATURE_DTYPES
@@ -293,8 +293,8 @@ class GeReConfig:
 
     @property
     def needs_reference(self) -> bool:
-        """Whether the objective compares with the base model (anything but plain CE replay)."""
-        return bool(set(self.parts) - {"ce"})
+        """Whether the objective compares with the base model (any part with a reference target: not plain CE)."""
+        return bool(reference_targets(self.parts))
 
     def load_replay_set(self) -> ReplaySet:
         """The replay set these settings select (`gere.replay.replay_set.load_replay_set`)."""

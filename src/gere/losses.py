@@ -9,7 +9,7 @@ The paper (GeRe, arXiv 2508.04676, Sec. 3) compares several ways to replay a fix
 
 Objectives are written as ``+``-joined names (``ce+tm`` is the paper's best, BaselineR+TM; the table of
 names is `gere.parts`). `replay_losses` computes each part of one replay batch from the model's outputs
-and the reference targets (`ReplayTargets`, filled by `gere.reference`); `combine_losses` makes the
+and the reference targets (`ReplayTargets`, filled by `gere.reference`), each with its entry in `PART_LOSSES`; `combine_losses` makes the
 training loss: ``ce`` is averaged with the task cross-entropy and every other part is a regulariser
 multiplied by the weight (a number, or ``dy``: CE / regulariser, detached).
 
@@ -27,6 +27,7 @@ as the reference implementation does) or by the number of real elements (``mean`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -40,7 +41,7 @@ from gere.stats import thresholds
 from gere.store.format import CODE_NEGATIVE, CODE_NEUTRAL, CODE_POSITIVE
 
 __all__ = [
-    "CODE_NEGATIVE", "CODE_NEUTRAL", "CODE_POSITIVE", "ReplayTargets", "causal_lm_ce", "coded_margin_loss",
+    "CODE_NEGATIVE", "CODE_NEUTRAL", "CODE_POSITIVE", "PART_LOSSES", "ReplayBatch", "ReplayTargets", "causal_lm_ce", "coded_margin_loss",
     "combine_losses", "feature_loss", "loss_contributions", "margin_loss", "replay_losses", "resolve_margin_weight", "threshold_codes",
     "topk_kl_loss",
 ]  # fmt: skip
@@ -286,24 +287,56 @@ def replay_losses(
     ``hidden_states`` maps each constrained layer to the current states ``[batch, length, hidden]``; a part
     over several layers is their mean. ``labels`` are the replay ids with ``IGNORE_INDEX`` on padding.
     """
-    out: dict[str, torch.Tensor] = {}
-    if "ce" in parts:
-        out[REPLAY_PARTS["ce"].loss] = causal_lm_ce(logits, labels)
-    for name in ("tm", "l1", "l2"):
-        if name not in parts:
-            continue
-        values = []
-        for layer, hidden in hidden_states.items():
-            if name == "tm":
-                low, high = targets.bands[layer]
-                values.append(coded_margin_loss(hidden, targets.codes[layer], low, high, mask, reduction))
-            else:
-                values.append(feature_loss(hidden, targets.features[layer], mask, norm=name))
-        out[REPLAY_PARTS[name].loss] = sum(values) / len(values)
-    if "kl" in parts:
-        values, indices = targets.topk
-        out[REPLAY_PARTS["kl"].loss] = topk_kl_loss(logits, values, indices, mask, temperature)
-    return out
+    batch = ReplayBatch(logits, hidden_states, labels, mask, targets, reduction, temperature)
+    return {part.loss: PART_LOSSES[name](batch) for name, part in REPLAY_PARTS.items() if name in parts}
+
+
+@dataclass
+class ReplayBatch:
+    """One replay batch as a part's loss sees it (the arguments of `replay_losses`)."""
+
+    logits: torch.Tensor
+    hidden_states: dict[int, torch.Tensor]
+    labels: torch.Tensor
+    mask: torch.Tensor
+    targets: ReplayTargets | None
+    reduction: str = "nonzero"
+    temperature: float = 2.0
+
+
+def _per_layer(batch: ReplayBatch, loss: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The mean over the constrained layers of ``loss(layer, current hidden states)``."""
+    values = [loss(layer, hidden) for layer, hidden in batch.hidden_states.items()]
+    return sum(values) / len(values)
+
+
+def _replay_ce(b: ReplayBatch) -> torch.Tensor:
+    return causal_lm_ce(b.logits, b.labels)
+
+
+def _replay_margin(b: ReplayBatch) -> torch.Tensor:
+    t = b.targets
+    return _per_layer(b, lambda layer, h: coded_margin_loss(h, t.codes[layer], *t.bands[layer], b.mask, b.reduction))
+
+
+def _replay_kl(b: ReplayBatch) -> torch.Tensor:
+    values, indices = b.targets.topk
+    return topk_kl_loss(b.logits, values, indices, b.mask, b.temperature)
+
+
+def _replay_feature(norm: str) -> Callable[[ReplayBatch], torch.Tensor]:
+    return lambda b: _per_layer(b, lambda layer, h: feature_loss(h, b.targets.features[layer], b.mask, norm=norm))
+
+
+#: Each replay part's loss on one replay batch, by its name in ``objective``; `gere.parts.REPLAY_PARTS` says
+#: what each reads of the model and which reference target it compares with.
+PART_LOSSES: dict[str, Callable[[ReplayBatch], torch.Tensor]] = {
+    "ce": _replay_ce,
+    "tm": _replay_margin,
+    "kl": _replay_kl,
+    "l1": _replay_feature("l1"),
+    "l2": _replay_feature("l2"),
+}
 
 
 def combine_losses(

@@ -24,6 +24,7 @@ from gere.batching import (
     pad_token_id,
 )
 from gere.losses import CODE_NEUTRAL, ReplayTargets, threshold_codes
+from gere.parts import CODES, FEATURES, TOPK, reads_hidden_states, reference_targets
 from gere.stats import RunningStats, batch_statistics, thresholds
 from gere.store.format import ActivationStore
 
@@ -32,26 +33,26 @@ class StoreReference:
     """Targets read from an activation store, for the store's samples ``indices``."""
 
     def __init__(self, store: ActivationStore, parts: tuple[str, ...], layers: tuple[int, ...]):
-        self.store, self.parts, self.layers = store, parts, layers
+        self.store, self.layers, self.needs = store, layers, reference_targets(parts)
         self._bands = {
             layer: tuple(torch.from_numpy(t) for t in store.thresholds(layer)) for layer in layers
-        } if "tm" in parts else {}  # fmt: skip
+        } if CODES in self.needs else {}  # fmt: skip
 
     def targets(self, model, indices: list[int], ids: torch.Tensor, mask: torch.Tensor) -> ReplayTargets:
         device, real = ids.device, mask.bool()
         out = ReplayTargets()
         shape = (*ids.shape, self.store.hidden_size)
         for layer in self.layers:
-            if "tm" in self.parts:
+            if CODES in self.needs:
                 out.bands[layer] = tuple(t.to(device) for t in self._bands[layer])
                 codes = torch.full(shape, CODE_NEUTRAL, dtype=torch.uint8, device=device)
                 codes[real] = self._rows(lambda i, layer=layer: self.store.codes(i, layer), indices, device)
                 out.codes[layer] = codes
-            if "l1" in self.parts or "l2" in self.parts:
+            if FEATURES in self.needs:
                 features = torch.zeros(shape, device=device)
                 features[real] = self._rows(lambda i, layer=layer: self._features(i, layer), indices, device)
                 out.features[layer] = features
-        if "kl" in self.parts:
+        if TOPK in self.needs:
             k = int(self.store.contents["topk"])
             values = torch.zeros((*ids.shape, k), device=device)
             ids_k = torch.zeros((*ids.shape, k), dtype=torch.long, device=device)
@@ -76,7 +77,8 @@ class OnlineReference:
     """Targets from the adapter-disabled model (a peft model's base), computed with every replay batch."""
 
     def __init__(self, stats: dict[int, RunningStats], parts: tuple[str, ...], threshold_k: float, kl_topk: int):
-        self.parts, self.kl_topk = parts, kl_topk
+        self.needs, self.kl_topk = reference_targets(parts), kl_topk
+        self.need_hidden = reads_hidden_states(parts)
         self.layers = tuple(stats)
         self._bands = {
             layer: tuple(torch.from_numpy(t).float() for t in thresholds(r.mean, r.std, threshold_k))
@@ -84,19 +86,18 @@ class OnlineReference:
         }
 
     def targets(self, model, indices: list[int], ids: torch.Tensor, mask: torch.Tensor) -> ReplayTargets:
-        need_hidden = bool({"tm", "l1", "l2"} & set(self.parts))
         with torch.no_grad(), adapters_disabled(model):
-            base = model(input_ids=ids, attention_mask=mask, output_hidden_states=need_hidden, use_cache=False)
+            base = model(input_ids=ids, attention_mask=mask, output_hidden_states=self.need_hidden, use_cache=False)
         out = ReplayTargets()
-        for layer in self.layers if need_hidden else ():
+        for layer in self.layers if self.need_hidden else ():
             states = base.hidden_states[layer]
-            if "tm" in self.parts:
+            if CODES in self.needs:
                 low, high = (t.to(ids.device) for t in self._bands[layer])
                 out.bands[layer] = (low, high)
                 out.codes[layer] = threshold_codes(states, low, high)
-            if "l1" in self.parts or "l2" in self.parts:
+            if FEATURES in self.needs:
                 out.features[layer] = states
-        if "kl" in self.parts:
+        if TOPK in self.needs:
             out.topk = base.logits.float().topk(self.kl_topk, dim=-1)
         return out
 

@@ -53,7 +53,7 @@ from gere.diagnostics import GradShareMeter
 from gere.distributed import check_interpolation_across_processes
 from gere.errors import GeReError
 from gere.losses import combine_losses, loss_contributions, replay_losses
-from gere.parts import GRAD_SHARE, LOSS_PARTS, WEIGHTS, checked_loss_parts
+from gere.parts import GRAD_SHARE, LOSS_PARTS, WEIGHTS, checked_loss_parts, reads_hidden_states
 from gere.reference import OnlineReference, StoreReference, replay_statistics
 from gere.replay.batches import (
     REPLAY_INDEX,
@@ -411,7 +411,7 @@ class GeReMixin:
         targets = None
         if self._reference is not None:
             targets = self._reference.targets(self._unwrapped(model), indices, ids, mask)
-        need_hidden = bool({"tm", "l1", "l2"} & set(cfg.parts))
+        need_hidden = reads_hidden_states(cfg.parts)
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=need_hidden, use_cache=False)
         hidden = {layer: out.hidden_states[layer] for layer in self._reference.layers} if need_hidden else {}
         return replay_losses(

@@ -31,6 +31,7 @@ from safetensors.numpy import load_file as load_numpy_file
 
 from gere.errors import GeReError
 from gere.io_utils import atomic_path, sha256_file
+from gere.parts import CODES, FEATURES, TOPK, reference_targets
 from gere.reading import read_json
 from gere.replay.replay_set import PAPER_MAX_LENGTH
 from gere.stats import thresholds
@@ -79,15 +80,15 @@ class StoreSpec:
     @classmethod
     def for_config(cls, config: GeReConfig) -> StoreSpec:
         """What the activation store must hold for ``config``'s replay objective."""
-        parts = config.parts
+        targets = reference_targets(config.parts)
         return cls(
             max_length=config.replay_max_length,
             layers=tuple(config.layers),
             threshold_k=config.threshold_k,
-            tm="tm" in parts,
-            features="l1" in parts or "l2" in parts,
+            tm=CODES in targets,
+            features=FEATURES in targets,
             feature_dtype=config.feature_dtype,
-            topk=config.kl_topk if "kl" in parts else 0,
+            topk=config.kl_topk if TOPK in targets else 0,
             batch_size=config.extract_batch_size,
         )
 
