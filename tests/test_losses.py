@@ -309,3 +309,16 @@ def test_replay_losses_are_each_parts_own_loss_averaged_over_layers():
     for norm in ("l1", "l2"):
         assert_close(got[f"replay_{norm}"], sum(feature_loss(hidden[n], reference[n], mask, norm) for n in hidden) / 2)
     assert list(replay_losses(("tm",), logits, hidden, labels, mask, targets)) == ["replay_margin"]
+
+
+def test_margin_weight_is_parsed_once_into_the_rule_the_trainer_uses(monkeypatch):
+    import gere.config as config
+
+    seen = []
+    real = config._parse_rule
+    monkeypatch.setattr(config, "_parse_rule", lambda text, original: seen.append(text) or real(text, original))
+    cfg = config.GeReConfig(objective="ce+tm", margin_weight="DY:10")
+    assert seen == ["DY:10"]  # once (before: again for the gb check, and again by the trainer)
+    assert cfg.margin_rule == config.WeightRule("dy", 10.0) and cfg.margin_weight == "dy:10.0"  # the text for files
+    assert config.GeReConfig(margin_weight="warm:2:gb:0.5").margin_rule == config.WeightRule("gb", 0.5, 2)
+    assert config.GeReConfig(margin_weight=3).margin_rule == config.WeightRule("fixed", 3.0)

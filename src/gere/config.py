@@ -172,7 +172,8 @@ class GeReConfig:
             "(default 1; 100, ...), 'dy' (CE / part, detached, per part, as the paper), 'dy:<ceiling>' (dy, at most the "
             "ceiling), 'gb:<fraction>' (gradient-balanced: the weighted part's gradient norm is that fraction of "
             "the CE terms' at every step) or 'warm:<steps>:<weight>' (any of those, raised linearly from 0 over "
-            "the first steps of each task). Parsed once: a float or the rule's canonical text."
+            "the first steps of each task). Parsed once, into margin_rule (a WeightRule); the field keeps a float or "
+            "the rule's canonical text."
         },
     )
     threshold_k: float = field(default=1.0, metadata={"help": "Thresholds are mean -/+ k*std per dimension."})
@@ -244,7 +245,10 @@ class GeReConfig:
 
     def __post_init__(self) -> None:
         self.parts = parse_objective(self.objective)
-        self.margin_weight = parse_margin_weight(self.margin_weight)
+        # Parsed once: the rule is what the trainer and the losses use; the field keeps its canonical text,
+        # which config files, digests and reports show.
+        self.margin_rule: WeightRule = weight_rule(self.margin_weight)
+        self.margin_weight = _rule_text(self.margin_rule)
         self.layers = [
             int(x) for x in (self.layers if isinstance(self.layers, (list, tuple)) else [self.layers])
         ]
@@ -277,7 +281,7 @@ class GeReConfig:
                 f"num_interpolate_per_batch = {k} applies to replay_mixing 'interpolate', not "
                 f"{shown(self.replay_mixing)}; set one of them"
             )
-        if weight_rule(self.margin_weight).kind == BALANCED and "ce" not in self.parts and self.mixing != "batch":
+        if self.margin_rule.kind == BALANCED and "ce" not in self.parts and self.mixing != "batch":
             raise GeReError(
                 f"margin_weight {self.margin_weight!r} balances each regulariser against the CE terms, but with "
                 f"objective {self.objective!r} and replay_mixing {self.mixing!r} a micro-batch may hold replay rows "

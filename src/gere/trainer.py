@@ -48,7 +48,7 @@ from gere.batching import (
     pad_token_id,
     resolve_layers,
 )
-from gere.config import BALANCED, GeReConfig, global_batch_size, resolved_config, weight_rule
+from gere.config import BALANCED, GeReConfig, global_batch_size, resolved_config
 from gere.diagnostics import GradShareMeter
 from gere.distributed import check_interpolation_across_processes
 from gere.errors import GeReError
@@ -138,7 +138,6 @@ class GeReMixin:
         self._reference: StoreReference | OnlineReference | None = None
         self._separate_batches: SeparateReplayBatches | None = None
         self._gere_sums, self._gere_counts = {}, {}  # loss part -> sum, count of micro-batches since the last log
-        self._weight_rule = weight_rule(self.gere.margin_weight)
         self._grad_share = GradShareMeter(self.gere.grad_share_every)
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -355,8 +354,8 @@ class GeReMixin:
                     value = penalty(self._unwrapped(model))  # a tensor, or a dict of named parts (O-LoRA's)
                     parts.update(value if isinstance(value, dict) else {penalty.name: value})
         step = self.state.global_step + 1  # the optimisation step this micro-batch belongs to, within the task
-        balanced = self._weight_rule.kind == BALANCED and self._one_process("a gb:<fraction> margin weight")
-        loss, weights = combine_losses(parts, self._weight_rule, step,
+        balanced = self.gere.margin_rule.kind == BALANCED and self._one_process("a gb:<fraction> margin weight")
+        loss, weights = combine_losses(parts, self.gere.margin_rule, step,
                                        self._grad_share.params(self._unwrapped(model)) if balanced else None)
         if not torch.isfinite(loss):
             shown = {k: round(float(v.detach()), 6) for k, v in parts.items()}
