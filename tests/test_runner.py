@@ -86,6 +86,21 @@ def test_cli_run_and_compare(setup, tmp_path, capsys):
     assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cli_runs_share_the_base_evaluation_through_a_cache_file(setup, tmp_path, monkeypatch):
+    cache = tmp_path / "base eval #1.json"  # taken as typed
+    assert main(["run", str(setup / "run.yaml"), "--output-dir", str(tmp_path / "a"), "--objective", "none",
+                 "--base-eval-cache", str(cache), "--no-progress"]) == 0  # fmt: skip
+    assert len(json.loads(cache.read_text())) == 1
+    calls = []
+    real = runner.Evaluator.__call__
+    monkeypatch.setattr(runner.Evaluator, "__call__", lambda self, *a, **k: calls.append(a[2]) or real(self, *a, **k))
+    assert main(["run", str(setup / "run.yaml"), "--output-dir", str(tmp_path / "b"), "--objective", "ce",
+                 "--base-eval-cache", str(cache), "--no-progress"]) == 0  # fmt: skip
+    assert "base" not in calls and calls  # the base row came from the cache, the stages were evaluated
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in "ab")
+    assert a["accuracy_matrix"][0] == b["accuracy_matrix"][0] and a["general"][0] == b["general"][0]
+
+
 def test_cli_errors_exit_2_with_message(setup, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\ntrainin: {max_steps: 1}\n")

@@ -48,6 +48,9 @@ def _add_run(sub) -> None:
     p.add_argument("--margin-weight", default=None)
     p.add_argument("--resume", action="store_true", help="Continue the run in --output-dir at its next stage.")
     p.add_argument("--overwrite", action="store_true", help="Replace a run already in --output-dir.")
+    p.add_argument("--base-eval-cache", default=None, metavar="FILE",
+                   help="JSON file where runs of one comparison share the base model's evaluation (same model, "
+                   "tasks, samples and evaluation settings; read when it holds theirs, written when not).")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -195,7 +198,8 @@ def cmd_run(args) -> int:
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_run_config(args.config, overrides)
-    results = run_continual(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    results = run_continual(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                            base_eval_cache=args.base_eval_cache)
     print(render_markdown(results))
     print(f"report: {Path(cfg.output_dir) / 'report.md'}")
     return 0
