@@ -15,8 +15,16 @@ benchmark (gere's own `subsample`, MMLU stratified by subject) is scored twice:
 
 Per benchmark it prints both scores, the questions whose contexts or continuations differ as strings, the
 questions whose pick differs (acc and acc_norm; LAMBADA: the greedy flag), the largest absolute difference
-of a per-choice log-likelihood and the longest sequence scored, then the command. Run from the repository
-root::
+of a per-choice log-likelihood and the longest sequence scored, then the command. A differing pick where
+either scorer's best two choices are within `TIE` is counted as a near-tie (float rounding decides it).
+
+lm-eval's ``HFLM`` reuses one forward pass for every request whose ``context + continuation[:-1]`` tokens
+are equal (its ``logits_cache``, on by default) and reads each request's log-likelihood at the first
+positions of that pass: exact when the requests also split context and continuation at the same token, off
+when they do not (one question's context is another's context plus part of its choice). With a real
+tokenizer that needs two questions of the same tokens; with the tests' word-level tokenizer, where most
+benchmark words are ``<unk>``, it happens (an OpenBookQA question scored after the wrong context, 6.9e-3
+off). ``--no-logits-cache`` scores every request on its own. Run from the repository root::
 
     .venv/bin/python benchmarks/general_suite_vs_lm_eval.py --model data/demo/model --n 100
     .venv/bin/python benchmarks/general_suite_vs_lm_eval.py --model runs/x/stages/1 --data-dir data/general
@@ -138,13 +146,15 @@ def write_tasks(folder: Path, data_dir: Path, suite: dict[str, list[Doc]]) -> di
     return made
 
 
-def run_lm_eval(model, tokenizer, folder: Path, tasks: list[str], batch_size: int, max_length: int) -> dict:
+def run_lm_eval(model, tokenizer, folder: Path, tasks: list[str], batch_size: int, max_length: int,
+                logits_cache: bool = True) -> dict:  # fmt: skip
     """lm-eval's results and logged samples for `tasks` (defined by the YAMLs in `folder`) on `model`."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+              logits_cache=logits_cache)  # fmt: skip
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(folder)),
                                    num_fewshot=0, log_samples=True, bootstrap_iters=0)  # fmt: skip
 
@@ -170,6 +180,15 @@ def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda k: (values[k], -k))
 
 
+#: Two choices closer than this (nats, or nats per character) are a tie that float rounding may break either way.
+TIE = 1e-4
+
+
+def _near_tie(*scores: list[float]) -> bool:
+    """Whether the best two of any of `scores` are within `TIE` (a pick that rounding alone can flip)."""
+    return any(len(v) > 1 and sorted(v)[-1] - sorted(v)[-2] < TIE for v in scores)
+
+
 def _gold(target, choices: list[str]) -> int:
     """lm-eval's logged target as a choice index (an index, its digits, or a choice's text such as 'C')."""
     if isinstance(target, str) and not target.strip().isdigit():
@@ -181,7 +200,8 @@ def compare(name: str, docs: list[Doc], gere: dict, samples: list[dict], tokeniz
     """Both scores of one benchmark and where they differ, question by question."""
     by_key = {(s["doc"]["gere_file"], int(s["doc"]["gere_row"])): s for s in samples}
     multiple = BENCHMARKS[name].scoring == "multiple_choice"
-    diff = {"context": 0, "continuation": 0, "gold": 0, "pred": 0, "pred_norm": 0, "greedy": 0, "missing": 0}
+    diff = {"context": 0, "continuation": 0, "gold": 0, "pred": 0, "pred_norm": 0, "ties": 0, "greedy": 0,
+            "missing": 0}  # fmt: skip
     max_ll, longest, lm = 0.0, 0, {"acc": [], "acc_norm": [], "ll": []}
     questions = []
     for doc, mine in zip(docs, gere["docs"], strict=True):
@@ -201,6 +221,9 @@ def compare(name: str, docs: list[Doc], gere: dict, samples: list[dict], tokeniz
         if multiple:
             diff["pred"] += pred != mine["pred"]
             diff["pred_norm"] += pred_norm != mine["pred_norm"]
+            norms = [[ll / len(c) for ll, c in zip(v, doc.choices, strict=True)] for v in (theirs, mine["ll"])]
+            diff["ties"] += (pred != mine["pred"] and _near_tie(theirs, mine["ll"])) + (
+                pred_norm != mine["pred_norm"] and _near_tie(*norms))  # fmt: skip
             lm["acc"].append(float(sample["acc"]))
             # CommonsenseQA's and MMLU's lm-eval configs list acc only: acc_norm from lm-eval's own lls here
             gold = _gold(sample["target"], doc.choices)
@@ -231,6 +254,7 @@ def table(rows: dict[str, dict], lm_eval_results: dict) -> str:
         fmt = "{:.4f}" if second == "acc_norm" else "{:.3f}"
         reported = lm_eval_results.get(name)
         picks = f"{d['pred']} / {d['pred_norm']}" if second == "acc_norm" else f"{d['greedy']} (greedy)"
+        picks += f" ({d['ties']} near-tie)" if d["ties"] else ""
         missing = f" ({d['missing']} missing)" if d["missing"] else ""
         lines.append(
             f"| {name} | {r['n']}{missing} | {g['acc']:.4f} ± {g['acc_stderr']:.4f} | {fmt.format(g[second])} | "
@@ -251,6 +275,28 @@ def _reported(name: str, tasks: list[str], out: dict) -> str:
                      if k.endswith(",none") and "stderr" not in k and isinstance(v, float))  # fmt: skip
 
 
+def measure(model, tokenizer, data_dir: Path, suite: dict[str, list[Doc]], keep: Path | None = None,
+            batch_size: int = 16, max_length: int = 2048, logits_cache: bool = True):  # fmt: skip
+    """Both scorers on `suite` (benchmark -> docs): ``(rows, lm-eval's reported scores, (gere s, lm-eval s))``,
+    a row per benchmark as `compare` makes it; task YAMLs and rows go to `keep` (else a temporary folder)."""
+    with tempfile.TemporaryDirectory(prefix="gere-vs-lm-eval-") as tmp:
+        folder = keep or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        made = write_tasks(folder, data_dir, suite)
+        start = time.perf_counter()
+        gere = {b: score_benchmark(model, tokenizer, BENCHMARKS[b], docs, batch_size, max_length, details=True)
+                for b, docs in suite.items()}  # fmt: skip
+        gere_s = time.perf_counter() - start
+        start = time.perf_counter()
+        out = run_lm_eval(model, tokenizer, folder, [t for ts in made.values() for t in ts], batch_size,
+                          max_length, logits_cache)  # fmt: skip
+        lm_s = time.perf_counter() - start
+    rows = {b: compare(b, docs, gere[b], [s for t in made[b] for s in out["samples"][t]], tokenizer)
+            for b, docs in suite.items()}  # fmt: skip
+    return rows, {b: _reported(b, made[b], out) for b in suite}, (gere_s, lm_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a model folder (config.json and weights, its tokenizer)")
@@ -260,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--benchmarks", default=",".join(BENCHMARKS), help="comma-separated suite names")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=2048, help="both scorers' sequence limit (tokens)")
+    parser.add_argument("--no-logits-cache", action="store_true",
+                        help="HFLM(logits_cache=False): lm-eval scores every request on its own")  # fmt: skip
     parser.add_argument("--label", default=None, help="RESULTS.md section suffix (default: the model folder's name)")
     parser.add_argument("--keep", default=None, help="keep the task YAMLs, rows and questions.json in this folder")
     parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/RESULTS.md alone")
@@ -276,24 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     suite = {b: subsample(read_benchmark(BENCHMARKS[b], data_dir), args.n or None, args.seed) for b in names}
     keep = Path(args.keep) if args.keep else None
-    with tempfile.TemporaryDirectory(prefix="gere-vs-lm-eval-") as tmp:
-        folder = keep or Path(tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        made = write_tasks(folder, data_dir, suite)
-        start = time.perf_counter()
-        gere = {b: score_benchmark(model, tokenizer, BENCHMARKS[b], docs, args.batch_size, args.max_length,
-                                   details=True) for b, docs in suite.items()}  # fmt: skip
-        gere_s = time.perf_counter() - start
-        start = time.perf_counter()
-        out = run_lm_eval(model, tokenizer, folder, [t for ts in made.values() for t in ts], args.batch_size,
-                          args.max_length)  # fmt: skip
-        lm_s = time.perf_counter() - start
-    rows = {}
-    for b, docs in suite.items():
-        samples = [s for t in made[b] for s in out["samples"][t]]
-        rows[b] = compare(b, docs, gere[b], samples, tokenizer)
-    reported = {b: _reported(b, made[b], out) for b in suite}
+    rows, reported, (gere_s, lm_s) = measure(model, tokenizer, data_dir, suite, keep, args.batch_size,
+                                             args.max_length, not args.no_logits_cache)  # fmt: skip
     text = table(rows, reported)
     note = f" gere {gere_s:.0f} s, lm-eval {lm_s:.0f} s for the {sum(len(d) for d in suite.values())} questions."
     section_head = f"## General suite against lm-eval {metadata.version('lm_eval')}: {args.model}"

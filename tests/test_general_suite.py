@@ -243,3 +243,27 @@ def test_a_missing_suite_file_stops_the_run_before_any_work(setup, tmp_path):
         run(setup, tmp_path / "r", "evaluation.general=suite", f"evaluation.general_suite_dir={tmp_path / 'empty'}",
             "evaluation.general_suite=[piqa]")
     assert not (tmp_path / "r" / "gere_store").exists()
+
+
+def test_lm_eval_itself_scores_the_suite_as_gere_does(tmp_path):
+    """benchmarks/general_suite_vs_lm_eval.py on a tiny Llama: lm-eval 0.4.13, reading the same rows through
+    its own task configs (converted from the released files by the script), builds the same contexts,
+    continuations and golds and finds the same log-likelihoods and picks, question by question."""
+    pytest.importorskip("lm_eval")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "general_suite_vs_lm_eval", Path(__file__).resolve().parent.parent / "benchmarks" / "general_suite_vs_lm_eval.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    data = write_fixtures(tmp_path / "data", n=4)
+    suite = load_suite(ALL, data, {}, seed=0)
+    rows, reported, _ = script.measure(tiny_llama(), tiny_tokenizer(), data, suite, tmp_path / "tasks", batch_size=3)
+    assert set(rows) == set(ALL) and sorted(reported) == sorted(ALL)
+    for name, row in rows.items():
+        assert row["n"] == len(suite[name]) and row["diff"]["missing"] == 0, name
+        assert {k: v for k, v in row["diff"].items() if v} == {}, (name, row["diff"])
+        assert row["max_abs_ll"] < 1e-4, name
+        assert row["lm_eval"]["acc"] == pytest.approx(row["gere"]["acc"]), name
+    assert (tmp_path / "tasks" / "gere_check_mmlu_virology.yaml").is_file()  # one lm-eval task per MMLU subject
