@@ -38,6 +38,8 @@ cell() {
   if [ -f "$dir/results.json" ]; then echo "kept: $dir"; return 0; fi
   local sets=(--set "training.learning_rate=$lr" --set "seed=$seed" --set "benchmark.order=$order")
   for kv in ${METHOD[$method]}; do sets+=(--set "$kv"); done  # a method's own rate comes after, and wins
+  # The gradient share of the loss parts (a diagnostic) on seed 0 of the methods with a margin.
+  if [ "$seed" = 0 ] && [[ $method == ce+tm* ]]; then sets+=(--set gere.grad_share_every=4); fi
   local resume=()
   if [ -f "$dir/run_state.json" ]; then resume=(--resume); fi
   echo "run: $dir ($(date -u +%T))"
