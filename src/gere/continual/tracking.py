@@ -183,28 +183,12 @@ def stage_metrics(tasks: list[str], accuracies: list[float], general: dict[str, 
 
 
 class SequenceTracker:
-    """Logs one task sequence to each backend of ``report_to``; a no-op without backends."""
+    """Logs one task sequence to each backend of ``report_to`` (one `TrackedRun` each, made by `TRACKERS`); a
+    no-op without backends."""
 
     def __init__(self, backends: list[str], name: str, out: Path, config: dict[str, Any]):
         self.backends, self.out = backends, out
-        self._tb = self._mlflow = self._wandb = None
-        if "tensorboard" in backends:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=os.environ.get("TENSORBOARD_LOGGING_DIR") or str(out / "tensorboard"))
-        if "mlflow" in backends:
-            self._mlflow = MlflowRun(name, out, config)
-        if "wandb" in backends:
-            import wandb
-
-            self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "gere"), name=name, config=config,
-                                     dir=str(out), reinit="finish_previous")  # fmt: skip
-            # Each family on its own axis: training and eval_at_step on the sequence's step, eval on the stage.
-            self._wandb.define_metric("stage")
-            self._wandb.define_metric("global_step")
-            self._wandb.define_metric("eval/*", step_metric="stage")
-            for family in ("train/*", f"{AT_STEP}*"):
-                self._wandb.define_metric(family, step_metric="global_step")
+        self.runs: list[TrackedRun] = [TRACKERS[b](name, out, config) for b in backends]
 
     def log_training(self, rows: list[dict[str, Any]]) -> None:
         """Loss-history rows (``{"step", "task", <LOGGED>..., "learning_rate", "grad_norm", <GRAD_SHARE>...}``)
@@ -223,41 +207,85 @@ class SequenceTracker:
             self._log(at_step, step=global_step, axis="global_step")
 
     def _log(self, values: dict[str, float], step: int, axis: str) -> None:
-        for key, value in values.items():
-            if self._tb is not None:
-                self._tb.add_scalar(key, value, step)
-        if self._mlflow is not None:
-            self._mlflow.log(values, step)
-        if self._wandb is not None:
-            self._wandb.log({**values, axis: step})
+        for run in self.runs:
+            run.log(values, step, axis)
 
     def finish(self, results: dict[str, Any], files: list[Path]) -> None:
-        """Summary metrics, the accuracy matrix as a table, the report files as artifacts; closes the run."""
+        """Summary metrics, the accuracy matrix as a table, the report files as artifacts; closes the runs."""
         m = results["metrics"]
         summary = {f"summary/{label}": float(m[key]) for key, label in SUMMARY.items() if m.get(key) is not None}
         table = {"stage": results["stages"], **{t: [row[j] for row in results["accuracy_matrix"]]
                                                 for j, t in enumerate(results["tasks"])}}  # fmt: skip
-        if self._tb is not None:
-            for key, value in summary.items():
-                self._tb.add_scalar(key, value, len(results["tasks"]))
-            self._tb.add_text("accuracy_matrix", _markdown_table(table))
-            for path in files:
-                if path.suffix == ".md":
-                    self._tb.add_text(path.stem, read_text(path, what="report", kind="state"))
-            self._tb.close()
-        if self._mlflow is not None:
-            self._mlflow.finish(summary, table, files)
-        if self._wandb is not None:
-            self._wandb.summary.update(summary)
-            columns = list(table)
-            rows = [[table[c][i] for c in columns] for i in range(len(table["stage"]))]
-            self._wandb.log({"accuracy_matrix": __import__("wandb").Table(columns=columns, data=rows)})
-            for path in files:
-                self._wandb.save(str(path), base_path=str(path.parent), policy="now")
-            self._wandb.finish()
+        for run in self.runs:
+            run.finish(summary, table, files, len(results["tasks"]))
 
 
-class MlflowRun:
+class TrackedRun:
+    """One backend's run of a sequence: what `SequenceTracker` calls. A new backend is one subclass and one
+    entry of `TRACKERS` (and of `BACKENDS`, the module it needs)."""
+
+    def log(self, values: dict[str, float], step: int, axis: str) -> None:
+        """Scalars at ``step`` of ``axis`` (``"global_step"``: the sequence's step; ``"stage"``: 0 = base)."""
+        raise NotImplementedError
+
+    def finish(self, summary: dict[str, float], table: dict[str, list], files: list[Path], stages: int) -> None:
+        """The summary metrics, the accuracy matrix (``{"stage": [...], task: [...]}``), the report files."""
+        raise NotImplementedError
+
+
+class TensorBoardRun(TrackedRun):
+    """Event files under ``<run>/tensorboard`` (``$TENSORBOARD_LOGGING_DIR`` to move them)."""
+
+    def __init__(self, name: str, out: Path, config: dict[str, Any]):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=os.environ.get("TENSORBOARD_LOGGING_DIR") or str(out / "tensorboard"))
+
+    def log(self, values: dict[str, float], step: int, axis: str) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+
+    def finish(self, summary: dict[str, float], table: dict[str, list], files: list[Path], stages: int) -> None:
+        for key, value in summary.items():
+            self.writer.add_scalar(key, value, stages)
+        self.writer.add_text("accuracy_matrix", _markdown_table(table))
+        for path in files:
+            if path.suffix == ".md":
+                self.writer.add_text(path.stem, read_text(path, what="report", kind="state"))
+        self.writer.close()
+
+
+class WandbRun(TrackedRun):
+    """A W&B run in ``$WANDB_PROJECT`` (default ``gere``); ``WANDB_MODE=offline`` works without a network."""
+
+    def __init__(self, name: str, out: Path, config: dict[str, Any]):
+        import wandb
+
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "gere"), name=name, config=config,
+                              dir=str(out), reinit="finish_previous")  # fmt: skip
+        # Each family on its own axis: training and eval_at_step on the sequence's step, eval on the stage.
+        self.run.define_metric("stage")
+        self.run.define_metric("global_step")
+        self.run.define_metric("eval/*", step_metric="stage")
+        for family in ("train/*", f"{AT_STEP}*"):
+            self.run.define_metric(family, step_metric="global_step")
+
+    def log(self, values: dict[str, float], step: int, axis: str) -> None:
+        self.run.log({**values, axis: step})
+
+    def finish(self, summary: dict[str, float], table: dict[str, list], files: list[Path], stages: int) -> None:
+        import wandb
+
+        self.run.summary.update(summary)
+        columns = list(table)
+        rows = [[table[c][i] for c in columns] for i in range(len(table["stage"]))]
+        self.run.log({"accuracy_matrix": wandb.Table(columns=columns, data=rows)})
+        for path in files:
+            self.run.save(str(path), base_path=str(path.parent), policy="now")
+        self.run.finish()
+
+
+class MlflowRun(TrackedRun):
     """One MLflow run in the store `mlflow_store` names, through MLflow's client (no process-wide state)."""
 
     def __init__(self, name: str, out: Path, config: dict[str, Any]):
@@ -296,19 +324,23 @@ class MlflowRun:
                 raise
             return found.experiment_id
 
-    def log(self, values: dict[str, float], step: int) -> None:
+    def log(self, values: dict[str, float], step: int, axis: str = "global_step") -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         metrics = [Metric(mlflow_name(k), float(v), now, step) for k, v in values.items()]
         self.client.log_batch(self.run_id, metrics=metrics)
 
-    def finish(self, summary: dict[str, float], table: dict[str, list], files: list[Path]) -> None:
+    def finish(self, summary: dict[str, float], table: dict[str, list], files: list[Path], stages: int = 0) -> None:
         self.log(summary, 0)
         self.client.log_table(self.run_id, table, "accuracy_matrix.json")
         for path in files:
             self.client.log_artifact(self.run_id, str(path))
         self.client.set_terminated(self.run_id)
+
+
+#: The tracked run of each ``report_to`` backend.
+TRACKERS: dict[str, type[TrackedRun]] = {"tensorboard": TensorBoardRun, "mlflow": MlflowRun, "wandb": WandbRun}
 
 
 def mlflow_name(key: str) -> str:
