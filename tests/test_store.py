@@ -215,3 +215,60 @@ def test_one_owner_says_where_a_store_lives(tmp_path):
     spelled = [str(p.relative_to(src)) for p in sorted(src.rglob("*.py"))
                for node in ast.walk(ast.parse(p.read_text())) if isinstance(node, ast.Constant) and node.value == OWN_STORE]  # fmt: skip
     assert spelled == ["store/extract.py"], "the default store folder is named in one place"
+
+
+# ---------------------------------------------------------------------------------------------- on a GPU
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# The forward pass on another device sums in another order: fp32 states differ by rounding (~1e-6 here). What
+# the store keeps from them must then agree within these bounds.
+STATS_ATOL = 1e-4  # mean and std per dimension (float64, of states of order 1)
+BOUNDARY = 1e-3  # a label code may differ only where the state lies this close to a threshold, in stds ...
+CODE_SHARE = 1e-3  # ... and on at most this share of the elements
+HALF_ULP = dict(rtol=2e-3, atol=1e-3)  # float16 features and top-k logits: one float16 step apart at most
+
+
+def assert_stores_agree(first, second, states: list[torch.Tensor]) -> dict:
+    """``second`` holds what ``first`` does up to rounding at the bounds above; ``states`` are the fp32 states
+    one by one on the CPU, to tell where a differing label code lies. Returns the counts it compared."""
+    assert [second.tokens(i) for i in range(len(second))] == [first.tokens(i) for i in range(len(first))]
+    for key in ("model", "tokens", "samples", "layers"):
+        assert first.manifest[key] == second.manifest[key], key
+    layer = first.layers[0]
+    for a, b in zip(first.mean_std(layer), second.mean_std(layer)):
+        np.testing.assert_allclose(b, a, rtol=0, atol=STATS_ATOL)
+    low, high = first.thresholds(layer)
+    std = first.mean_std(layer)[1]
+    differing = elements = topk_rows = 0
+    for i, state in enumerate(states):
+        codes_a, codes_b = (s.codes(i, layer) for s in (first, second))
+        off = codes_a != codes_b
+        h = state.double().numpy()
+        gap = np.minimum(np.abs(h - low), np.abs(h - high)) / std  # [tokens, hidden], in stds
+        assert (gap[off] <= BOUNDARY).all(), (i, gap[off])
+        differing, elements = differing + int(off.sum()), elements + off.size
+        np.testing.assert_allclose(second.features(i, layer), first.features(i, layer), **HALF_ULP)
+        (values_a, ids_a), (values_b, ids_b) = first.topk(i), second.topk(i)
+        np.testing.assert_allclose(values_b, values_a, **HALF_ULP)
+        # Near-ties at the k-th place may swap in another id; the values, sorted, stay within HALF_ULP.
+        topk_rows += sum(set(a) != set(b) for a, b in zip(ids_a.tolist(), ids_b.tolist()))
+    assert differing <= CODE_SHARE * elements, (differing, elements)
+    tokens = first.manifest["tokens"]
+    assert topk_rows <= max(1, 0.01 * tokens), (topk_rows, tokens)
+    return {"differing_codes": differing, "elements": elements, "topk_rows_differing": topk_rows}
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_store_extracted_on_cuda_equals_the_cpu_extraction(tmp_path):
+    model, tok, rs = tiny_llama(), tiny_tokenizer(), make_set(n=40)
+    spec = StoreSpec(max_length=16, batch_size=4, features=True, topk=8)
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default; TF32 would round to 10 bits
+    try:
+        on_cpu = extract_store(model, tok, rs, tmp_path / "cpu", spec, progress=False, device="cpu")
+        on_cuda = extract_store(model, tok, rs, tmp_path / "cuda", spec, progress=False, device="cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    assert next(model.parameters()).device.type == "cpu"  # moved to the GPU for the pass only
+    counts = assert_stores_agree(on_cpu, on_cuda, one_by_one_states(model, tok, rs, 16))
+    assert counts["elements"] == on_cpu.manifest["tokens"] * model.config.hidden_size

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -357,3 +358,72 @@ def test_a_later_task_reuses_the_store_in_store_dir_when_check_store_model_is_of
     other_k = dataclasses.replace(config, threshold_k=2.0)
     with pytest.raises(GeReError, match="threshold k"):
         make_trainer(tmp_path, trained, tok, other_k, steps=1, check_store_model=False).train()
+
+
+# ---------------------------------------------------------------------------------------------- on a GPU
+# What only a CUDA device exercises: bf16 autocast there, the store extracted there, the store's tensors moved
+# there. Marked `gpu` (``pytest -m gpu`` runs these alone; benchmarks/device_check.py does) and skipped where
+# torch sees no CUDA device, so the CPU suite reports them as skipped, never failed.
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def cuda_bf16_trainer(tmp_path, model, tok, config, steps=3, use_cpu=False):
+    """`make_trainer`'s trainer on the default CUDA device under bf16 autocast (weights stay fp32); ``use_cpu``
+    puts the same on the CPU, to try the tests' code there."""
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=steps, learning_rate=5e-3,
+        logging_steps=1, save_strategy="no", report_to=[], bf16=True, use_cpu=use_cpu, seed=0, disable_tqdm=True,
+    )  # fmt: skip
+    return GeReTrainer(model=model, args=args, train_dataset=task_dataset(tok), processing_class=tok,
+                       data_collator=DataCollatorForSeq2Seq(tok, padding=True), gere_config=config)  # fmt: skip
+
+
+def tm_config(tmp_path, margin_weight="dy"):
+    return GeReConfig(replay_source=str(replay_file(tmp_path)), num_replay_samples=8, objective="ce+tm",
+                      replay_max_length=16, replay_batch_size=4, margin_weight=margin_weight)  # fmt: skip
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_bf16_training_on_cuda_logs_finite_parts_and_a_margin(tmp_path):
+    tok, model = tiny_tokenizer(), tiny_llama()
+    trainer = cuda_bf16_trainer(tmp_path, model, tok, tm_config(tmp_path, margin_weight="0"), steps=4)
+    assert trainer.args.device.type == "cuda" and trainer.args.bf16
+    before = trainable_snapshot(model)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 4
+    for entry in logged:
+        assert EXPECTED_PARTS["ce+tm"] <= set(entry), entry
+        assert all(math.isfinite(entry[k]) for k in (*EXPECTED_PARTS["ce+tm"], "loss")), entry
+    margins = [h["replay_margin"] for h in logged]
+    # bf16 states differ from the fp32 store's by rounding alone at the first step; with weight 0 nothing holds
+    # the states back, so training moves them across the thresholds.
+    assert margins[0] < 0.05 and max(margins[1:]) > margins[0]
+    assert next(model.parameters()).device.type == "cuda" and next(model.parameters()).dtype == torch.float32
+    assert changed(before, model)
+    assert (tmp_path / "out" / "gere_store" / "manifest.json").exists()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_the_stores_targets_reach_the_models_cuda_device_in_training(tmp_path, monkeypatch):
+    from gere.reference import StoreReference
+
+    seen = []
+    real_targets = StoreReference.targets
+
+    def recording_targets(self, model, indices, ids, mask):  # the real method, its outputs' devices noted
+        out = real_targets(self, model, indices, ids, mask)
+        tensors = [ids, mask, *out.codes.values(), *(t for band in out.bands.values() for t in band)]
+        seen.append((next(model.parameters()).device, {t.device for t in tensors}, out))
+        return out
+
+    monkeypatch.setattr(StoreReference, "targets", recording_targets)
+    tok, model = tiny_tokenizer(), tiny_llama()
+    cuda_bf16_trainer(tmp_path, model, tok, tm_config(tmp_path), steps=2).train()
+    assert len(seen) == 2
+    for model_device, devices, out in seen:
+        assert model_device.type == "cuda" and devices == {model_device}
+        assert all(codes.dtype == torch.uint8 for codes in out.codes.values())
+        assert all({low.dtype, high.dtype} == {torch.float32} for low, high in out.bands.values())
