@@ -88,3 +88,25 @@ def test_a_baseline_added_by_registration_takes_part_in_a_run(setup, tmp_path, m
         {"stage": 2, "baseline": "counting", "count": 2},
     ]
     assert json.loads((tmp_path / "r" / "checkpoints" / "stage-2" / "counting.json").read_text()) == 2
+
+
+def test_each_baseline_is_one_spec_its_on_rule_read_by_the_class_and_the_method_name():
+    from gere.baselines.settings import BASELINE_SETTINGS
+    from gere.continual.run_config import load_run_config
+    from gere.parts import PENALTIES
+
+    sections = {f.name: f for f in dataclasses.fields(RunConfig)}
+    assert {cls.settings_class for cls in registry.BASELINES.values()} == set(BASELINE_SETTINGS)
+    for name, cls in registry.BASELINES.items():
+        spec = cls.settings_class
+        assert spec in BASELINE_SETTINGS and name == spec.section and sections[name].type in (spec, spec.__name__)
+    assert PENALTIES == ("ewc", "lwf", "olora_orth", "olora_l2", "task_replay_ce")  # every section's parts, in order
+    on = ["ewc.strength=1", "lwf.weight=0.5", "task_replay.per_task=2", "lora.target_modules=[q_proj]"]
+    for sets, method, built in (
+        ([], "ce", []),
+        (on, "ce+ewc+lwf+task-replay", ["ewc", "task_replay", "lwf"]),
+        ([*on[1:], "finetuning=olora"], "ce+lwf+olora+task-replay", ["task_replay", "olora", "lwf"]),
+    ):
+        cfg = load_run_config(None, ["model=m", "tasks=[{name: t, source: t, labels: [a, b], instruction: i}]",
+                                     "gere.objective=ce", *sets])  # fmt: skip
+        assert cfg.method_name() == method and list(registry.run_baselines(cfg)) == built

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from gere.baselines.settings import BASELINE_SETTINGS
 from gere.errors import GeReError
 
 #: What a part reads of the model under training on the replay batch.
@@ -69,8 +70,8 @@ TASK_CE = "task_ce"
 TOTAL = "loss"
 #: The continual-learning baselines' loss parts (`gere.baselines`), added to the loss as they are (each carries
 #: its own strength): EWC's weight penalty, LwF's distillation, O-LoRA's orthogonality and L2 penalties, the
-#: cross-entropy of a separate batch of earlier tasks' examples.
-PENALTIES = ("ewc", "lwf", "olora_orth", "olora_l2", "task_replay_ce")
+#: cross-entropy of a separate batch of earlier tasks' examples; each baseline's section names its own.
+PENALTIES = tuple(part for settings in BASELINE_SETTINGS for part in settings.parts)
 #: Every loss part and weight a training step may log, in display order.
 LOSS_PARTS = (TASK_CE, *(p.loss for p in REPLAY_PARTS.values()), *PENALTIES)
 WEIGHTS = tuple(p.weight for p in REPLAY_PARTS.values() if p.weight is not None)

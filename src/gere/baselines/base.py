@@ -1,9 +1,10 @@
 """The one interface of a continual-learning baseline, and what a continual run shows it of each task.
 
-A baseline is a module of `gere.baselines` with a subclass of `Baseline`, registered by its run-config
-section in `gere.baselines.registry.BASELINES`. A continual run (`gere.continual.runner`) builds the run's baselines
-with `Baseline.from_config` (``None``: off in this run) and, for every task, calls each of them in
-registration order:
+A baseline is a module of `gere.baselines` with a subclass of `Baseline` that names its run-config section's
+settings (`Baseline.settings_class`, in `gere.baselines.settings`: the section, its label in method names, its loss
+parts and its "on" rule), registered in `gere.baselines.registry.BASELINES`. A continual run
+(`gere.continual.runner`) builds the run's baselines with `Baseline.from_config` (``None``: off in this run)
+and, for every task, calls each of them in registration order:
 
 1. `train_rows`: the task's training rows, changed or added to (earlier tasks' examples, an index column);
 2. `before_task`: set-up on the model and the final rows (a new adapter, the previous stage's targets);
@@ -14,9 +15,9 @@ registration order:
 
 When a run resumes, `resume` runs before the checkpoint's weights load (to shape the model for them) and
 `load` after. `before_task` and `after_task` may return report rows: mappings the run keeps, per stage,
-under ``baselines`` in its results. Adding a baseline: its module (settings in `gere.baselines.settings`,
-a section in `gere.continual.run_config.RunConfig`), its part names in `gere.parts.PENALTIES`, and one line
-in `BASELINES`; docs/baselines.md shows one.
+under ``baselines`` in its results. Adding a baseline: its module (its class with ``settings_class``
+and `from_settings`), its settings (in `gere.baselines.settings`, listed in ``BASELINE_SETTINGS``, and a section in
+`gere.continual.run_config.RunConfig`), and its class in `BASELINES`; docs/baselines.md shows one.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass
@@ -48,9 +49,19 @@ class Stage:
 class Baseline:
     """A continual-learning method beside GeRe replay; every hook does nothing unless a baseline says so."""
 
+    #: Its run-config section's settings class (`gere.baselines.settings`): the section, label, parts, "on" rule.
+    settings_class: ClassVar[type]
+
     @classmethod
     def from_config(cls, cfg) -> Baseline | None:
-        """The baseline as run config ``cfg`` (a `RunConfig`, its settings checked) sets it up; ``None`` if off."""
+        """The baseline as run config ``cfg`` (a `RunConfig`, its settings checked) sets it up; ``None`` if its
+        section's `on` rule says it is off."""
+        settings = getattr(cfg, cls.settings_class.section)
+        return cls.from_settings(settings, cfg) if settings.on(cfg) else None
+
+    @classmethod
+    def from_settings(cls, settings, cfg) -> Baseline:
+        """The baseline built from its section's ``settings`` (on) and, where it needs more, run config ``cfg``."""
         raise NotImplementedError
 
     def resume(self, model, stages_done: int) -> None:

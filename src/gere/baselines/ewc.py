@@ -107,8 +107,7 @@ class EWC:
     name = "ewc"
 
     def __init__(self, strength: float):
-        EwcSettings(strength=strength)  # its rules, written once
-        if not strength > 0:
+        if not EwcSettings(strength=strength).on():  # its rules, written once
             raise GeReError(f"EWC strength must be above 0 (got {strength}); leave EWC off instead")
         self.strength = float(strength)
         self.fisher: dict[str, torch.Tensor] = {}
@@ -156,12 +155,14 @@ class EwcBaseline(Baseline):
     """EWC in a continual run (the ``ewc:`` section): the penalty while every task after the first trains, the
     Fisher of ``samples`` of each task's training rows added after it; Fisher and anchor in every checkpoint."""
 
+    settings_class = EwcSettings
+
     def __init__(self, strength: float, samples: int):
         self.ewc, self.samples = EWC(strength), samples
 
     @classmethod
-    def from_config(cls, cfg) -> EwcBaseline | None:
-        return cls(cfg.ewc.strength, cfg.ewc.samples) if cfg.ewc.strength > 0 else None
+    def from_settings(cls, settings: EwcSettings, cfg) -> EwcBaseline:
+        return cls(settings.strength, settings.samples)
 
     def loss_parts(self, stage: Stage) -> list:
         return [self.ewc]

@@ -73,10 +73,10 @@ class LwF:
     def __init__(self, weight: float = 1.0, temperature: float = 2.0, topk: int = 64, batch_size: int = 8,
                  tokens: str = "all"):  # fmt: skip
         try:
-            LwfSettings(weight=weight, temperature=temperature, topk=topk, tokens=tokens)  # its rules, written once
+            settings = LwfSettings(weight=weight, temperature=temperature, topk=topk, tokens=tokens)  # its rules, once
         except GeReError as err:
             raise GeReError(f"LwF: {err}") from None
-        if not weight > 0:
+        if not settings.on():
             raise GeReError(f"LwF: weight must be above 0 (got {weight}); leave LwF off instead")
         self.weight, self.temperature = float(weight), float(temperature)
         self.topk, self.batch_size, self.tokens = int(topk), int(batch_size), tokens
@@ -161,11 +161,10 @@ class LwfBaseline(Baseline):
     def __init__(self, lwf: LwF):
         self.lwf = lwf
 
+    settings_class = LwfSettings
+
     @classmethod
-    def from_config(cls, cfg) -> LwfBaseline | None:
-        s = cfg.lwf
-        if not s.weight > 0:
-            return None
+    def from_settings(cls, s: LwfSettings, cfg) -> LwfBaseline:
         return cls(LwF(s.weight, s.temperature, s.topk, cfg.evaluation.batch_size, s.tokens))
 
     def train_rows(self, stage: Stage) -> list[dict]:

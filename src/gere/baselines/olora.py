@@ -117,13 +117,13 @@ class OLoraBaseline(Baseline):
     def __init__(self, olora: OLoRA):
         self.olora = olora
 
+    settings_class = OLoraSettings
+
     @classmethod
-    def from_config(cls, cfg) -> OLoraBaseline | None:
-        if cfg.finetuning != "olora":
-            return None
+    def from_settings(cls, s: OLoraSettings, cfg) -> OLoraBaseline:
         from gere.modeling import lora_config
 
-        return cls(OLoRA(cfg.olora.orthogonal, cfg.olora.l2, lora_config(cfg.lora)))
+        return cls(OLoRA(s.orthogonal, s.l2, lora_config(cfg.lora)))
 
     def resume(self, model, stages_done: int) -> None:
         if stages_done > 0:  # the finished tasks' adapters, for their weights to load into

@@ -1,5 +1,6 @@
-"""The registry of continual-learning baselines: each by its run-config section, in the order a continual run
-calls them (their loss parts join the loss in this order). Adding a baseline adds one line here."""
+"""The registry of continual-learning baselines: each class by its run-config section (its settings' ``section``),
+in the order a continual run calls them (their loss parts join the loss in this order). Adding a baseline adds
+its class here."""
 
 from __future__ import annotations
 
@@ -10,10 +11,7 @@ from gere.baselines.olora import OLoraBaseline
 from gere.baselines.task_replay import TaskReplay
 
 BASELINES: dict[str, type[Baseline]] = {
-    "ewc": EwcBaseline,
-    "task_replay": TaskReplay,
-    "olora": OLoraBaseline,
-    "lwf": LwfBaseline,
+    cls.settings_class.section: cls for cls in (EwcBaseline, TaskReplay, OLoraBaseline, LwfBaseline)
 }
 
 

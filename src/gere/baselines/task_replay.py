@@ -128,9 +128,11 @@ class TaskReplay(Baseline):
         self._buffered: list[dict] = []
         self._num_task = 0
 
+    settings_class = TaskReplaySettings
+
     @classmethod
-    def from_config(cls, cfg) -> TaskReplay | None:
-        return cls(cfg.task_replay) if cfg.task_replay.per_task > 0 else None
+    def from_settings(cls, settings: TaskReplaySettings, cfg) -> TaskReplay:
+        return cls(settings)
 
     def train_rows(self, stage: Stage) -> list[dict]:
         self._buffered = []

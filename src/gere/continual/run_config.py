@@ -12,7 +12,13 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gere.baselines.settings import EwcSettings, LwfSettings, OLoraSettings, TaskReplaySettings
+from gere.baselines.settings import (
+    BASELINE_SETTINGS,
+    EwcSettings,
+    LwfSettings,
+    OLoraSettings,
+    TaskReplaySettings,
+)
 from gere.config import GeReConfig, global_batch_size
 from gere.config_reading import coerce, from_dict, parse_override, read_yaml_mapping, set_dotted, to_plain
 from gere.continual.general_benchmarks import BENCHMARKS, DEFAULT_SUITE_DIR, SUITE, benchmark
@@ -254,7 +260,7 @@ class RunConfig:
             (self.finetuning in FINETUNING, "finetuning", f"one of {FINETUNING}"),
             (self.keep_checkpoints >= 0, "keep_checkpoints", "0 (keep all) or more"),
         ], self)  # fmt: skip
-        if self.finetuning == "olora" and self.ewc.strength > 0:
+        if self.olora.on(self) and self.ewc.on(self):
             raise GeReError(
                 "ewc.strength > 0 with finetuning: olora: every task trains a new adapter, so EWC's anchor (the "
                 "weights that trained before) has nothing left to hold; use one of the two"
@@ -272,17 +278,14 @@ class RunConfig:
         """The method a run trains with, as reports name it: the replay objective (``none`` without
         replay), with ``+ewc`` / ``+lwf`` / ``+olora`` / ``+task-replay`` when those baselines are on (alone: ``ewc``, ...)."""
         parts = [self.gere.objective] if self.gere.parts else []
-        parts += ["ewc"] if self.ewc.strength > 0 else []
-        parts += ["lwf"] if self.lwf.weight > 0 else []
-        parts += ["olora"] if self.finetuning == "olora" else []
-        parts += ["task-replay"] if self.task_replay.per_task > 0 else []
+        parts += [s.label for s in BASELINE_SETTINGS if getattr(self, s.section).on(self)]
         return "+".join(parts) or "none"
 
     def _check_interpolation(self, t: TrainingSettings, task: str | None) -> None:
         k = self.gere.num_interpolate_per_batch
         global_batch = global_batch_size(t.per_device_train_batch_size, t.gradient_accumulation_steps)
         tr = self.task_replay
-        if tr.per_task and tr.mixing == "interpolate":
+        if tr.on(self) and tr.mixing == "interpolate":
             if self.gere.parts and self.gere.mixing in ("interpolate", "concat"):
                 raise GeReError(
                     f"task_replay.mixing: interpolate and gere replay_mixing {self.gere.mixing!r} both place rows "
