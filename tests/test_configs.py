@@ -64,6 +64,9 @@ def test_settings_added_later_leave_an_earlier_run_s_identity_as_it_was(tmp_path
         data.pop(key)
     del data["evaluation"]["lm_eval_batch_size"], data["benchmark"]["tasks"], data["gere"]["grad_share_every"]
     del data["evaluation"]["schedule"], data["benchmark"]["prompts"]
+    for key in ("general_suite", "general_suite_dir", "general_suite_limit", "general_suite_limits",
+                "general_suite_seed", "general_suite_max_length"):  # fmt: skip
+        del data["evaluation"][key]
     recorded = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
     assert same_config({"config_digest": recorded}, cfg)
     changed = load_run_config(Path(__file__).parent.parent / "configs" / "cl15_order4.yaml",
@@ -73,6 +76,9 @@ def test_settings_added_later_leave_an_earlier_run_s_identity_as_it_was(tmp_path
                                ["gere.grad_share_every=4"])  # fmt: skip
     assert config_digest(measured) != config_digest(cfg)
     assert not same_config({"config_digest": recorded}, measured)
+    suite = load_run_config(Path(__file__).parent.parent / "configs" / "cl15_order4.yaml",
+                            ["evaluation.general=suite", "evaluation.general_suite_limit=5"])  # fmt: skip
+    assert not same_config({"config_digest": recorded}, suite)
 
 
 def test_the_demo_tasks_config_runs_on_the_data_gere_data_demo_makes(tmp_path, monkeypatch, capsys):
