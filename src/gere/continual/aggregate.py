@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gere.continual.metrics import METRICS
 from gere.continual.plots import new_figure, save_figure
 from gere.continual.report import table
 from gere.errors import GeReError
@@ -43,14 +44,7 @@ def run_values(results: dict[str, Any]) -> dict[str, float | None]:
     def points(value):
         return None if value is None else 100.0 * value
 
-    values = {
-        "AP %": points(m.get("ap")),
-        "BWT %": points(m.get("bwt")),
-        "forgetting %": points(m.get("forgetting")),
-        "FWT %": points(m.get("fwt")),
-        "general %": points(m.get("general_final")),
-        "F1 Avg %": points(m.get("f1_avg")),
-    }
+    values = {f"{info.label} %": points(m.get(info.key)) for info in METRICS}
     general = results.get("general") or []
     final = general[-1] if general else {}
     if final.get("mc_accuracy_sum") is not None:

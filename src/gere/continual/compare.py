@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gere.continual.aggregate import aggregate_runs, render_aggregate, write_aggregate
-from gere.continual.metrics import check_matrix, compute_metrics, general_source
+from gere.continual.metrics import METRICS, check_matrix, compute_metrics, general_source
 from gere.continual.plots import new_figure, save_figure
 from gere.continual.report import num, pct, table
 from gere.errors import GeReError
@@ -28,14 +28,14 @@ def _final_perplexity(results: dict[str, Any]) -> float | None:
     return sum(ppl.values()) / len(ppl) if ppl else None
 
 
-COMPARE_COLUMNS = ("AP", "AP weighted", "BWT", "FWT", "forgetting", "general score", "F1 Avg")
+COMPARE_COLUMNS = tuple(info.label for info in METRICS)
 
 
 def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
     """Read each run's results.json and write ``comparison.md`` and ``comparison.png`` to `out_dir`.
 
-    The table has one row per run: method, AP, AP weighted, BWT, FWT, forgetting, general score (all in
-    %), final perplexity (mean over held-out sets), F1 Avg (%) and wall time (s).
+    The table has one row per run: method, the metrics of `gere.continual.metrics.METRICS` (in %), final
+    perplexity (mean over held-out sets) and wall time (s).
     """
     runs = read_runs(run_dirs)
     values = [_metric_values(r) for r in runs]
@@ -151,15 +151,14 @@ def _checked_results(data: Any, path: Path) -> dict[str, Any]:
 def _metric_values(run: dict[str, Any]) -> list[float | None]:
     """The run's values of `COMPARE_COLUMNS`, as fractions."""
     m = run["metrics"]
-    return [m.get(k) for k in ("ap", "ap_weighted", "bwt", "fwt", "forgetting", "general_final", "f1_avg")]
+    return [m.get(info.key) for info in METRICS]
 
 
 def _comparison_table(runs: list[dict[str, Any]], values: list[list[float | None]]) -> str:
-    header = ["run folder", "method", "name", "AP", "AP weighted", "BWT", "FWT", "forgetting", "general score", "perplexity",
-              "F1 Avg", "wall time (s)"]  # fmt: skip
+    header = ["run folder", "method", "name", *COMPARE_COLUMNS, "perplexity", "wall time (s)"]
     rows = [
-        [f"`{r['folder']}`", str(r.get("method", "?")), str(r.get("name", "")), *map(pct, numbers[:6]), num(_final_perplexity(r)),
-         pct(numbers[6]), num((r.get("timing") or {}).get("total_s"), 1)]  # fmt: skip
+        [f"`{r['folder']}`", str(r.get("method", "?")), str(r.get("name", "")), *map(pct, numbers),
+         num(_final_perplexity(r)), num((r.get("timing") or {}).get("total_s"), 1)]  # fmt: skip
         for r, numbers in zip(runs, values, strict=True)
     ]
     return table(header, rows)

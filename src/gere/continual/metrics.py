@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from gere.errors import GeReError
@@ -111,6 +112,29 @@ def f1_average(general_score: float | None, ap: float | None) -> float | None:
     if general_score <= 0 or ap <= 0:
         return 0.0
     return 2 * general_score * ap / (general_score + ap)
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """One metric of a run, as every reader shows it: report.md, `gere compare`, sweeps' aggregates, the
+    trackers' summary. A new metric is one entry of `METRICS` (and its value in `compute_metrics`)."""
+
+    key: str  #: its key in results.json's ``metrics``
+    label: str  #: its short name: table columns, plots, ``summary/<label>`` in the trackers, ``<label> %`` in sweeps
+    described: str  #: its row in report.md
+    higher_is_better: bool = True
+    unit: str = "%"  #: fractions shown in percent; differences of two runs in percentage points
+
+
+METRICS: tuple[MetricInfo, ...] = (
+    MetricInfo("ap", "AP", "AP (mean final accuracy)"),
+    MetricInfo("ap_weighted", "AP weighted", "AP, sample-weighted"),
+    MetricInfo("bwt", "BWT", "BWT"),
+    MetricInfo("fwt", "FWT", "FWT"),
+    MetricInfo("forgetting", "forgetting", "Forgetting", higher_is_better=False),
+    MetricInfo("general_final", "general", "General score (final)"),
+    MetricInfo("f1_avg", "F1 Avg", "F1 Avg (general, AP)"),
+)
 
 
 #: A task whose accuracy right after its own training is less than this above the accuracy just before it

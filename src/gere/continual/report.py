@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gere.continual.metrics import LEARNED_MARGIN, check_matrix, compute_metrics, not_learned
+from gere.continual.metrics import LEARNED_MARGIN, METRICS, check_matrix, compute_metrics, not_learned
 from gere.continual.plots import (
     grad_share_series,
     perplexity_sets,
@@ -242,16 +242,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     )
     parts += _schedule_note(results)
     parts += ["", "## Metrics (%)", ""]
-    metric_rows = [
-        ("AP (mean final accuracy)", m.get("ap")),
-        ("AP, sample-weighted", m.get("ap_weighted")),
-        ("BWT", m.get("bwt")),
-        ("FWT", m.get("fwt")),
-        ("Forgetting", m.get("forgetting")),
-        ("General score (final)", m.get("general_final")),
-        ("F1 Avg (general, AP)", m.get("f1_avg")),
-    ]
-    parts.append(table(["metric", "value"], [[k, pct(v)] for k, v in metric_rows]))
+    parts.append(table(["metric", "value"], [[info.described, pct(m.get(info.key))] for info in METRICS]))
     parts += _general_section(results)
     parts += _grad_share_section(results)
     timing = results.get("timing") or {}

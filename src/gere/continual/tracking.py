@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from gere.continual.metrics import general_score
+from gere.continual.metrics import METRICS, general_score
 from gere.errors import GeReError, shown
 from gere.parts import GRAD_SHARE, LOGGED, TRAINER_LOGGED
 from gere.reading import read_text
@@ -50,8 +50,7 @@ AT_STEP = "eval_at_step/"  # evaluation metrics at the sequence's step where the
 #: MLflow's store where ``$MLFLOW_TRACKING_URI`` is unset: these names in the folder that holds the run folder.
 MLFLOW_DB, MLFLOW_ARTIFACTS, MLFLOW_EXPERIMENT = "mlflow.db", "mlruns", "gere"
 _MLFLOW_REFUSED = re.compile(r"[^/\w.\- :]")  # what MLflow's metric and param names may not hold
-SUMMARY = {"ap": "AP", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting", "general_final": "general",
-           "f1_avg": "F1 Avg"}  # fmt: skip
+SUMMARY = {info.key: info.label for info in METRICS}  # results.json's metric -> summary/<label>
 
 
 def check_report_to(names: list[str], out: str | Path = "runs/run") -> list[str]:
