@@ -170,3 +170,13 @@ def test_the_same_run_twice_gives_identical_metrics(setup, tmp_path):
     assert a["accuracy_matrix"] == b["accuracy_matrix"] and a["general"] == b["general"]
     assert a["metrics"] == b["metrics"]
     assert [h["loss"] for h in a["loss_history"]] == [h["loss"] for h in b["loss_history"]]
+
+
+def test_a_held_out_set_without_its_text_field_names_the_set_and_the_field(setup, tmp_path):
+    bad = tmp_path / "heldout.jsonl"
+    bad.write_text('{"body": "a text without its field"}\n')
+    with pytest.raises(GeReError) as err:
+        run(setup, tmp_path / "r", f"evaluation.perplexity_sets={{other: {bad}}}")
+    message = str(err.value)
+    assert "no field 'text'" in message and "evaluation.perplexity_sets.other reads each text from the field 'text'" in message
+    assert str(bad) in message and "replay_text_field" not in message  # not the replay set's fix

@@ -24,13 +24,9 @@ logger = logging.getLogger(__name__)
 
 def _perplexity_texts(name: str, path: str, limit: int | None) -> list[str]:
     """The texts of one held-out set; a set that yields none is an error naming it and its file."""
-    try:
-        texts = [text for _, text in load_replay_records(path, what=f"perplexity set {shown(name)}")]
-    except GeReError as err:
-        if err.setting != "replay_text_field":
-            raise
-        raise GeReError(f"evaluation.perplexity_sets.{name}: {str(err).split('; set ')[0]}; held-out texts are "
-                        "read from the field 'text'") from None  # fmt: skip
+    texts = [text for _, text in load_replay_records(
+        path, what=f"evaluation.perplexity_sets.{name}: perplexity set {shown(name)}",
+        field_fix=f"evaluation.perplexity_sets.{name} reads each text from the field 'text'; write them there")]  # fmt: skip
     texts = texts[:limit] if limit else texts
     if not any(t.strip() for t in texts):
         raise GeReError(f"evaluation.perplexity_sets.{name}: {path} holds no texts, so its perplexity would be "

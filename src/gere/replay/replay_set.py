@@ -50,12 +50,15 @@ class ReplaySet:
         return h.hexdigest()
 
 
-def _record(where: str, obj: dict, text_field: str, id_field: str | None, default_id: str) -> tuple[str, str]:
+#: What a replay source without its text field is told to do; other readers (held-out sets) give their own.
+TEXT_FIELD_FIX = "set replay_text_field to the right name"
+
+
+def _record(where: str, obj: dict, text_field: str, id_field: str | None, default_id: str,
+            field_fix: str = TEXT_FIELD_FIX) -> tuple[str, str]:  # fmt: skip
     if text_field not in obj:
-        raise GeReError(
-            f"{where}: no field {shown(text_field)} (found {sorted(obj)}); set replay_text_field to the right name",
-            setting="replay_text_field",
-        )
+        raise GeReError(f"{where}: no field {shown(text_field)} (found {sorted(obj)}); {field_fix}",
+                        setting="replay_text_field")  # fmt: skip
     text = obj[text_field]
     if not isinstance(text, str):
         raise GeReError(f"{where}: field {shown(text_field)} holds {type(text).__name__}, not text")
@@ -76,12 +79,14 @@ def load_replay_records(
     split: str = "train",
     data_files: str | list[str] | None = None,
     what: str = "replay source",
+    field_fix: str = TEXT_FIELD_FIX,
 ) -> list[tuple[str, str]]:
     """Read (id, text) pairs from a file, folder or ``hf:`` dataset, in source order. ``what`` names the
-    source in messages (``replay source``, ``perplexity set 'wiki'``)."""
+    source in messages (``replay source``, ``perplexity set 'wiki'``); ``field_fix``: what a source without
+    ``text_field`` is told to do."""
     source_str = str(source)
     if source_str.startswith(HF_PREFIX):
-        return _records_from_hub(source_str, text_field, id_field, split, data_files)
+        return _records_from_hub(source_str, text_field, id_field, split, data_files, field_fix)
     path = Path(source_str).expanduser()
     if not os.path.lexists(path):
         raise GeReError(
@@ -96,20 +101,20 @@ def load_replay_records(
     if path.suffix.lower() not in ROW_SUFFIXES:
         return _records_from_text(path, what)
     return [
-        _record(where, row, text_field, id_field, f"{path.stem}:{i}")
+        _record(where, row, text_field, id_field, f"{path.stem}:{i}", field_fix)
         for i, (where, row) in enumerate(iter_rows(path, what))
     ]
 
 
 def _records_from_hub(
-    source: str, text_field: str, id_field: str | None, split: str, data_files: str | list[str] | None
+    source: str, text_field: str, id_field: str | None, split: str, data_files: str | list[str] | None,
+    field_fix: str = TEXT_FIELD_FIX,
 ) -> list[tuple[str, str]]:
     ds = load_hub_dataset(source, split, data_files)
     name = parse_hf_source(source)[0]
     if text_field not in ds.column_names:
         raise GeReError(
-            f"dataset {shown(name)} has no column {shown(text_field)} (columns: {ds.column_names}); "
-            "set replay_text_field to the right one",
+            f"dataset {shown(name)} has no column {shown(text_field)} (columns: {ds.column_names}); {field_fix}",
             setting="replay_text_field",
         )
     ids = (
