@@ -153,6 +153,7 @@ CROSS_CUTTING = {
     "demo_methods": "the demo's methods table",
     "lm_eval": "lm-evaluation-harness as the general score (continual/lm_eval_general.py and the runner)",
     "llamafactory_entry": "gere-lf's entry point without LLaMA-Factory (tests_lf/ runs it with LLaMA-Factory)",
+    "device_check": "benchmarks/device_check.py's CPU path (the GPU check a lent machine runs)",
 }
 
 
