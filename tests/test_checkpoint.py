@@ -15,7 +15,7 @@ def test_a_full_disk_in_a_checkpoint_write_is_one_line_and_the_run_resumes(setup
     """A real 160 KiB tmpfs: the config, the state and stage 1's checkpoint (92,744 bytes of weights) fit,
     stage 2's does not. Before: a SafetensorError traceback from the writing thread."""
     reference = run(setup, tmp_path / "reference")
-    with tmpfs(tmp_path / "disk", "160k") as disk:
+    with tmpfs(tmp_path / "disk", "size=160k") as disk:
         out = disk / "run"
         capsys.readouterr()
         assert main(["run", str(setup / "run.yaml"), "--output-dir", str(out), "--no-progress"]) == 2

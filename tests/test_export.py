@@ -216,7 +216,7 @@ def test_a_full_disk_during_an_export_is_one_line_and_keeps_the_run_and_an_earli
     """A real 160 KiB tmpfs holds one export (92,744 bytes of weights with the tokenizer and config) but not a
     second beside it. Before: a SafetensorError traceback."""
     before = tree(full_run)
-    with tmpfs(tmp_path / "disk", "160k") as disk:
+    with tmpfs(tmp_path / "disk", "size=160k") as disk:
         assert main(["export", str(full_run), "--out", str(disk / "hf")]) == 0
         first = tree(disk / "hf")
         capsys.readouterr()

@@ -4,7 +4,6 @@ tests/test_crash_resume.py; the table of everything tried is docs/reliability.md
 """
 
 import ast
-import contextlib
 import errno
 import json
 import re
@@ -36,6 +35,7 @@ from gere.replay.replay_set import ReplaySet
 from gere.store import StoreSpec, extract_store, open_store
 
 from tiny import replay_texts, tiny_llama, tiny_tokenizer
+from tiny_runs import tmpfs
 
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 
@@ -439,20 +439,6 @@ def test_overwrite_with_another_model_rebuilds_the_runs_own_store(config, tmp_pa
     assert cli_run(config, out, "--overwrite", "--model", str(other)) == 0
     assert json.loads((out / "gere_store" / "manifest.json").read_text())["model"] != first
     assert json.loads((out / "results.json").read_text())["config"]["model"] == str(other)
-
-
-@contextlib.contextmanager
-def tmpfs(mount_point: Path, options: str):
-    """A real tmpfs mounted at ``mount_point`` for the block (the test is skipped where mounting is not allowed)."""
-    mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)  # fmt: skip
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=False)
 
 
 @pytest.fixture

@@ -75,13 +75,13 @@ def whole_and_resumed(setup, tmp_path, monkeypatch, *args):
 
 
 @contextlib.contextmanager
-def tmpfs(mount_point: Path, size: str):
-    """A real tmpfs of ``size`` (``160k``) mounted at ``mount_point`` for the block: a disk that fills up.
-    The test is skipped where mounting is not allowed."""
+def tmpfs(mount_point: Path, options: str):
+    """A real tmpfs mounted at ``mount_point`` for the block, with mount ``options`` (``size=160k``: a disk
+    that fills up; ``ro,size=1m``: a read-only one). The test is skipped where mounting is not allowed."""
     import subprocess
 
     mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
                           capture_output=True, text=True)  # fmt: skip
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
