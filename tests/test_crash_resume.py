@@ -127,6 +127,23 @@ def test_kill_during_second_task_then_resume(reference, tmp_path, capsys):
     assert comparable(out) == whole
 
 
+def test_a_resume_removes_the_temporary_files_a_killed_write_left(reference, tmp_path):
+    config, whole = reference
+    out = tmp_path / "run"
+    assert gere_run(config, out, fault="train_step:3").returncode == -signal.SIGKILL
+    # What a process killed between atomic_path's temporary file and its rename leaves (mkstemp's names).
+    left = [out / ".general.png.k2j4x9.tmp", out / ".run_state.json.a8b7c6.tmp", out / ".report.md.zz.tmp"]
+    for path in left:
+        path.write_bytes(b"half")
+    mine = [out / ".my notes.tmp", out / "general.png.tmp"]  # not a name atomic_path makes for a run file
+    for path in mine:
+        path.write_text("keep")
+    resumed = gere_run(config, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not any(p.exists() for p in left) and all(p.read_text() == "keep" for p in mine)
+    assert comparable(out) == whole
+
+
 def test_kill_during_evaluation_then_resume(reference, tmp_path):
     config, whole = reference
     out = tmp_path / "run"

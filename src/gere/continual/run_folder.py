@@ -9,6 +9,7 @@ says which file did. Nothing is deleted before the new run has been checked (`cl
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -246,6 +247,13 @@ def claim(cfg: RunConfig, *, fresh: bool) -> Path:
             elif target.exists():
                 target.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    # A process killed inside an atomic write (SIGKILL, power loss) leaves its temporary file beside the
+    # target (`gere.io_utils.atomic_path`: ``.<name>.<random>.tmp``); the run holds its folder's lock, so
+    # no writer of its own is using one now.
+    for name in (*RUN_FILES, *REPORT_FILES, CONFIG_FILE):
+        for leftover in out.glob(f".{glob.escape(name)}.*.tmp"):
+            if leftover.is_file():
+                leftover.unlink()
     atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return out
 
