@@ -272,3 +272,16 @@ def test_a_store_extracted_on_cuda_equals_the_cpu_extraction(tmp_path):
     assert next(model.parameters()).device.type == "cpu"  # moved to the GPU for the pass only
     counts = assert_stores_agree(on_cpu, on_cuda, one_by_one_states(model, tok, rs, 16))
     assert counts["elements"] == on_cpu.manifest["tokens"] * model.config.hidden_size
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_models_fingerprint_is_the_same_on_cuda_as_on_the_cpu():
+    """A store made on one device is used by a trainer on another (`gere extract` on a CPU, training on a GPU;
+    GeReTrainer checks the store against the model it has placed): the identity must not depend on the device.
+    The embedding here is large enough (16.8M weights) for the order of a float64 sum to show in its digits."""
+    from gere.store.fingerprint import model_fingerprint
+
+    model = tiny_llama(vocab_size=32768, hidden=512)
+    on_cpu = model_fingerprint(model)
+    assert model_fingerprint(model.to("cuda")) == on_cpu

@@ -96,7 +96,10 @@ def _hash_tensor(h, name: str, tensor: torch.Tensor) -> None:
     sample = flat[::stride][:_SAMPLES_PER_TENSOR].to(torch.float32).cpu().numpy()
     h.update(sample.tobytes())
     if flat.is_floating_point():
-        h.update(repr(float(torch.sum(flat, dtype=torch.float64))).encode())
+        # Summed on the CPU wherever the weights are: a float64 sum of a large tensor depends on the order of
+        # its additions in the last digits, and a GPU adds in another order, so a store made on one device
+        # would look like another model's on the other.
+        h.update(repr(float(torch.sum(flat.cpu(), dtype=torch.float64))).encode())
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
