@@ -28,8 +28,8 @@ ignored folder that the call carries::
     echo /.device_model/ >> .git/info/exclude
     mkdir -p .device_model && cp data/demo/model/{config.json,tokenizer.json,tokenizer_config.json} .device_model/
 
-then run, with ``carry: [".device_model"]`` and a timeout of 300 s (it needs about a minute and a half once
-the machine is up: the GPU tests ~40 s, the figures ~30 s)::
+then run, with ``carry: [".device_model"]`` and a timeout of 300 s (estimated, not yet measured on a GPU: about
+a minute and a half once the machine is up, the GPU tests ~40 s and the figures ~30 s of it)::
 
     PYTHONUNBUFFERED=1 python3 benchmarks/device_check.py --model .device_model --random-init --out $OUT/device_check.json
 
@@ -37,7 +37,7 @@ or, with nothing carried, the tiny model (same timeout)::
 
     PYTHONUNBUFFERED=1 python3 benchmarks/device_check.py --tiny --out $OUT/device_check.json
 
-The CPU path, here (~30 s on 2 busy cores)::
+The CPU path, here (12-55 s measured on 2 busy cores)::
 
     .venv/bin/python benchmarks/device_check.py --tiny --out /tmp/device_check.json
 """
