@@ -297,6 +297,25 @@ def measure(model, tokenizer, data_dir: Path, suite: dict[str, list[Doc]], keep:
     return rows, {b: _reported(b, made[b], out) for b in suite}, (gere_s, lm_s)
 
 
+def train_briefly(model, tokenizer, texts_path: str, steps: int, lr: float = 1e-4, batch: int = 4) -> None:
+    """`steps` AdamW steps of full fine-tuning (causal LM loss, fp32) on the first texts of a JSON Lines file
+    of ``{"text"}``, so a checkpoint that differs from the released weights is checked too."""
+    texts = [json.loads(line)["text"] for line in Path(texts_path).read_text().splitlines() if line.strip()]
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for step in range(steps):
+        rows = texts[step * batch : (step + 1) * batch]
+        enc = tokenizer(rows, return_tensors="pt", padding=True, truncation=True, max_length=64)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        print(f"train step {step + 1}/{steps}: loss {loss.item():.4f}")
+    model.eval()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a model folder (config.json and weights, its tokenizer)")
@@ -308,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=2048, help="both scorers' sequence limit (tokens)")
     parser.add_argument("--no-logits-cache", action="store_true",
                         help="HFLM(logits_cache=False): lm-eval scores every request on its own")  # fmt: skip
+    parser.add_argument("--train-steps", type=int, default=0,
+                        help="first fine-tune the model this many AdamW steps (lr 1e-4, 4 texts of 64 tokens)")
+    parser.add_argument("--train-texts", default=None, help="JSON Lines of {'text'} for --train-steps")
     parser.add_argument("--label", default=None, help="RESULTS.md section suffix (default: the model folder's name)")
     parser.add_argument("--keep", default=None, help="keep the task YAMLs, rows and questions.json in this folder")
     parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/RESULTS.md alone")
@@ -322,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = Path(args.data_dir).expanduser().resolve()
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if args.train_steps:
+        if not args.train_texts:
+            parser.error("--train-steps needs --train-texts (a JSON Lines file of {'text'})")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        train_briefly(model, tokenizer, args.train_texts, args.train_steps)
     suite = {b: subsample(read_benchmark(BENCHMARKS[b], data_dir), args.n or None, args.seed) for b in names}
     keep = Path(args.keep) if args.keep else None
     rows, reported, (gere_s, lm_s) = measure(model, tokenizer, data_dir, suite, keep, args.batch_size,
