@@ -9,7 +9,15 @@ import pytest
 from gere.cli import main
 from gere.continual.compare import compare_runs
 from gere.continual.runner import run_continual
-from gere.continual.sweep import Cell, grid_cells, parse_grid, parse_seeds, run_sweep, sweep_loader
+from gere.continual.sweep import (
+    Cell,
+    grid_cells,
+    parse_grid,
+    parse_seeds,
+    run_sweep,
+    sweep_loader,
+    time_estimate,
+)
 from gere.errors import GeReError
 
 
@@ -53,6 +61,9 @@ def test_sweep_runs_every_cell_and_seed_then_skips_and_resumes(setup, tmp_path):
     assert (out / "sweep.md").exists() and (out / "sweep.png").exists()
     assert "## Paired differences against `gere.objective=none`" in (out / "sweep.md").read_text()
 
+    estimate = time_estimate(out, 8)  # the four finished runs' mean wall time, for the four left of eight
+    assert "for the 4 not finished, from the mean wall time of the 4 finished here" in estimate
+    assert estimate.startswith("about ") and time_estimate(tmp_path / "none", 2).startswith("no finished run in")
     calls.clear()
     again = run_sweep(load, cells, [0, 1], out, run=counting_run, progress=False)
     assert calls == [] and again["cells"] == result["cells"]  # finished cells are read, not rerun
@@ -94,7 +105,7 @@ def test_a_huge_sweep_says_its_size_and_is_refused_unless_yes(setup, tmp_path, c
     argv = ["sweep", str(setup / "run.yaml"), *[x for g in grid for x in ("--grid", g)], "--out", str(out)]
     assert main(argv) == 2
     captured = capsys.readouterr()
-    assert "sweep: 75 cell(s) x 1 seed(s) = 75 runs" in captured.out
+    assert "sweep: 75 cell(s) x 1 seed(s) = 75 runs; no finished run in" in captured.out
     assert "this sweep is 75 cell(s) x 1 seed(s) = 75 runs, more than the 50 gere sweep starts unasked" in captured.err
     assert "--yes to run them all" in captured.err and not out.exists()
     # With --yes the cells are built and checked: a bad value among them is the refusal now, not the size.

@@ -214,11 +214,14 @@ def cmd_sweep(args) -> int:
         parse_seeds,
         run_sweep,
         sweep_loader,
+        time_estimate,
     )
 
     cells = grid_cells(parse_grid(args.grid))
     seeds = parse_seeds(args.seeds)
-    print(f"sweep: {len(cells):,} cell(s) x {len(seeds)} seed(s) = {len(cells) * len(seeds):,} runs", flush=True)
+    runs = len(cells) * len(seeds)
+    print(f"sweep: {len(cells):,} cell(s) x {len(seeds)} seed(s) = {runs:,} runs; {time_estimate(args.out, runs)}",
+          flush=True)  # fmt: skip
     load = sweep_loader(args.config, args.overrides)
     result = run_sweep(load, cells, seeds, args.out, baseline=args.baseline, progress=not args.no_progress,
                        max_runs=None if args.yes else MAX_RUNS_UNASKED)  # fmt: skip

@@ -110,7 +110,7 @@ def run_sweep(
     ``fresh``: run every cell anew, replacing runs already in ``out_dir``. ``max_runs``: refuse, before any
     cell is built, a sweep of more runs than this (``gere sweep`` passes `MAX_RUNS_UNASKED` unless ``--yes``).
     """
-    check_sweep_size(len(cells), len(seeds), max_runs)
+    check_sweep_size(len(cells), len(seeds), max_runs, out_dir)
     if run is None:
         from gere.continual.runner import run_continual as run
     out_dir = Path(out_dir)
@@ -129,13 +129,45 @@ def run_sweep(
     return result
 
 
-def check_sweep_size(cells: int, seeds: int, max_runs: int | None) -> None:
+def check_sweep_size(cells: int, seeds: int, max_runs: int | None, out_dir: str | Path | None = None) -> None:
     """Refuse more than ``max_runs`` runs (None: any number), saying how many the grid makes and the flag."""
     runs = cells * seeds
     if max_runs is not None and runs > max_runs:
-        raise GeReError(f"this sweep is {cells:,} cell(s) x {seeds} seed(s) = {runs:,} runs, more than the "
-                        f"{max_runs} gere sweep starts unasked (each is a whole continual run); give fewer --grid "
-                        "values, or --yes to run them all")  # fmt: skip
+        found = time_estimate(out_dir, runs) if out_dir is not None else ""
+        estimate = f" ({found})" if found.startswith("about") else ""
+        raise GeReError(f"this sweep is {cells:,} cell(s) x {seeds} seed(s) = {runs:,} runs{estimate}, more than "
+                        f"the {max_runs} gere sweep starts unasked (each is a whole continual run); give fewer "
+                        "--grid values, or --yes to run them all")  # fmt: skip
+
+
+def time_estimate(out_dir: str | Path, runs: int) -> str:
+    """How long ``runs`` runs take, from the wall time of the finished runs already in ``out_dir``
+    (``<cell>/seed-<s>/results.json``): their mean times the runs not finished. Runs of other sizes in the
+    folder make it rough, and the line says what it rests on."""
+    from gere.reading import read_json
+
+    times = []
+    for path in sorted(Path(out_dir).glob("*/seed-*/results.json")):
+        try:
+            total = (read_json(path, what="results file").get("timing") or {}).get("total_s")
+        except GeReError:
+            continue
+        if isinstance(total, (int, float)) and total > 0:
+            times.append(float(total))
+    if not times:
+        return f"no finished run in {out_dir} to estimate the time from"
+    left = max(runs - len(times), 0)
+    mean = sum(times) / len(times)
+    return (f"about {_duration(left * mean)} for the {left:,} not finished, from the mean wall time of the "
+            f"{len(times)} finished here, {_duration(mean)} each")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def plan_sweep(
