@@ -155,10 +155,7 @@ def general_score(entry: dict[str, Any]) -> float | None:
     """One stage's general score (0-1, or None): the lm-eval score (`lm_eval_score`) when the run evaluates
     general ability with lm-evaluation-harness, the general suite's mean (`suite_score`) when it evaluates the
     suite, otherwise the multiple-choice accuracy (`mc_accuracy`)."""
-    for key in GENERAL_SOURCES:
-        if key in entry:
-            return entry[key]
-    return entry.get("mc_accuracy")
+    return next((entry[key] for key in GENERAL_SOURCES if key in entry), None)
 
 
 #: Where a stage's general score comes from, by the key its entry holds, first found first taken.

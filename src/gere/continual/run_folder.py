@@ -250,7 +250,7 @@ def claim(cfg: RunConfig, *, fresh: bool) -> Path:
     # A process killed inside an atomic write (SIGKILL, power loss) leaves its temporary file beside the
     # target (`gere.io_utils.atomic_path`: ``.<name>.<random>.tmp``); the run holds its folder's lock, so
     # no writer of its own is using one now.
-    for name in (*RUN_FILES, *REPORT_FILES, CONFIG_FILE):
+    for name in dict.fromkeys((*RUN_FILES, *REPORT_FILES)):  # RUN_FILES holds config.yaml
         for leftover in out.glob(f".{glob.escape(name)}.*.tmp"):
             if leftover.is_file():
                 leftover.unlink()
