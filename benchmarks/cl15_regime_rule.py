@@ -8,9 +8,11 @@ written with the rule: if no rate qualifies, the rate where `none` forgets clear
 learned by `none` and `ce` together (ties: the smaller rate); if `none` forgets clearly at no rate, the
 rate of its largest forgetting (lowest BWT), and the rule is reported as not met.
 
-    .venv/bin/python benchmarks/cl15_regime_rule.py runs/cl15
+`ce` is read only at a rate where `none` forgets clearly: at any other rate the rule and both fallbacks
+pass the rate by whatever `ce` does, so `ce` is not run there (`--ce-rates` names the rates that need it).
 
-Prints every figure the rule reads and the choice.
+    .venv/bin/python benchmarks/cl15_regime_rule.py runs/cl15              every figure read, and the choice
+    .venv/bin/python benchmarks/cl15_regime_rule.py runs/cl15 --ce-rates   the rates where ce must run
 """
 
 from __future__ import annotations
@@ -29,18 +31,32 @@ def _results(out: Path, rate: str, method: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def figures(out: Path, rate: str) -> dict | None:
-    """What the rule reads at one rate, or None when a baseline run has not finished."""
-    none, ce = _results(out, rate, "none"), _results(out, rate, "ce")
-    if none is None or ce is None:
-        return None
+def _forgets(none: dict) -> tuple[bool, float | None]:
+    """Whether `none` forgets clearly (part b), and its general drop (base minus final, None if unscored)."""
     m = none["metrics"]
     scores = m["general_scores"]
     drop = scores[0] - m["general_final"] if scores and scores[0] is not None and m["general_final"] is not None else None
-    return {"rate": rate, "bwt": m["bwt"], "general_drop": drop,
-            "not_learned": {"none": [none["tasks"][i] for i in m["not_learned"]],
-                            "ce": [ce["tasks"][i] for i in ce["metrics"]["not_learned"]]},
-            "forgets": m["bwt"] <= BWT_AT_MOST + 1e-12 or (drop is not None and drop >= GENERAL_DROP - 1e-12)}  # fmt: skip
+    return m["bwt"] <= BWT_AT_MOST + 1e-12 or (drop is not None and drop >= GENERAL_DROP - 1e-12), drop
+
+
+def figures(out: Path, rate: str) -> dict | None:
+    """What the rule reads at one rate, or None when a run it needs has not finished (`ce` is needed only
+    where `none` forgets clearly; elsewhere its entry is None: not run, not read)."""
+    none = _results(out, rate, "none")
+    if none is None:
+        return None
+    forgets, drop = _forgets(none)
+    ce = _results(out, rate, "ce")
+    if forgets and ce is None:
+        return None
+    return {"rate": rate, "bwt": none["metrics"]["bwt"], "general_drop": drop, "forgets": forgets,
+            "not_learned": {"none": [none["tasks"][i] for i in none["metrics"]["not_learned"]],
+                            "ce": None if ce is None else [ce["tasks"][i] for i in ce["metrics"]["not_learned"]]}}  # fmt: skip
+
+
+def ce_rates(out: Path) -> list[str]:
+    """The rates whose `none` run has finished and forgets clearly: where the rule reads `ce`."""
+    return [rate for rate in RATES if (none := _results(out, rate, "none")) is not None and _forgets(none)[0]]
 
 
 def choose(found: list[dict]) -> tuple[str, str]:
@@ -57,20 +73,24 @@ def choose(found: list[dict]) -> tuple[str, str]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
+    if len(argv) not in (1, 2) or (len(argv) == 2 and argv[1] != "--ce-rates"):
         print(__doc__)
         return 2
     out = Path(argv[0])
+    if len(argv) == 2:
+        print(" ".join(ce_rates(out)))
+        return 0
     found = []
     for rate in RATES:
         f = figures(out, rate)
         if f is None:
-            print(f"learning rate {rate}: none or ce not finished under {out}")
+            print(f"learning rate {rate}: none, or ce where none forgets clearly, not finished under {out}")
             continue
         drop = "-" if f["general_drop"] is None else f"{100 * f['general_drop']:+.1f}"
         print(f"learning rate {rate}: none BWT {100 * f['bwt']:+.1f} points, general drop {drop} points "
               f"({'forgets clearly' if f['forgets'] else 'does not forget clearly'}); not learned: none "
-              f"{f['not_learned']['none'] or '-'}, ce {f['not_learned']['ce'] or '-'}")  # fmt: skip
+              f"{f['not_learned']['none'] or '-'}, ce "
+              f"{'not needed' if f['not_learned']['ce'] is None else f['not_learned']['ce'] or '-'}")  # fmt: skip
         found.append(f)
     if len(found) < len(RATES):
         print("the rule needs every rate: run benchmarks/cl15_study.sh regime to the end")
